@@ -1,0 +1,258 @@
+//! The hub: who is listening to what, and the hand-off of committed messages to
+//! each listener's mailbox.
+//!
+//! Every subscriber owns one bounded mailbox, whatever it listens to (one channel,
+//! many, or filters). Publishing never waits: a full mailbox marks the subscriber
+//! as *lagged* instead, and the subscriber catches up from the store by its
+//! cursors, so a slow consumer costs the publisher nothing and loses nothing.
+//! The hub never knows which transport a subscriber serves.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::mpsc;
+
+use crate::{channel::Channel, filter::Filter, message::Message};
+
+/// What a subscriber listens to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Channel(Channel),
+    Filter(Filter),
+}
+
+impl Target {
+    /// A filter without wildcards is just a channel.
+    pub fn from_filter(filter: Filter) -> Self {
+        match filter.as_channel() {
+            Some(ch) => Target::Channel(ch),
+            None => Target::Filter(filter),
+        }
+    }
+
+    pub fn matches(&self, channel: &Channel) -> bool {
+        match self {
+            Target::Channel(c) => c == channel,
+            Target::Filter(f) => f.matches(channel),
+        }
+    }
+}
+
+struct Mailbox {
+    tx: mpsc::Sender<Arc<Message>>,
+    /// Set when a message could not be queued; cleared by the subscriber when it
+    /// starts catching up from the store.
+    lagged: AtomicBool,
+}
+
+impl Mailbox {
+    fn deliver(&self, msg: &Arc<Message>) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(msg.clone()) {
+            self.lagged.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    exact: HashMap<Channel, HashMap<u64, Arc<Mailbox>>>,
+    filters: Vec<(Filter, u64, Arc<Mailbox>)>,
+}
+
+pub struct Hub {
+    registry: RwLock<Registry>,
+    mailbox_capacity: usize,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    /// `mailbox_capacity` bounds each subscriber's queue of undelivered messages.
+    pub fn new(mailbox_capacity: usize) -> Arc<Self> {
+        Arc::new(Hub {
+            registry: RwLock::default(),
+            mailbox_capacity: mailbox_capacity.max(1),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A new subscriber listening to nothing yet.
+    pub fn subscriber(self: &Arc<Self>) -> Subscriber {
+        let (tx, rx) = mpsc::channel(self.mailbox_capacity);
+        Subscriber {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            hub: self.clone(),
+            mailbox: Arc::new(Mailbox { tx, lagged: AtomicBool::new(false) }),
+            rx,
+            targets: Vec::new(),
+        }
+    }
+
+    /// Hands committed messages, in id order, to every matching mailbox.
+    pub fn publish(&self, msgs: &[Arc<Message>]) {
+        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        for msg in msgs {
+            if let Some(subs) = reg.exact.get(&msg.channel) {
+                for mb in subs.values() {
+                    mb.deliver(msg);
+                }
+            }
+            for (filter, _, mb) in &reg.filters {
+                if filter.matches(&msg.channel) {
+                    mb.deliver(msg);
+                }
+            }
+        }
+    }
+
+    /// How many (subscriber, target) registrations exist.
+    pub fn registrations(&self) -> usize {
+        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        reg.exact.values().map(HashMap::len).sum::<usize>() + reg.filters.len()
+    }
+
+    fn register(&self, id: u64, mailbox: &Arc<Mailbox>, target: &Target) {
+        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        match target {
+            Target::Channel(ch) => {
+                reg.exact.entry(ch.clone()).or_default().insert(id, mailbox.clone());
+            }
+            Target::Filter(f) => reg.filters.push((f.clone(), id, mailbox.clone())),
+        }
+    }
+
+    fn unregister(&self, id: u64, target: &Target) {
+        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        match target {
+            Target::Channel(ch) => {
+                if let Some(subs) = reg.exact.get_mut(ch) {
+                    subs.remove(&id);
+                    if subs.is_empty() {
+                        reg.exact.remove(ch);
+                    }
+                }
+            }
+            Target::Filter(f) => reg.filters.retain(|(g, sid, _)| !(*sid == id && g == f)),
+        }
+    }
+}
+
+/// One listener: a mailbox and the targets registered for it. Dropping it
+/// unregisters everything.
+pub struct Subscriber {
+    id: u64,
+    hub: Arc<Hub>,
+    mailbox: Arc<Mailbox>,
+    rx: mpsc::Receiver<Arc<Message>>,
+    targets: Vec<Target>,
+}
+
+impl Subscriber {
+    /// Starts receiving messages for `target` (no-op if already listening).
+    pub fn add(&mut self, target: Target) {
+        if !self.targets.contains(&target) {
+            self.hub.register(self.id, &self.mailbox, &target);
+            self.targets.push(target);
+        }
+    }
+
+    /// Stops receiving messages for `target`; returns whether it was registered.
+    pub fn remove(&mut self, target: &Target) -> bool {
+        let before = self.targets.len();
+        self.targets.retain(|t| t != target);
+        if self.targets.len() != before {
+            self.hub.unregister(self.id, target);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Whether any target covers `channel`.
+    pub fn listens_to(&self, channel: &Channel) -> bool {
+        self.targets.iter().any(|t| t.matches(channel))
+    }
+
+    /// The next queued message. Pending forever while nothing is published (the
+    /// subscriber holds its own sender alive through the hub registration).
+    pub async fn recv(&mut self) -> Option<Arc<Message>> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Arc<Message>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// True once after messages were dropped because the mailbox was full.
+    pub fn take_lagged(&self) -> bool {
+        self.mailbox.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        for t in std::mem::take(&mut self.targets) {
+            self.hub.unregister(self.id, &t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Data;
+
+    fn msg(ch: &str, id: u64) -> Arc<Message> {
+        Arc::new(Message::new(Channel::parse(ch).unwrap(), id, None, Data::text("x"), 0))
+    }
+
+    #[tokio::test]
+    async fn delivers_to_exact_and_filter_targets_in_order() {
+        let hub = Hub::new(16);
+        let mut a = hub.subscriber();
+        a.add(Target::Channel(Channel::parse("chat/1").unwrap()));
+        let mut b = hub.subscriber();
+        b.add(Target::Filter(Filter::parse("chat/+").unwrap()));
+        hub.publish(&[msg("chat/1", 1), msg("chat/2", 1), msg("chat/1", 2), msg("news", 1)]);
+        assert_eq!(a.try_recv().unwrap().id, 1);
+        assert_eq!(a.try_recv().unwrap().id, 2);
+        assert!(a.try_recv().is_none());
+        let got: Vec<_> = std::iter::from_fn(|| b.try_recv()).map(|m| (m.channel.to_string(), m.id)).collect();
+        assert_eq!(got, [("chat/1".into(), 1), ("chat/2".into(), 1), ("chat/1".into(), 2)]);
+    }
+
+    #[test]
+    fn full_mailbox_marks_lag_instead_of_blocking() {
+        let hub = Hub::new(2);
+        let mut s = hub.subscriber();
+        s.add(Target::Channel(Channel::parse("c").unwrap()));
+        hub.publish(&[msg("c", 1), msg("c", 2), msg("c", 3)]);
+        assert!(s.take_lagged());
+        assert!(!s.take_lagged(), "lag is reported once");
+        assert_eq!(s.try_recv().unwrap().id, 1);
+    }
+
+    #[test]
+    fn drop_and_remove_unregister() {
+        let hub = Hub::new(2);
+        let mut s = hub.subscriber();
+        let t = Target::Filter(Filter::parse("#").unwrap());
+        s.add(Target::Channel(Channel::parse("c").unwrap()));
+        s.add(t.clone());
+        s.add(t.clone());
+        assert_eq!(hub.registrations(), 2);
+        assert!(s.remove(&t));
+        assert!(!s.remove(&t));
+        assert_eq!(hub.registrations(), 1);
+        drop(s);
+        assert_eq!(hub.registrations(), 0);
+    }
+}

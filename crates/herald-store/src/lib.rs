@@ -1,0 +1,94 @@
+//! The `Store` seam: where messages get their ids and are kept as history.
+//!
+//! A store assigns each channel's next id, commits, and only then hands the
+//! committed messages — in id order — to its [`CommitSink`] (the hub), and answers
+//! the publisher. Reading returns the messages after a cursor together with the
+//! channel's [`Window`], from which the core decides about gaps.
+//!
+//! Two implementations live here: [`MemoryStore`] (tests, `--memory`) and
+//! [`SqliteStore`] (the embedded default). A Redis store will implement the same
+//! trait; its fan-out across nodes then feeds each node's sink.
+
+mod memory;
+mod sqlite;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use herald_core::{Channel, Filter, Hub, Message, NewMessage, RetentionRules, Window};
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store is closed")]
+    Closed,
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// Receives committed messages, in commit order, before publishers are answered.
+pub trait CommitSink: Send + Sync + 'static {
+    fn committed(&self, msgs: &[Arc<Message>]);
+}
+
+impl CommitSink for Hub {
+    fn committed(&self, msgs: &[Arc<Message>]) {
+        self.publish(msgs);
+    }
+}
+
+/// The wall clock in ms, replaceable so retention by age can be tested without
+/// waiting.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    })
+}
+
+/// What every store is built with.
+#[derive(Clone)]
+pub struct StoreConfig {
+    pub retention: RetentionRules,
+    pub clock: Clock,
+    pub sink: Arc<dyn CommitSink>,
+}
+
+/// A page of history.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Messages after the requested id, oldest first.
+    pub messages: Vec<Arc<Message>>,
+    /// The channel's retained window at the time of the read.
+    pub window: Window,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Stores a batch atomically: every message gets its channel's next id, all
+    /// commit together, the sink sees them in id order, then this resolves.
+    fn append(&self, batch: Vec<NewMessage>) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>>;
+
+    /// Up to `limit` retained messages of `channel` with ids greater than `after`.
+    fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>>;
+
+    /// Every channel ever published to that `filter` matches, with its head id.
+    fn channels(&self, filter: Filter) -> BoxFuture<'_, Result<Vec<(Channel, u64)>, StoreError>>;
+
+    /// Finishes pending writes and refuses new ones.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Keeps time monotonic per store, so ids and times order the same way even if
+/// the wall clock steps back (retention by age relies on it).
+pub(crate) fn monotonic(clock: &Clock, last: &mut i64) -> i64 {
+    let now = clock().max(*last);
+    *last = now;
+    now
+}

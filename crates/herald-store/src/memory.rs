@@ -1,0 +1,92 @@
+//! An in-memory store: same semantics as SQLite, no durability. Used by tests
+//! and by `herald serve --memory`.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+};
+
+use herald_core::{Channel, Filter, Message, NewMessage, Window};
+
+use crate::{BoxFuture, Page, Store, StoreConfig, StoreError, monotonic};
+
+struct Log {
+    head: u64,
+    messages: VecDeque<Arc<Message>>,
+}
+
+struct State {
+    logs: BTreeMap<Channel, Log>,
+    last_time: i64,
+    closed: bool,
+}
+
+pub struct MemoryStore {
+    config: StoreConfig,
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new(config: StoreConfig) -> Self {
+        MemoryStore { config, state: Mutex::new(State { logs: BTreeMap::new(), last_time: 0, closed: false }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn append(&self, batch: Vec<NewMessage>) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>> {
+        Box::pin(async move {
+            // The lock is held through the sink call so that concurrent appends
+            // reach subscribers in id order.
+            let mut st = self.lock();
+            if st.closed {
+                return Err(StoreError::Closed);
+            }
+            let now = monotonic(&self.config.clock, &mut st.last_time);
+            let mut out = Vec::with_capacity(batch.len());
+            for m in batch {
+                let retention = self.config.retention.for_channel(&m.channel);
+                let log = st.logs.entry(m.channel.clone()).or_insert(Log { head: 0, messages: VecDeque::new() });
+                log.head += 1;
+                let msg = Arc::new(Message::new(m.channel, log.head, m.event, m.data, now));
+                log.messages.push_back(msg.clone());
+                while log.messages.len() as u64 > retention.size {
+                    log.messages.pop_front();
+                }
+                out.push(msg);
+            }
+            self.config.sink.committed(&out);
+            Ok(out)
+        })
+    }
+
+    fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            let cutoff = self.config.retention.for_channel(&channel).cutoff((self.config.clock)());
+            let Some(log) = st.logs.get(&channel) else {
+                return Ok(Page { messages: Vec::new(), window: Window { first: 1, head: 0 } });
+            };
+            let live = log.messages.iter().skip_while(|m| m.time < cutoff);
+            let first = live.clone().next().map_or(log.head + 1, |m| m.id);
+            let messages = live.skip_while(|m| m.id <= after).take(limit).cloned().collect();
+            Ok(Page { messages, window: Window { first, head: log.head } })
+        })
+    }
+
+    fn channels(&self, filter: Filter) -> BoxFuture<'_, Result<Vec<(Channel, u64)>, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            Ok(st.logs.iter().filter(|(c, _)| filter.matches(c)).map(|(c, l)| (c.clone(), l.head)).collect())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.lock().closed = true;
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! The embedded store: SQLite in WAL mode under the data directory.
+//!
+//! All writes go through one writer thread that takes every append waiting in its
+//! queue (up to `max_batch` messages), writes them in one transaction, commits,
+//! hands them to the sink, and only then answers the publishers: group commit, so
+//! throughput grows with concurrency while each publish is still acknowledged
+//! only once durable. Reads use a small pool of separate connections, which WAL
+//! lets run alongside the writer.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, NewMessage, Window};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use crate::{BoxFuture, Page, Store, StoreConfig, StoreError, monotonic};
+
+/// How hard a commit insists on reaching the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// WAL with `synchronous=NORMAL`: an acknowledged message survives the
+    /// process being killed (`kill -9`), not necessarily a power cut.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is fsynced; survives a power cut too.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    /// Most messages written in one transaction.
+    pub max_batch: usize,
+    /// How often messages past their age limit are deleted. Reads never return
+    /// them either way; this only reclaims space.
+    pub sweep_every: Duration,
+}
+
+impl SqliteOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SqliteOptions { dir: dir.into(), sync: SyncMode::Normal, max_batch: 1024, sweep_every: Duration::from_secs(60) }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<Arc<Message>>, StoreError>>;
+
+struct Append {
+    batch: Vec<NewMessage>,
+    reply: Reply,
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    config: StoreConfig,
+    jobs: Mutex<Option<mpsc::Sender<Append>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS channels (
+    cid  INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    head INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    cid   INTEGER NOT NULL,
+    id    INTEGER NOT NULL,
+    event TEXT,
+    kind  INTEGER NOT NULL,
+    data  BLOB NOT NULL,
+    time  INTEGER NOT NULL,
+    PRIMARY KEY (cid, id)
+) WITHOUT ROWID;
+";
+
+fn open(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if sync == SyncMode::Full { "FULL" } else { "NORMAL" })?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `herald.db` under `options.dir` and starts the writer.
+    pub fn open(options: SqliteOptions, config: StoreConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&options.dir).map_err(|e| backend(format!("{}: {e}", options.dir.display())))?;
+        let path = options.dir.join("herald.db");
+        let conn = open(&path, options.sync).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer { conn, config: config.clone(), heads: HashMap::new(), last_time: 0, options };
+        let handle = std::thread::Builder::new()
+            .name("herald-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(backend)?;
+        Ok(SqliteStore {
+            path,
+            config,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Runs `f` on a pooled read connection on the blocking pool.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let pool = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open(&path, SyncMode::Normal).map_err(backend)?,
+            };
+            let out = f(&conn).map_err(backend);
+            pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            out
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+impl Store for SqliteStore {
+    fn append(&self, batch: Vec<NewMessage>) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            {
+                let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+                let tx = jobs.as_ref().ok_or(StoreError::Closed)?;
+                tx.send(Append { batch, reply }).map_err(|_| StoreError::Closed)?;
+            }
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>> {
+        let retention = self.config.retention.for_channel(&channel);
+        let cutoff = retention.cutoff((self.config.clock)());
+        Box::pin(self.with_reader(move |conn| {
+            let Some((cid, head)) = conn
+                .prepare_cached("SELECT cid, head FROM channels WHERE name = ?1")?
+                .query_row([channel.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))
+                .optional()?
+            else {
+                return Ok(Page { messages: Vec::new(), window: Window { first: 1, head: 0 } });
+            };
+            // Retained = within the count limit and not past the age limit. Reads
+            // apply both so a lowered limit takes effect before the next trim.
+            let by_count = head.saturating_sub(retention.size) + 1;
+            let by_age: Option<i64> = conn
+                .prepare_cached("SELECT min(id) FROM messages WHERE cid = ?1 AND time >= ?2")?
+                .query_row(params![cid, cutoff], |r| r.get(0))?;
+            let first = by_age.map_or(head + 1, |id| (id as u64).max(by_count));
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, event, kind, data, time FROM messages
+                 WHERE cid = ?1 AND id > ?2 AND id >= ?3 ORDER BY id LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![cid, after as i64, first as i64, limit as i64], |r| {
+                let event: Option<String> = r.get(1)?;
+                let kind = DataKind::from_u8(r.get::<_, u8>(2)?).unwrap_or(DataKind::Text);
+                Ok(Arc::new(Message::new(
+                    channel.clone(),
+                    r.get::<_, i64>(0)? as u64,
+                    event.as_deref().map(EventName::from_trusted),
+                    Data::from_trusted(kind, Bytes::from(r.get::<_, Vec<u8>>(3)?)),
+                    r.get(4)?,
+                )))
+            })?;
+            let messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Page { messages, window: Window { first, head } })
+        }))
+    }
+
+    fn channels(&self, filter: Filter) -> BoxFuture<'_, Result<Vec<(Channel, u64)>, StoreError>> {
+        Box::pin(self.with_reader(move |conn| {
+            // Every match starts with the filter's literal prefix, and channel
+            // names are ASCII below 0x7f, so this range holds all candidates.
+            let low = filter.literal_prefix();
+            let high = format!("{low}\u{7f}");
+            let mut stmt =
+                conn.prepare_cached("SELECT name, head FROM channels WHERE name >= ?1 AND name < ?2 ORDER BY name")?;
+            let rows = stmt.query_map([&low, &high], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, head) = row?;
+                if let Ok(ch) = Channel::parse(&name)
+                    && filter.matches(&ch)
+                {
+                    out.push((ch, head));
+                }
+            }
+            Ok(out)
+        }))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Dropping the sender lets the writer finish its queue and exit.
+            self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(h) = handle {
+                let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            }
+        })
+    }
+}
+
+/// The single writer: owns the write connection and each channel's head.
+struct Writer {
+    conn: Connection,
+    config: StoreConfig,
+    options: SqliteOptions,
+    /// Channel name to (cid, head), loaded on first use. Cleared when a
+    /// transaction fails, since its increments were rolled back.
+    heads: HashMap<Channel, (i64, u64)>,
+    last_time: i64,
+}
+
+impl Writer {
+    fn run(mut self, jobs: mpsc::Receiver<Append>) {
+        let mut last_sweep = Instant::now();
+        loop {
+            let first = match jobs.recv_timeout(self.options.sweep_every) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.sweep();
+                    last_sweep = Instant::now();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut size = first.batch.len();
+            let mut group = vec![first];
+            while size < self.options.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        size += job.batch.len();
+                        group.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+            if last_sweep.elapsed() >= self.options.sweep_every {
+                self.sweep();
+                last_sweep = Instant::now();
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn commit_group(&mut self, group: Vec<Append>) {
+        let now = monotonic(&self.config.clock, &mut self.last_time);
+        let mut replies = Vec::with_capacity(group.len());
+        let mut batches = Vec::with_capacity(group.len());
+        for Append { batch, reply } in group {
+            replies.push(reply);
+            batches.push(batch);
+        }
+        match self.write(batches, now) {
+            Ok(committed) => {
+                let all: Vec<Arc<Message>> = committed.iter().flatten().cloned().collect();
+                self.config.sink.committed(&all);
+                for (reply, msgs) in replies.into_iter().zip(committed) {
+                    let _ = reply.send(Ok(msgs));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                self.heads.clear();
+                for reply in replies {
+                    let _ = reply.send(Err(backend(&e)));
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, batches: Vec<Vec<NewMessage>>, now: i64) -> rusqlite::Result<Vec<Vec<Arc<Message>>>> {
+        let tx = self.conn.transaction()?;
+        let mut touched: HashMap<i64, (u64, u64)> = HashMap::new();
+        let mut out = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let mut msgs = Vec::with_capacity(batch.len());
+            for m in batch {
+                let (cid, head) = match self.heads.get(&m.channel) {
+                    Some(v) => *v,
+                    None => {
+                        let found = tx
+                            .prepare_cached("SELECT cid, head FROM channels WHERE name = ?1")?
+                            .query_row([m.channel.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))
+                            .optional()?;
+                        match found {
+                            Some(v) => v,
+                            None => {
+                                tx.prepare_cached("INSERT INTO channels (name, head) VALUES (?1, 0)")?
+                                    .execute([m.channel.as_str()])?;
+                                (tx.last_insert_rowid(), 0)
+                            }
+                        }
+                    }
+                };
+                let id = head + 1;
+                self.heads.insert(m.channel.clone(), (cid, id));
+                let size = self.config.retention.for_channel(&m.channel).size;
+                touched.insert(cid, (id, size));
+                tx.prepare_cached("INSERT INTO messages (cid, id, event, kind, data, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+                    .execute(params![
+                        cid,
+                        id as i64,
+                        m.event.as_ref().map(EventName::as_str),
+                        m.data.kind() as u8,
+                        &m.data.bytes()[..],
+                        now
+                    ])?;
+                msgs.push(Arc::new(Message::new(m.channel, id, m.event, m.data, now)));
+            }
+            out.push(msgs);
+        }
+        for (cid, (head, size)) in touched {
+            tx.prepare_cached("UPDATE channels SET head = ?2 WHERE cid = ?1")?.execute(params![cid, head as i64])?;
+            if head > size {
+                tx.prepare_cached("DELETE FROM messages WHERE cid = ?1 AND id <= ?2")?
+                    .execute(params![cid, (head - size) as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Deletes messages past their channel's age limit.
+    fn sweep(&mut self) {
+        let now = (self.config.clock)();
+        let result = (|| -> rusqlite::Result<usize> {
+            let channels: Vec<(i64, String)> = self
+                .conn
+                .prepare_cached("SELECT cid, name FROM channels")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut deleted = 0;
+            for (cid, name) in channels {
+                let Ok(ch) = Channel::parse(&name) else { continue };
+                let retention = self.config.retention.for_channel(&ch);
+                if retention.ttl_ms.is_some() {
+                    deleted += self
+                        .conn
+                        .prepare_cached("DELETE FROM messages WHERE cid = ?1 AND time < ?2")?
+                        .execute(params![cid, retention.cutoff(now)])?;
+                }
+            }
+            Ok(deleted)
+        })();
+        match result {
+            Ok(n) if n > 0 => tracing::debug!(deleted = n, "expired messages swept"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeping expired messages failed"),
+        }
+    }
+}

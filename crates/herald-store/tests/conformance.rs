@@ -1,0 +1,193 @@
+//! One conformance suite, run against every `Store` implementation.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicI64, Ordering},
+};
+
+use herald_core::{Channel, Data, Filter, Message, NewMessage, Retention, RetentionRules};
+use herald_store::{CommitSink, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig};
+
+/// Records what the store handed to its sink.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(String, u64)>>);
+
+impl CommitSink for Recorder {
+    fn committed(&self, msgs: &[Arc<Message>]) {
+        self.0.lock().unwrap().extend(msgs.iter().map(|m| (m.channel.to_string(), m.id)));
+    }
+}
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    sink: Arc<Recorder>,
+    clock: Arc<AtomicI64>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn config(retention: RetentionRules) -> (StoreConfig, Arc<Recorder>, Arc<AtomicI64>) {
+    let sink = Arc::new(Recorder::default());
+    let clock = Arc::new(AtomicI64::new(1_000_000));
+    let c = clock.clone();
+    let config = StoreConfig { retention, clock: Arc::new(move || c.load(Ordering::SeqCst)), sink: sink.clone() };
+    (config, sink, clock)
+}
+
+fn memory(retention: RetentionRules) -> Fixture {
+    let (config, sink, clock) = config(retention);
+    Fixture { store: Arc::new(MemoryStore::new(config)), sink, clock, _dir: None }
+}
+
+fn sqlite(retention: RetentionRules) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, sink, clock) = config(retention);
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap();
+    Fixture { store: Arc::new(store), sink, clock, _dir: Some(dir) }
+}
+
+fn ch(s: &str) -> Channel {
+    Channel::parse(s).unwrap()
+}
+
+fn new(channel: &str, text: &str) -> NewMessage {
+    NewMessage { channel: ch(channel), event: None, data: Data::text(text) }
+}
+
+fn ids(msgs: &[Arc<Message>]) -> Vec<u64> {
+    msgs.iter().map(|m| m.id).collect()
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_store { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::memory).await } )* }
+        mod sqlite_store { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::sqlite).await } )* }
+    };
+}
+
+conformance!(
+    ids_are_per_channel_and_sequential,
+    read_pages_after_a_cursor,
+    count_retention_keeps_the_last_n,
+    age_retention_drops_old_messages,
+    channels_by_filter,
+    concurrent_appends_get_unique_ids_in_sink_order,
+    payload_kind_and_event_survive,
+);
+
+async fn ids_are_per_channel_and_sequential(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let got = f.store.append(vec![new("a", "1"), new("b", "1"), new("a", "2")]).await.unwrap();
+    assert_eq!(ids(&got), [1, 1, 2]);
+    let got = f.store.append(vec![new("a", "3")]).await.unwrap();
+    assert_eq!(ids(&got), [3]);
+    assert_eq!(*f.sink.0.lock().unwrap(), [("a".into(), 1), ("b".into(), 1), ("a".into(), 2), ("a".into(), 3)]);
+}
+
+async fn read_pages_after_a_cursor(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    for i in 0..10 {
+        f.store.append(vec![new("c", &i.to_string())]).await.unwrap();
+    }
+    let page = f.store.read(ch("c"), 3, 4).await.unwrap();
+    assert_eq!(ids(&page.messages), [4, 5, 6, 7]);
+    assert_eq!((page.window.first, page.window.head), (1, 10));
+    assert_eq!(page.messages[0].data.as_str(), "3");
+    let tail = f.store.read(ch("c"), 10, 4).await.unwrap();
+    assert!(tail.messages.is_empty());
+    let none = f.store.read(ch("never"), 0, 4).await.unwrap();
+    assert!(none.messages.is_empty());
+    assert_eq!((none.window.first, none.window.head), (1, 0));
+}
+
+async fn count_retention_keeps_the_last_n(make: fn(RetentionRules) -> Fixture) {
+    let rules = RetentionRules {
+        default: Retention { size: 3, ttl_ms: None },
+        rules: vec![(Filter::parse("live/#").unwrap(), Retention { size: 0, ttl_ms: None })],
+    };
+    let f = make(rules);
+    for _ in 0..5 {
+        f.store.append(vec![new("c", "x"), new("live/x", "y")]).await.unwrap();
+    }
+    let page = f.store.read(ch("c"), 0, 100).await.unwrap();
+    assert_eq!(ids(&page.messages), [3, 4, 5]);
+    assert_eq!(page.window.first, 3);
+    let live = f.store.read(ch("live/x"), 0, 100).await.unwrap();
+    assert!(live.messages.is_empty());
+    assert_eq!((live.window.first, live.window.head), (6, 5), "ids advance even with no history");
+}
+
+async fn age_retention_drops_old_messages(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules { default: Retention { size: 100, ttl_ms: Some(1000) }, rules: vec![] });
+    f.store.append(vec![new("c", "old")]).await.unwrap();
+    f.clock.fetch_add(600, Ordering::SeqCst);
+    f.store.append(vec![new("c", "new")]).await.unwrap();
+    f.clock.fetch_add(600, Ordering::SeqCst);
+    let page = f.store.read(ch("c"), 0, 100).await.unwrap();
+    assert_eq!(ids(&page.messages), [2]);
+    assert_eq!(page.window.first, 2);
+    f.clock.fetch_add(1000, Ordering::SeqCst);
+    let page = f.store.read(ch("c"), 0, 100).await.unwrap();
+    assert!(page.messages.is_empty());
+    assert_eq!((page.window.first, page.window.head), (3, 2));
+    // Ids continue after everything expired.
+    assert_eq!(ids(&f.store.append(vec![new("c", "again")]).await.unwrap()), [3]);
+}
+
+async fn channels_by_filter(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    f.store
+        .append(vec![new("chat", "x"), new("chat/a", "x"), new("chat/a", "y"), new("chat/b/c", "x"), new("chatty", "x")])
+        .await
+        .unwrap();
+    let names = |v: Vec<(Channel, u64)>| v.into_iter().map(|(c, h)| format!("{c}={h}")).collect::<Vec<_>>();
+    assert_eq!(names(f.store.channels(Filter::parse("chat/+").unwrap()).await.unwrap()), ["chat/a=2"]);
+    assert_eq!(names(f.store.channels(Filter::parse("chat/#").unwrap()).await.unwrap()), ["chat=1", "chat/a=2", "chat/b/c=1"]);
+    assert_eq!(names(f.store.channels(Filter::parse("#").unwrap()).await.unwrap()).len(), 4);
+}
+
+async fn concurrent_appends_get_unique_ids_in_sink_order(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let store = f.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..20 {
+                got.extend(ids(&store.append(vec![new("c", &format!("{t}/{i}"))]).await.unwrap()));
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    assert_eq!(all, (1..=320).collect::<Vec<_>>());
+    let seen: Vec<u64> = f.sink.0.lock().unwrap().iter().map(|(_, id)| *id).collect();
+    assert_eq!(seen, (1..=320).collect::<Vec<_>>(), "the sink sees ids in order");
+}
+
+async fn payload_kind_and_event_survive(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let json = Data::json(bytes::Bytes::from_static(b"{\"a\": 1}")).unwrap();
+    let ev = herald_core::EventName::parse("chat").unwrap();
+    f.store.append(vec![NewMessage { channel: ch("c"), event: Some(ev.clone()), data: json.clone() }]).await.unwrap();
+    let page = f.store.read(ch("c"), 0, 10).await.unwrap();
+    assert_eq!(page.messages[0].data, json);
+    assert_eq!(page.messages[0].event, Some(ev));
+    assert_eq!(page.messages[0].time, 1_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_reopens_with_history_and_continues_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = config(RetentionRules::default());
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), config.clone()).unwrap();
+    store.append(vec![new("c", "1"), new("c", "2")]).await.unwrap();
+    store.close().await;
+    assert!(store.append(vec![new("c", "refused")]).await.is_err(), "a closed store refuses writes");
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap();
+    assert_eq!(ids(&store.read(ch("c"), 0, 10).await.unwrap().messages), [1, 2]);
+    assert_eq!(ids(&store.append(vec![new("c", "3")]).await.unwrap()), [3]);
+}
