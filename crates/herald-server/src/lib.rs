@@ -1,1 +1,18 @@
+//! Herald's server: configuration, the HTTP application and one module per
+//! transport. Each transport is a thin adapter over [`subscription`]: it parses
+//! its request, opens a subscription and encodes what comes out.
 
+pub mod app;
+pub mod config;
+pub mod error;
+mod health;
+mod poll;
+mod publish;
+mod query;
+pub mod server;
+mod sse;
+pub mod subscription;
+
+pub use app::{AppState, app};
+pub use config::{Config, Overrides};
+pub use server::{Server, ServerError};

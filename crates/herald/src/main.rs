@@ -1,1 +1,136 @@
-fn main(){}
+//! The `herald` binary: parses the command line and hands over to the server
+//! or to one of the small client commands.
+
+mod publish;
+mod subscribe;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use herald_server::{Config, Overrides, Server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "One self-hosted binary for real-time push: polling, long polling, SSE (and more to come) over the same channels.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Configuration file (default: ./herald.toml when it exists).
+        #[arg(long, env = "HERALD_CONFIG")]
+        config: Option<PathBuf>,
+        /// HTTP listen address, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// MQTT listen address (reserved: the MQTT endpoint is not built yet).
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// Data directory of the embedded store.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Keep everything in memory (nothing survives a restart).
+        #[arg(long)]
+        memory: bool,
+    },
+    /// Publish one message and print its id.
+    Publish {
+        channel: String,
+        /// The data; `-` reads standard input. JSON objects and arrays are sent
+        /// as JSON, anything else as text, unless --json or --text says otherwise.
+        data: String,
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long, conflicts_with = "text")]
+        json: bool,
+        #[arg(long)]
+        text: bool,
+        /// Server URL.
+        #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+    /// Follow a channel over SSE, printing one JSON line per message; resumes
+    /// by itself from the last id when the connection drops or the server restarts.
+    Subscribe {
+        channel: String,
+        /// Start after this id (`0` = all retained history, `now` = live only).
+        #[arg(long, default_value = "0")]
+        since: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config, http, mqtt, data, memory } => {
+                serve(config, Overrides { http, mqtt, data, memory }).await
+            }
+            Command::Publish { channel, data, event, json, text, server } => {
+                publish::run(&server, &channel, &data, event.as_deref(), publish::Kind::from_flags(json, text)).await
+            }
+            Command::Subscribe { channel, since, count, server } => {
+                subscribe::run(&server, &channel, &since, count).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let config = Config::load(config_file.as_deref(), &overrides)?;
+    let shutdown = CancellationToken::new();
+    let storage = if config.server.memory {
+        "in memory (nothing survives a restart)".to_string()
+    } else {
+        format!("in {}", config.server.data.display())
+    };
+    let server = Server::bind(config, shutdown.clone()).await?;
+    // Scripts and tests read this line to learn the port.
+    println!("herald listening on http://{}", server.http_addr());
+    tracing::info!(addr = %server.http_addr(), "serving; messages kept {storage}");
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: closing streams and finishing writes");
+        shutdown.cancel();
+    });
+    server.run().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

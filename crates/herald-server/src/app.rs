@@ -1,0 +1,89 @@
+//! The HTTP application: shared state and the route table. Tests build the same
+//! router through [`app`].
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Router,
+    extract::{Path, RawQuery, State, rejection::PathRejection},
+    http::{HeaderMap, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use herald_core::{Channel, Hub};
+use herald_store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::Config, error::ApiError, health, poll, publish, query::Query, sse};
+
+/// What every handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    /// Cancelled on shutdown; every long-lived response listens to it.
+    pub shutdown: CancellationToken,
+    /// Set once the store is open and the listener bound.
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
+    }
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn app(state: SharedState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/api/publish", post(publish::publish_envelope))
+        .route("/api/events", get(sse::multi_channel))
+        .route("/api/channels/{*path}", get(channel_get).post(channel_post))
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on this route"),
+            )
+        })
+        .with_state(state)
+}
+
+/// `GET /api/channels/{channel}/{resource}`: the last segment names the
+/// transport, everything before it the channel.
+async fn channel_get(
+    State(state): State<SharedState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let Path(path) = path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    let (channel, resource) = path.rsplit_once('/').ok_or_else(ApiError::not_found)?;
+    let query = Query::parse(raw.as_deref());
+    match resource {
+        "messages" => poll::messages(state, Channel::parse(channel)?, &query).await,
+        "events" => sse::single_channel(state, Channel::parse(channel)?, &headers, &query).await,
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+/// `POST /api/channels/{channel}`: publish; the whole path is the channel.
+async fn channel_post(
+    State(state): State<SharedState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let Path(path) = path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    let channel = Channel::parse(&path)?;
+    let query = Query::parse(raw.as_deref());
+    publish::publish_body(state, channel, &headers, &query, body).await.map(IntoResponse::into_response)
+}

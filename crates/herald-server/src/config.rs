@@ -1,0 +1,406 @@
+//! Configuration: defaults, then `herald.toml`, then `HERALD_*` variables, then
+//! command-line flags, each overriding the one before.
+//!
+//! Every key is documented in `herald.sample.toml` at the repository root; a test
+//! checks the sample parses and names every key this module knows. Environment
+//! variables are `HERALD_` + section + `_` + key (`[history] size` is
+//! `HERALD_HISTORY_SIZE`); lists are comma-separated.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use herald_core::{Filter, Retention, RetentionRules};
+use serde::{Deserialize, Serialize};
+
+/// Sections that may be set from the environment. Anything else with the
+/// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
+const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub history: HistoryConfig,
+    pub limits: LimitsConfig,
+    pub sse: SseConfig,
+    pub longpoll: LongPollConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// HTTP listen address (all HTTP transports, the API and the demo pages).
+    pub http: SocketAddr,
+    /// MQTT listen address (the MQTT endpoint is not built yet; reserved).
+    pub mqtt: String,
+    /// Directory of the embedded store.
+    pub data: PathBuf,
+    /// Keep everything in memory instead (nothing survives a restart).
+    pub memory: bool,
+    /// How long a graceful shutdown waits for open requests before giving up.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            http: "127.0.0.1:8080".parse().expect("valid address"),
+            mqtt: "127.0.0.1:1883".into(),
+            data: "herald-data".into(),
+            memory: false,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncSetting {
+    #[default]
+    Normal,
+    Full,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `normal`: an acknowledged message survives the process being killed.
+    /// `full`: it also survives a power cut (fsync on every commit).
+    pub sync: SyncSetting,
+    /// Most messages written in one transaction (group commit).
+    pub max_batch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { sync: SyncSetting::Normal, max_batch: 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Messages kept per channel (0 = none, live only).
+    pub size: u64,
+    /// Age limit of kept messages ("0" = no age limit).
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// Per-pattern overrides, first match wins.
+    pub rules: Vec<HistoryRule>,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { size: 1000, ttl: Duration::from_secs(24 * 3600), rules: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// A channel filter in MQTT syntax (`chat/room/+`, `news/#`).
+    pub pattern: String,
+    pub size: Option<u64>,
+    #[serde(default, with = "opt_duration")]
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest payload accepted by a publish, in bytes ("64KiB" also works).
+    #[serde(with = "bytesize")]
+    pub max_payload: usize,
+    /// Messages queued per subscriber before it is marked lagged and catches up
+    /// from the store instead.
+    pub subscriber_queue: usize,
+    /// Most messages one poll answer carries.
+    pub poll_limit: usize,
+    /// Most channels one `POST /api/publish` may name.
+    pub publish_channels: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_payload: 64 * 1024, subscriber_queue: 1024, poll_limit: 1000, publish_channels: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseConfig {
+    /// Comment line sent when a stream has been quiet this long.
+    #[serde(with = "duration")]
+    pub heartbeat: Duration,
+    /// The `retry:` the browser waits before reconnecting.
+    #[serde(with = "duration")]
+    pub retry: Duration,
+    /// Close streams after this long so clients reconnect ("0" = never).
+    #[serde(with = "duration")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig { heartbeat: Duration::from_secs(15), retry: Duration::from_secs(3), max_lifetime: Duration::ZERO }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LongPollConfig {
+    /// Cap on a long poll's `wait` (at most 120 s).
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for LongPollConfig {
+    fn default() -> Self {
+        LongPollConfig { max_wait: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: [history] rule pattern '{pattern}': {reason}")]
+    Pattern { pattern: String, reason: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Command-line overrides, applied last.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub http: Option<SocketAddr>,
+    pub mqtt: Option<String>,
+    pub data: Option<PathBuf>,
+    pub memory: bool,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `./herald.toml` when it exists), then the
+    /// environment, then `overrides`.
+    pub fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => fig = fig.merge(Toml::file_exact(path)),
+            None if std::path::Path::new("herald.toml").exists() => fig = fig.merge(Toml::file_exact("herald.toml")),
+            None => {}
+        }
+        fig = fig.merge(env_provider());
+        if let Some(v) = overrides.http {
+            fig = fig.merge(Serialized::default("server.http", v));
+        }
+        if let Some(v) = &overrides.mqtt {
+            fig = fig.merge(Serialized::default("server.mqtt", v));
+        }
+        if let Some(v) = &overrides.data {
+            fig = fig.merge(Serialized::default("server.data", v));
+        }
+        if overrides.memory {
+            fig = fig.merge(Serialized::default("server.memory", true));
+        }
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text alone (no environment), as the sample-config test does.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.retention()?;
+        if self.longpoll.max_wait > Duration::from_secs(120) {
+            return Err(ConfigError::Invalid("[longpoll] max_wait is at most 120s".into()));
+        }
+        for (name, v) in [("subscriber_queue", self.limits.subscriber_queue), ("poll_limit", self.limits.poll_limit)] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("[limits] {name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The history settings as the core's retention rules.
+    pub fn retention(&self) -> Result<RetentionRules, ConfigError> {
+        let ttl = |d: Duration| (!d.is_zero()).then(|| d.as_millis() as u64);
+        let default = Retention { size: self.history.size, ttl_ms: ttl(self.history.ttl) };
+        let mut rules = Vec::new();
+        for rule in &self.history.rules {
+            let filter = Filter::parse(&rule.pattern)
+                .map_err(|e| ConfigError::Pattern { pattern: rule.pattern.clone(), reason: e.to_string() })?;
+            let r = Retention {
+                size: rule.size.unwrap_or(default.size),
+                ttl_ms: rule.ttl.map_or(default.ttl_ms, ttl),
+            };
+            rules.push((filter, r));
+        }
+        Ok(RetentionRules { default, rules })
+    }
+}
+
+/// `HERALD_SECTION_KEY` to `section.key`, for known sections only.
+fn env_provider() -> Env {
+    Env::prefixed("HERALD_").filter_map(|key| {
+        let key = key.as_str().to_ascii_lowercase();
+        let (section, rest) = key.split_once('_')?;
+        SECTIONS.contains(&section).then(|| format!("{section}.{rest}").into())
+    })
+}
+
+/// Parses "500ms", "15s", "10m", "24h", "7d", "0", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 15s, 10m, 24h"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn format_duration(d: &Duration) -> String {
+    if d.subsec_millis() != 0 { format!("{}ms", d.as_millis()) } else { format!("{}s", d.as_secs()) }
+}
+
+/// Parses "65536", "64KiB", "64k", "1MiB", "1m".
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("'{s}' is not a size like 65536 or 64KiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("'{s}' has an unknown unit (use KiB or MiB)")),
+    };
+    Ok(n * mult)
+}
+
+/// A string or a number; figment hands environment values over as either.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StrOrNum {
+    Str(String),
+    Int(u64),
+    Float(f64),
+}
+
+mod duration {
+    use super::*;
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(d))
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match StrOrNum::deserialize(d)? {
+            StrOrNum::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+            StrOrNum::Int(n) => Ok(Duration::from_secs(n)),
+            StrOrNum::Float(f) if f >= 0.0 => Ok(Duration::from_secs_f64(f)),
+            StrOrNum::Float(f) => Err(serde::de::Error::custom(format!("negative duration {f}"))),
+        }
+    }
+}
+
+mod opt_duration {
+    use super::*;
+    pub(super) fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(d)),
+            None => s.serialize_none(),
+        }
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
+mod bytesize {
+    use super::*;
+    pub(super) fn serialize<S: serde::Serializer>(n: &usize, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*n as u64)
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        match StrOrNum::deserialize(d)? {
+            StrOrNum::Str(s) => parse_bytes(&s).map_err(serde::de::Error::custom),
+            StrOrNum::Int(n) => Ok(n as usize),
+            StrOrNum::Float(_) => Err(serde::de::Error::custom("a size must be a whole number of bytes")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_bytes("64KiB").unwrap(), 65_536);
+        assert_eq!(parse_bytes("1m").unwrap(), 1 << 20);
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn rules_become_retention() {
+        let c = Config::from_toml(
+            "[history]\nsize = 50\nttl = \"1h\"\n[[history.rules]]\npattern = \"chat/room/+\"\nsize = 100\nttl = \"0\"\n",
+        )
+        .unwrap();
+        let r = c.retention().unwrap();
+        assert_eq!(r.default, Retention { size: 50, ttl_ms: Some(3_600_000) });
+        assert_eq!(r.rules[0].1, Retention { size: 100, ttl_ms: None });
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        let err = Config::from_toml("[history]\nsise = 5\n").unwrap_err().to_string();
+        assert!(err.contains("sise"), "{err}");
+        let err = Config::from_toml("[[history.rules]]\npattern = \"a/#/b\"\n").unwrap_err().to_string();
+        assert!(err.contains("a/#/b"), "{err}");
+        assert!(Config::from_toml("[longpoll]\nmax_wait = \"10m\"\n").is_err());
+    }
+
+    /// The sample configuration parses and documents every key there is.
+    #[test]
+    fn sample_config_documents_every_key() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../herald.sample.toml");
+        let text = std::fs::read_to_string(path).expect("herald.sample.toml at the repository root");
+        Config::from_toml(&text).expect("the sample parses");
+        let sample: figment::value::Dict = Figment::from(Toml::string(&text)).extract().unwrap();
+        let defaults: figment::value::Dict = Figment::from(Serialized::defaults(Config::default())).extract().unwrap();
+        for (section, value) in &defaults {
+            let keys = value.as_dict().expect("sections are tables");
+            let documented = sample.get(section).and_then(|v| v.as_dict());
+            for key in keys.keys() {
+                assert!(
+                    documented.is_some_and(|d| d.contains_key(key)),
+                    "herald.sample.toml does not set [{section}] {key}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Short and long polling on `GET /api/channels/{channel}/messages`.
+//!
+//! Both answer with every message after `since` at once (up to `limit`), never
+//! one per request. With `wait=S` and nothing new, the request waits up to S
+//! seconds for a publish, then answers `304 Not Modified` with no body; the
+//! client asks again with the same `since`.
+
+use std::time::Duration;
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use herald_core::{Channel, CursorToken, Gap, Since, Target};
+
+use crate::{
+    app::SharedState,
+    error::ApiError,
+    query::Query,
+    subscription::{Delivery, Subscription},
+};
+
+/// Messages per answer when the client does not say.
+const DEFAULT_LIMIT: usize = 100;
+
+pub(crate) async fn messages(state: SharedState, channel: Channel, query: &Query) -> Result<Response, ApiError> {
+    let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
+    let limit = query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit);
+    let wait = query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait));
+    let waiting = wait.is_some_and(|w| !w.is_zero());
+
+    let hub = waiting.then_some(&state.hub);
+    let targets = vec![Target::Channel(channel.clone())];
+    let mut sub = Subscription::open(state.store.clone(), hub, targets, since, &CursorToken::default()).await?;
+    let mut answer = Answer::default();
+    while answer.messages.len() < limit {
+        match sub.next_ready().await? {
+            Some(d) => answer.push(d),
+            None => break,
+        }
+    }
+    if answer.is_empty() && let Some(wait) = wait.filter(|_| waiting) {
+        tokio::select! {
+            d = sub.next() => answer.push(d?),
+            _ = tokio::time::sleep(wait) => return Ok(not_modified()),
+            _ = state.shutdown.cancelled() => return Ok(not_modified()),
+        }
+        // Whatever else is already here goes in the same answer.
+        while answer.messages.len() < limit {
+            match sub.try_next() {
+                Some(d) => answer.push(d),
+                None => break,
+            }
+        }
+    }
+    let next = sub.cursors().get(&channel).copied().unwrap_or(0);
+    Ok(answer.into_response(&channel, next))
+}
+
+fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|w| w.is_finite() && *w >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("'wait' must be a number of seconds, got '{s}'")))
+}
+
+fn not_modified() -> Response {
+    let mut res = StatusCode::NOT_MODIFIED.into_response();
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+#[derive(Default)]
+struct Answer {
+    messages: Vec<bytes::Bytes>,
+    missed: Option<Gap>,
+}
+
+impl Answer {
+    fn push(&mut self, d: Delivery) {
+        match d {
+            Delivery::Message(m) => self.messages.push(m.json()),
+            // Two gaps in one answer (history trimmed between pages) merge.
+            Delivery::Gap(g) => match &mut self.missed {
+                Some(prev) => prev.to = g.to,
+                None => self.missed = Some(g),
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.missed.is_none()
+    }
+
+    /// `{"channel","messages":[..],"next":N,"gap":bool,"missed"?:{..}}`, built
+    /// from each message's cached JSON.
+    fn into_response(self, channel: &Channel, next: u64) -> Response {
+        let mut out = Vec::with_capacity(64 + self.messages.iter().map(|m| m.len() + 1).sum::<usize>());
+        out.extend_from_slice(b"{\"channel\":");
+        serde_json::to_writer(&mut out, channel.as_str()).expect("vec write");
+        out.extend_from_slice(b",\"messages\":[");
+        for (i, m) in self.messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(m);
+        }
+        out.extend_from_slice(format!("],\"next\":{next},\"gap\":{}", self.missed.is_some()).as_bytes());
+        if let Some(g) = &self.missed {
+            out.extend_from_slice(b",\"missed\":");
+            serde_json::to_writer(&mut out, g).expect("vec write");
+        }
+        out.push(b'}');
+        let mut res = (StatusCode::OK, out).into_response();
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        res
+    }
+}

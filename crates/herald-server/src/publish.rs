@@ -1,0 +1,139 @@
+//! Publishing over HTTP: `POST /api/channels/{channel}` (the body is the data)
+//! and `POST /api/publish` (a JSON envelope, one channel or several). Both answer
+//! only once the message is committed.
+
+use axum::{
+    Json,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use herald_core::{Channel, Data, EventName, NewMessage};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
+
+use crate::{app::SharedState, error::ApiError, query::Query};
+
+/// Room for the envelope's own fields around a maximal payload.
+const ENVELOPE_OVERHEAD: usize = 16 * 1024;
+
+pub(crate) async fn publish_body(
+    state: SharedState,
+    channel: Channel,
+    headers: &HeaderMap,
+    query: &Query,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = state.config.limits.max_payload;
+    let event = query.get("event").map(EventName::parse).transpose()?;
+    let bytes = read_body(headers, body, limit).await?;
+    let data = if is_json(headers) {
+        Data::json(bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?
+    } else {
+        Data::text_bytes(bytes).map_err(|_| {
+            ApiError::bad_request("invalid_text", "body is not UTF-8 text; send JSON with Content-Type: application/json")
+        })?
+    };
+    let ids = append(&state, vec![channel], event, data).await?;
+    Ok(Json(ids.into_iter().next().expect("one channel, one id")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    event: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+pub(crate) async fn publish_envelope(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    match envelope(state, &headers, body).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn envelope(state: SharedState, headers: &HeaderMap, body: Body) -> Result<serde_json::Value, ApiError> {
+    let limit = state.config.limits.max_payload;
+    let bytes = read_body(headers, body, limit + ENVELOPE_OVERHEAD).await?;
+    let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| {
+        let code = if e.is_data() { "invalid_request" } else { "invalid_json" };
+        ApiError::bad_request(code, format!("publish body: {e}"))
+    })?;
+    let names = match (env.channel, env.channels) {
+        (Some(c), None) => vec![c],
+        (None, Some(cs)) if !cs.is_empty() => cs,
+        (None, Some(_)) => return Err(ApiError::bad_request("invalid_request", "'channels' is empty")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("invalid_request", "give either 'channel' or 'channels', not both"));
+        }
+        (None, None) => return Err(ApiError::bad_request("invalid_request", "'channel' or 'channels' is required")),
+    };
+    let max = state.config.limits.publish_channels;
+    if names.len() > max {
+        return Err(ApiError::bad_request("too_many_channels", format!("at most {max} channels per publish")));
+    }
+    let channels = names.iter().map(|n| Channel::parse(n)).collect::<Result<Vec<_>, _>>()?;
+    let event = env.event.as_deref().map(EventName::parse).transpose()?;
+    let raw = env.data.ok_or_else(|| ApiError::bad_request("invalid_request", "'data' is required"))?;
+    let raw = raw.get();
+    if raw.len() > limit {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    // A JSON string is text: on SSE it arrives as the text itself, and in every
+    // JSON form it is the same string again.
+    let data = if raw.starts_with('"') {
+        Data::text(serde_json::from_str::<String>(raw).expect("a RawValue string is a valid string"))
+    } else {
+        Data::json(Bytes::copy_from_slice(raw.as_bytes())).expect("a RawValue is valid JSON")
+    };
+    let single = channels.len() == 1;
+    let mut results = append(&state, channels, event, data).await?;
+    Ok(if single { results.remove(0) } else { json!({ "results": results }) })
+}
+
+/// Stores one message per channel, atomically, and answers each `{channel,id}`.
+async fn append(
+    state: &SharedState,
+    channels: Vec<Channel>,
+    event: Option<EventName>,
+    data: Data,
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    if let Some(c) = channels.iter().find(|c| c.is_reserved()) {
+        return Err(ApiError::bad_request("reserved_channel", format!("'{c}' is reserved for the server ($ prefix)")));
+    }
+    let batch =
+        channels.into_iter().map(|channel| NewMessage { channel, event: event.clone(), data: data.clone() }).collect();
+    let stored = state.store.append(batch).await?;
+    Ok(stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    mime == "application/json" || mime.ends_with("+json")
+}
+
+/// Reads a body of at most `limit` bytes; larger ones are refused with 413,
+/// before reading when `Content-Length` already says so.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        let too_large = inner.is::<http_body_util::LengthLimitError>()
+            || inner.source().is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("could not read the request body: {inner}"))
+        }
+    })
+}

@@ -1,0 +1,88 @@
+//! Starting and stopping a server: open the store, bind the listener, serve until
+//! the shutdown token fires, let open streams end, then close the store so every
+//! acknowledged message is on disk.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use herald_core::Hub;
+use herald_store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig, SyncMode, system_clock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    app::{AppState, app},
+    config::{Config, ConfigError, SyncSetting},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("could not open the store: {0}")]
+    Store(#[from] herald_store::StoreError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A bound, ready server; [`Server::run`] serves until `shutdown` is cancelled.
+pub struct Server {
+    state: Arc<AppState>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Opens the store and binds the HTTP listener.
+    pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
+        let hub = Hub::new(config.limits.subscriber_queue);
+        let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: hub.clone() };
+        let store: Arc<dyn Store> = if config.server.memory {
+            Arc::new(MemoryStore::new(store_config))
+        } else {
+            let mut options = SqliteOptions::new(&config.server.data);
+            options.sync = match config.store.sync {
+                SyncSetting::Normal => SyncMode::Normal,
+                SyncSetting::Full => SyncMode::Full,
+            };
+            options.max_batch = config.store.max_batch.max(1);
+            Arc::new(SqliteStore::open(options, store_config)?)
+        };
+        let addr = config.server.http;
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let state = Arc::new(AppState { config, store, hub, shutdown, ready: Default::default() });
+        Ok(Server { state, listener })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until shutdown, then waits (up to the grace period) for open
+    /// requests to finish and closes the store.
+    pub async fn run(self) -> Result<(), ServerError> {
+        let Server { state, listener } = self;
+        let shutdown = state.shutdown.clone();
+        let grace = state.config.server.shutdown_grace;
+        state.ready.store(true, Ordering::Release);
+        let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let overdue = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            r = serve => r?,
+            _ = overdue => tracing::warn!(?grace, "requests still open after the grace period; closing anyway"),
+        }
+        state.store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! Server-Sent Events: `GET /api/channels/{channel}/events` and the
+//! multi-channel `GET /api/events?channel=A&channel=B` (filters allowed).
+//!
+//! Single-channel events carry the plain message id, so `Last-Event-ID: 123`
+//! resumes exactly; multi-channel events carry a cursor token naming every
+//! channel's position, and their data is the message object (the client needs
+//! to know the channel). A stream starts with `retry:`, sends a comment when
+//! quiet, and ends on shutdown or when its optional maximum lifetime is up;
+//! the browser then reconnects with `Last-Event-ID` and misses nothing.
+
+use std::time::Duration;
+
+use axum::{
+    body::Body,
+    extract::{RawQuery, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::Response,
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use herald_core::{Channel, CursorToken, Filter, Gap, Message, Since, Target, Wire, cursor};
+use tokio::time::Instant;
+
+use crate::{
+    app::SharedState,
+    error::ApiError,
+    query::Query,
+    subscription::{Delivery, Subscription},
+};
+
+/// A chunk grows to about this size before it is handed to the socket.
+const CHUNK: usize = 32 * 1024;
+
+/// Most channels or filters one multi-channel stream may name.
+const MAX_TARGETS: usize = 64;
+
+#[derive(Clone, Copy)]
+enum Ids {
+    /// The message id itself.
+    Plain,
+    /// The stream's cursor token.
+    Token,
+}
+
+pub(crate) async fn single_channel(
+    state: SharedState,
+    channel: Channel,
+    headers: &HeaderMap,
+    query: &Query,
+) -> Result<Response, ApiError> {
+    let resume = last_event_id(headers, query);
+    let since = match resume {
+        Some(id) => Since::After(cursor::parse_id(id)?),
+        None => query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0)),
+    };
+    let targets = vec![Target::Channel(channel)];
+    let sub = Subscription::open(state.store.clone(), Some(&state.hub), targets, since, &CursorToken::default()).await?;
+    Ok(stream(state, sub, Ids::Plain))
+}
+
+pub(crate) async fn multi_channel(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(raw.as_deref());
+    let mut targets = Vec::new();
+    for name in query.all("channel") {
+        targets.push(Target::from_filter(Filter::parse(name)?));
+    }
+    if targets.is_empty() {
+        return Err(ApiError::bad_request("invalid_request", "name at least one ?channel= (a channel or a filter)"));
+    }
+    if targets.len() > MAX_TARGETS {
+        return Err(ApiError::bad_request("invalid_request", format!("at most {MAX_TARGETS} channels per stream")));
+    }
+    let token = match last_event_id(&headers, &query) {
+        Some(t) => CursorToken::decode(t)?,
+        None => CursorToken::default(),
+    };
+    let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
+    let sub = Subscription::open(state.store.clone(), Some(&state.hub), targets, since, &token).await?;
+    Ok(stream(state, sub, Ids::Token))
+}
+
+/// The resume cursor: the `Last-Event-ID` header (what a reconnecting browser
+/// sends) wins over `?lastEventId=` (what a first request can carry).
+fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option<&'a str> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .or_else(|| query.get("lastEventId").filter(|v| !v.is_empty()))
+}
+
+fn stream(state: SharedState, sub: Subscription, ids: Ids) -> Response {
+    let cfg = &state.config.sse;
+    let lifetime = (!cfg.max_lifetime.is_zero()).then(|| Instant::now() + cfg.max_lifetime);
+    let stream = SseStream {
+        retry: Some(cfg.retry),
+        heartbeat: cfg.heartbeat,
+        lifetime,
+        sub,
+        ids,
+        shutdown: state.shutdown.clone(),
+    };
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        s.next_chunk().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), s))
+    });
+    let mut res = Response::new(Body::from_stream(body));
+    *res.status_mut() = StatusCode::OK;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Proxies such as nginx would otherwise buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res
+}
+
+struct SseStream {
+    /// Sent once, first.
+    retry: Option<Duration>,
+    heartbeat: Duration,
+    lifetime: Option<Instant>,
+    sub: Subscription,
+    ids: Ids,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl SseStream {
+    /// The next bytes to send, or `None` to end the stream.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(retry) = self.retry.take() {
+            return Some(Bytes::from(format!("retry: {}\n\n", retry.as_millis())));
+        }
+        let end = async {
+            match self.lifetime {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => None,
+            _ = end => None,
+            d = self.sub.next() => match d {
+                Ok(d) => {
+                    let mut buf = BytesMut::new();
+                    self.encode(d, &mut buf);
+                    while buf.len() < CHUNK && let Some(d) = self.sub.try_next() {
+                        self.encode(d, &mut buf);
+                    }
+                    Some(buf.freeze())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE stream ended by a store error; the client will resume");
+                    None
+                }
+            },
+            _ = tokio::time::sleep(self.heartbeat) => Some(Bytes::from_static(b": keep-alive\n\n")),
+        }
+    }
+
+    fn encode(&self, d: Delivery, buf: &mut BytesMut) {
+        match d {
+            Delivery::Message(m) => match self.ids {
+                Ids::Plain => buf.put(m.encoded(Wire::SseEvent, encode_single)),
+                Ids::Token => {
+                    buf.put_slice(b"id: ");
+                    buf.put_slice(self.sub.token().encode().as_bytes());
+                    buf.put_u8(b'\n');
+                    buf.put(m.encoded(Wire::SseBody, encode_envelope));
+                }
+            },
+            Delivery::Gap(g) => encode_gap(&g, buf),
+        }
+    }
+}
+
+/// `id:`, `event:` when set, and the payload as `data:` lines.
+fn encode_single(m: &Message) -> Bytes {
+    let mut buf = BytesMut::with_capacity(m.data.len() + 32);
+    buf.put_slice(format!("id: {}\n", m.id).as_bytes());
+    put_event_and_data(&mut buf, m, m.data.as_str());
+    buf.freeze()
+}
+
+/// `event:` when set, and the message object as `data:`.
+fn encode_envelope(m: &Message) -> Bytes {
+    let mut buf = BytesMut::new();
+    let json = m.json();
+    put_event_and_data(&mut buf, m, std::str::from_utf8(&json).expect("JSON is UTF-8"));
+    buf.freeze()
+}
+
+fn put_event_and_data(buf: &mut BytesMut, m: &Message, data: &str) {
+    if let Some(ev) = &m.event {
+        buf.put_slice(b"event: ");
+        buf.put_slice(ev.as_str().as_bytes());
+        buf.put_u8(b'\n');
+    }
+    put_data(buf, data);
+}
+
+/// One `data:` line per line of the payload (CRLF, CR and LF all end a line,
+/// as the EventSource parser reads them), then the blank line ending the event.
+fn put_data(buf: &mut BytesMut, data: &str) {
+    let mut rest = data;
+    loop {
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        buf.put_slice(b"data: ");
+        buf.put_slice(rest[..end].as_bytes());
+        buf.put_u8(b'\n');
+        if end == rest.len() {
+            break;
+        }
+        let skip = if rest[end..].starts_with("\r\n") { 2 } else { 1 };
+        rest = &rest[end + skip..];
+    }
+    buf.put_u8(b'\n');
+}
+
+fn encode_gap(g: &Gap, buf: &mut BytesMut) {
+    buf.put_slice(b"event: gap\n");
+    put_data(buf, &serde_json::to_string(g).expect("a gap serialises"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(s: &str) -> String {
+        let mut b = BytesMut::new();
+        put_data(&mut b, s);
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn payload_lines_become_data_lines() {
+        assert_eq!(data("hi"), "data: hi\n\n");
+        assert_eq!(data(""), "data: \n\n");
+        assert_eq!(data("a\nb\r\nc\rd"), "data: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(data("a\n"), "data: a\ndata: \n\n");
+    }
+}
