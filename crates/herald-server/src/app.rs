@@ -17,7 +17,7 @@ use herald_core::{Channel, Hub};
 use herald_store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, error::ApiError, health, poll, publish, query::Query, sse};
+use crate::{config::Config, error::ApiError, health, pages, poll, publish, query::Query, sse};
 
 /// What every handler shares.
 pub struct AppState {
@@ -45,7 +45,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/publish", post(publish::publish_envelope))
         .route("/api/events", get(sse::multi_channel))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
-        .fallback(|| async { ApiError::not_found() })
+        .fallback(pages::asset)
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod error;
 mod health;
+mod pages;
 mod poll;
 mod publish;
 mod query;

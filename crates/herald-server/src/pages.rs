@@ -1,0 +1,32 @@
+//! The demo pages and the browser client, compiled into the binary so one file
+//! is all there is to deploy. Plain HTML, CSS and ES modules: no build step.
+
+use axum::{
+    http::{HeaderValue, header},
+    response::{IntoResponse, Response},
+};
+
+use crate::error::ApiError;
+
+/// (URL path, file contents, content type).
+const ASSETS: &[(&str, &str, &str)] = &[
+    ("/", include_str!("../assets/index.html"), "text/html; charset=utf-8"),
+    ("/chat", include_str!("../assets/chat.html"), "text/html; charset=utf-8"),
+    ("/bell", include_str!("../assets/bell.html"), "text/html; charset=utf-8"),
+    ("/admin", include_str!("../assets/admin.html"), "text/html; charset=utf-8"),
+    ("/style.css", include_str!("../assets/style.css"), "text/css; charset=utf-8"),
+    ("/herald.js", include_str!("../assets/herald.js"), "text/javascript; charset=utf-8"),
+];
+
+/// Serves an asset by path, or the JSON 404 every unknown route gets.
+pub(crate) async fn asset(uri: axum::http::Uri) -> Response {
+    match ASSETS.iter().find(|(path, _, _)| *path == uri.path()) {
+        Some((_, body, content_type)) => {
+            let mut res = (*body).into_response();
+            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            res
+        }
+        None => ApiError::not_found().into_response(),
+    }
+}
