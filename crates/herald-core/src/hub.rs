@@ -68,6 +68,8 @@ pub struct Hub {
     registry: RwLock<Registry>,
     mailbox_capacity: usize,
     next_id: AtomicU64,
+    /// Messages handed to the hub since start.
+    published: AtomicU64,
 }
 
 impl Hub {
@@ -77,6 +79,7 @@ impl Hub {
             registry: RwLock::default(),
             mailbox_capacity: mailbox_capacity.max(1),
             next_id: AtomicU64::new(1),
+            published: AtomicU64::new(0),
         })
     }
 
@@ -94,6 +97,7 @@ impl Hub {
 
     /// Hands committed messages, in id order, to every matching mailbox.
     pub fn publish(&self, msgs: &[Arc<Message>]) {
+        self.published.fetch_add(msgs.len() as u64, Ordering::Relaxed);
         let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
         for msg in msgs {
             if let Some(subs) = reg.exact.get(&msg.channel) {
@@ -107,6 +111,11 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Messages published since start.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
     }
 
     /// How many (subscriber, target) registrations exist.

@@ -169,9 +169,11 @@ pub enum Wire {
     HtmlScript = 3,
     /// A WebSocket `{"type":"message",...}` text frame.
     WsFrame = 4,
+    /// The message object as SSE `data` lines alone.
+    SseData = 5,
 }
 
-const WIRE_FORMATS: usize = 5;
+const WIRE_FORMATS: usize = 6;
 
 /// A stored message: it has its channel's next id and the time it was committed.
 pub struct Message {

@@ -17,7 +17,7 @@ use herald_core::{Channel, Hub};
 use herald_store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, error::ApiError, health, pages, poll, publish, query::Query, sse};
+use crate::{config::Config, error::ApiError, health, iframe, pages, poll, publish, query::Query, sse, stats, ws};
 
 /// What every handler shares.
 pub struct AppState {
@@ -28,6 +28,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Set once the store is open and the listener bound.
     pub ready: AtomicBool,
+    pub stats: Arc<crate::stats::Stats>,
 }
 
 impl AppState {
@@ -44,6 +45,8 @@ pub fn app(state: SharedState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/api/publish", post(publish::publish_envelope))
         .route("/api/events", get(sse::multi_channel))
+        .route("/api/stats", get(stats::stats))
+        .route("/api/ws", get(ws::upgrade))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)
         .method_not_allowed_fallback(|method: Method| async move {
@@ -70,6 +73,7 @@ async fn channel_get(
     match resource {
         "messages" => poll::messages(state, Channel::parse(channel)?, &query).await,
         "events" => sse::single_channel(state, Channel::parse(channel)?, &headers, &query).await,
+        "iframe" => iframe::stream(state, Channel::parse(channel)?, &query).await,
         _ => Err(ApiError::not_found()),
     }
 }

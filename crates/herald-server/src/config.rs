@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that may be set from the environment. Anything else with the
 /// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
-const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll"];
+const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,6 +28,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub sse: SseConfig,
     pub longpoll: LongPollConfig,
+    pub ws: WsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +166,23 @@ impl Default for LongPollConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    /// The server pings this often; a connection silent for two intervals is
+    /// considered dead and closed.
+    #[serde(with = "duration")]
+    pub ping: Duration,
+    /// Most channels and filters one connection may subscribe to.
+    pub max_subscriptions: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig { ping: Duration::from_secs(30), max_subscriptions: 256 }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -225,10 +243,17 @@ impl Config {
         if self.longpoll.max_wait > Duration::from_secs(120) {
             return Err(ConfigError::Invalid("[longpoll] max_wait is at most 120s".into()));
         }
-        for (name, v) in [("subscriber_queue", self.limits.subscriber_queue), ("poll_limit", self.limits.poll_limit)] {
+        for (name, v) in [
+            ("[limits] subscriber_queue", self.limits.subscriber_queue),
+            ("[limits] poll_limit", self.limits.poll_limit),
+            ("[ws] max_subscriptions", self.ws.max_subscriptions),
+        ] {
             if v == 0 {
-                return Err(ConfigError::Invalid(format!("[limits] {name} must be at least 1")));
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.ws.ping.is_zero() || self.sse.heartbeat.is_zero() {
+            return Err(ConfigError::Invalid("[ws] ping and [sse] heartbeat must be longer than 0".into()));
         }
         Ok(())
     }

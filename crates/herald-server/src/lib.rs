@@ -6,13 +6,17 @@ pub mod app;
 pub mod config;
 pub mod error;
 mod health;
+mod iframe;
 mod pages;
 mod poll;
 mod publish;
 mod query;
 pub mod server;
 mod sse;
+mod stream;
+pub mod stats;
 pub mod subscription;
+mod ws;
 
 pub use app::{AppState, app};
 pub use config::{Config, Overrides};

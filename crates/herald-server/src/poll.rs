@@ -17,6 +17,7 @@ use crate::{
     app::SharedState,
     error::ApiError,
     query::Query,
+    stats::Transport,
     subscription::{Delivery, Subscription},
 };
 
@@ -29,6 +30,7 @@ pub(crate) async fn messages(state: SharedState, channel: Channel, query: &Query
     let wait = query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait));
     let waiting = wait.is_some_and(|w| !w.is_zero());
 
+    let _connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
     let hub = waiting.then_some(&state.hub);
     let targets = vec![Target::Channel(channel.clone())];
     let mut sub = Subscription::open(state.store.clone(), hub, targets, since, &CursorToken::default()).await?;
@@ -53,6 +55,7 @@ pub(crate) async fn messages(state: SharedState, channel: Channel, query: &Query
             }
         }
     }
+    state.stats.delivered(answer.messages.len() as u64);
     let next = sub.cursors().get(&channel).copied().unwrap_or(0);
     Ok(answer.into_response(&channel, next))
 }

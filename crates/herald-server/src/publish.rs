@@ -83,20 +83,25 @@ async fn envelope(state: SharedState, headers: &HeaderMap, body: Body) -> Result
     if raw.len() > limit {
         return Err(ApiError::payload_too_large(limit));
     }
-    // A JSON string is text: on SSE it arrives as the text itself, and in every
-    // JSON form it is the same string again.
-    let data = if raw.starts_with('"') {
-        Data::text(serde_json::from_str::<String>(raw).expect("a RawValue string is a valid string"))
-    } else {
-        Data::json(Bytes::copy_from_slice(raw.as_bytes())).expect("a RawValue is valid JSON")
-    };
+    let data = data_from_json(raw);
     let single = channels.len() == 1;
     let mut results = append(&state, channels, event, data).await?;
     Ok(if single { results.remove(0) } else { json!({ "results": results }) })
 }
 
+/// The payload of a JSON envelope (`/api/publish`, WebSocket `publish`). A JSON
+/// string is text: on SSE it arrives as the text itself, and in every JSON form
+/// it is the same string again.
+pub(crate) fn data_from_json(raw: &str) -> Data {
+    if raw.starts_with('"') {
+        Data::text(serde_json::from_str::<String>(raw).expect("a RawValue string is a valid string"))
+    } else {
+        Data::json(Bytes::copy_from_slice(raw.as_bytes())).expect("a RawValue is valid JSON")
+    }
+}
+
 /// Stores one message per channel, atomically, and answers each `{channel,id}`.
-async fn append(
+pub(crate) async fn append(
     state: &SharedState,
     channels: Vec<Channel>,
     event: Option<EventName>,

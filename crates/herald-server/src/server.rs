@@ -53,7 +53,14 @@ impl Server {
         };
         let addr = config.server.http;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
-        let state = Arc::new(AppState { config, store, hub, shutdown, ready: Default::default() });
+        let state = Arc::new(AppState {
+            config,
+            store,
+            hub,
+            shutdown,
+            ready: Default::default(),
+            stats: crate::stats::Stats::new(),
+        });
         Ok(Server { state, listener })
     }
 

@@ -11,24 +11,21 @@
 use std::time::Duration;
 
 use axum::{
-    body::Body,
     extract::{RawQuery, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::HeaderMap,
     response::Response,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use herald_core::{Channel, CursorToken, Filter, Gap, Message, Since, Target, Wire, cursor};
-use tokio::time::Instant;
 
 use crate::{
     app::SharedState,
     error::ApiError,
     query::Query,
+    stats::Transport,
+    stream::{self, Encoder, Settings},
     subscription::{Delivery, Subscription},
 };
-
-/// A chunk grows to about this size before it is handed to the socket.
-const CHUNK: usize = 32 * 1024;
 
 /// Most channels or filters one multi-channel stream may name.
 const MAX_TARGETS: usize = 64;
@@ -39,6 +36,9 @@ enum Ids {
     Plain,
     /// The stream's cursor token.
     Token,
+    /// The cursor token, and no `event:` lines (`?envelope=1`): the message
+    /// object already names its event. For clients such as herald.js.
+    Envelope,
 }
 
 pub(crate) async fn single_channel(
@@ -79,7 +79,8 @@ pub(crate) async fn multi_channel(
     };
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
     let sub = Subscription::open(state.store.clone(), Some(&state.hub), targets, since, &token).await?;
-    Ok(stream(state, sub, Ids::Token))
+    let ids = if matches!(query.get("envelope"), Some("1" | "true")) { Ids::Envelope } else { Ids::Token };
+    Ok(stream(state, sub, ids))
 }
 
 /// The resume cursor: the `Last-Event-ID` header (what a reconnecting browser
@@ -94,83 +95,45 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option<&'a str
 
 fn stream(state: SharedState, sub: Subscription, ids: Ids) -> Response {
     let cfg = &state.config.sse;
-    let lifetime = (!cfg.max_lifetime.is_zero()).then(|| Instant::now() + cfg.max_lifetime);
-    let stream = SseStream {
-        retry: Some(cfg.retry),
+    let settings = Settings {
+        transport: Transport::Sse,
+        content_type: "text/event-stream",
         heartbeat: cfg.heartbeat,
-        lifetime,
-        sub,
-        ids,
-        shutdown: state.shutdown.clone(),
+        lifetime: (!cfg.max_lifetime.is_zero()).then_some(cfg.max_lifetime),
     };
-    let body = futures_util::stream::unfold(stream, |mut s| async move {
-        s.next_chunk().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), s))
-    });
-    let mut res = Response::new(Body::from_stream(body));
-    *res.status_mut() = StatusCode::OK;
-    let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // Proxies such as nginx would otherwise buffer the stream.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    res
+    let encoder = SseEncoder { retry: cfg.retry, ids };
+    stream::respond(state, sub, encoder, settings)
 }
 
-struct SseStream {
-    /// Sent once, first.
-    retry: Option<Duration>,
-    heartbeat: Duration,
-    lifetime: Option<Instant>,
-    sub: Subscription,
+struct SseEncoder {
+    retry: Duration,
     ids: Ids,
-    shutdown: tokio_util::sync::CancellationToken,
 }
 
-impl SseStream {
-    /// The next bytes to send, or `None` to end the stream.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        if let Some(retry) = self.retry.take() {
-            return Some(Bytes::from(format!("retry: {}\n\n", retry.as_millis())));
-        }
-        let end = async {
-            match self.lifetime {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => None,
-            _ = end => None,
-            d = self.sub.next() => match d {
-                Ok(d) => {
-                    let mut buf = BytesMut::new();
-                    self.encode(d, &mut buf);
-                    while buf.len() < CHUNK && let Some(d) = self.sub.try_next() {
-                        self.encode(d, &mut buf);
-                    }
-                    Some(buf.freeze())
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "SSE stream ended by a store error; the client will resume");
-                    None
-                }
-            },
-            _ = tokio::time::sleep(self.heartbeat) => Some(Bytes::from_static(b": keep-alive\n\n")),
-        }
+impl Encoder for SseEncoder {
+    fn preamble(&self) -> Bytes {
+        Bytes::from(format!("retry: {}\n\n", self.retry.as_millis()))
     }
 
-    fn encode(&self, d: Delivery, buf: &mut BytesMut) {
+    fn heartbeat(&self) -> Bytes {
+        Bytes::from_static(b": keep-alive\n\n")
+    }
+
+    fn encode(&self, d: Delivery, sub: &Subscription, buf: &mut BytesMut) {
         match d {
-            Delivery::Message(m) => match self.ids {
-                Ids::Plain => buf.put(m.encoded(Wire::SseEvent, encode_single)),
-                Ids::Token => {
-                    buf.put_slice(b"id: ");
-                    buf.put_slice(self.sub.token().encode().as_bytes());
-                    buf.put_u8(b'\n');
-                    buf.put(m.encoded(Wire::SseBody, encode_envelope));
+            Delivery::Message(m) => {
+                if let Ids::Plain = self.ids {
+                    buf.put(m.encoded(Wire::SseEvent, encode_single));
+                    return;
                 }
-            },
+                buf.put_slice(b"id: ");
+                buf.put_slice(sub.token().encode().as_bytes());
+                buf.put_u8(b'\n');
+                match self.ids {
+                    Ids::Envelope => buf.put(m.encoded(Wire::SseData, encode_data_only)),
+                    _ => buf.put(m.encoded(Wire::SseBody, encode_envelope)),
+                }
+            }
             Delivery::Gap(g) => encode_gap(&g, buf),
         }
     }
@@ -181,6 +144,14 @@ fn encode_single(m: &Message) -> Bytes {
     let mut buf = BytesMut::with_capacity(m.data.len() + 32);
     buf.put_slice(format!("id: {}\n", m.id).as_bytes());
     put_event_and_data(&mut buf, m, m.data.as_str());
+    buf.freeze()
+}
+
+/// The message object as `data:` lines, with no `event:` line, so a browser's
+/// `onmessage` sees every message whatever its event name.
+fn encode_data_only(m: &Message) -> Bytes {
+    let mut buf = BytesMut::new();
+    put_data(&mut buf, std::str::from_utf8(&m.json()).expect("JSON is UTF-8"));
     buf.freeze()
 }
 

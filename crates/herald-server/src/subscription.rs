@@ -60,37 +60,87 @@ impl Subscription {
         since: Since,
         token: &CursorToken,
     ) -> Result<Self, StoreError> {
-        let mut live = hub.map(|h| h.subscriber());
-        if let Some(sub) = live.as_mut() {
-            for t in &targets {
-                sub.add(t.clone());
-            }
-        }
         let mut s = Subscription {
             store,
-            live,
+            live: hub.map(|h| h.subscriber()),
             filters: Vec::new(),
             cursors: BTreeMap::new(),
             backlog: VecDeque::new(),
             ready: VecDeque::new(),
             page: PAGE,
         };
+        // Register everything before reading anything, so nothing published
+        // meanwhile falls between history and live.
+        if let Some(sub) = s.live.as_mut() {
+            for t in &targets {
+                sub.add(t.clone());
+            }
+        }
         for t in targets {
-            match t {
-                Target::Channel(ch) => {
+            s.start(t, since, token).await?;
+        }
+        Ok(s)
+    }
+
+    /// Adds a target to a live subscription (WebSocket `subscribe`). For a
+    /// channel, returns its window as of now, from which the caller can tell the
+    /// client the head and whether a gap follows.
+    pub async fn add(&mut self, target: Target, since: Since) -> Result<Option<herald_core::Window>, StoreError> {
+        if let Some(sub) = self.live.as_mut() {
+            sub.add(target.clone());
+        }
+        match target {
+            Target::Channel(ch) => {
+                // Read after registering: `since=now` then means "after this head".
+                let window = self.store.read(ch.clone(), 0, 0).await?.window;
+                self.start_channel(ch, since, Some(window.head));
+                Ok(Some(window))
+            }
+            filter => {
+                self.start(filter, since, &CursorToken::default()).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stops delivering `target`: forgets its channels' cursors and drops what
+    /// was queued for them, unless another target still covers them.
+    pub fn remove(&mut self, target: &Target) -> bool {
+        let Some(sub) = self.live.as_mut() else { return false };
+        if !sub.remove(target) {
+            return false;
+        }
+        self.filters.retain(|f| !matches!(target, Target::Filter(g) if g == f));
+        let sub = self.live.as_ref().expect("checked above");
+        self.cursors.retain(|ch, _| sub.listens_to(ch));
+        self.ready.retain(|d| match d {
+            Delivery::Message(m) => sub.listens_to(&m.channel),
+            Delivery::Gap(g) => sub.listens_to(&g.channel),
+        });
+        self.backlog.retain(|b| match b {
+            Backlog::Read { channel, .. } => sub.listens_to(channel),
+            Backlog::Discover(f) => !matches!(target, Target::Filter(g) if g == f),
+        });
+        true
+    }
+
+    async fn start(&mut self, target: Target, since: Since, token: &CursorToken) -> Result<(), StoreError> {
+        match target {
+            Target::Channel(ch) => {
+                let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
+                self.start_channel(ch, start, None);
+            }
+            Target::Filter(f) => {
+                for (ch, head) in self.store.channels(f.clone()).await? {
                     let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
-                    s.start_channel(ch, start, None);
+                    self.start_channel(ch, start, Some(head));
                 }
-                Target::Filter(f) => {
-                    for (ch, head) in s.store.channels(f.clone()).await? {
-                        let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
-                        s.start_channel(ch, start, Some(head));
-                    }
-                    s.filters.push(f);
+                if !self.filters.contains(&f) {
+                    self.filters.push(f);
                 }
             }
         }
-        Ok(s)
+        Ok(())
     }
 
     fn start_channel(&mut self, channel: Channel, start: Since, known_head: Option<u64>) {

@@ -1,0 +1,311 @@
+//! WebSocket at `/api/ws`: many channels over one connection, JSON text frames
+//! (DESIGN.md, "WebSocket protocol").
+//!
+//! One task per connection drives one [`Subscription`] whose targets change with
+//! `subscribe` / `unsubscribe`. Everything already queued is written before one
+//! flush. A bad frame is answered with an `error` frame and the connection stays
+//! usable; a client that keeps sending bad frames is closed with a reason. The
+//! server pings, and closes connections that stay silent for two ping intervals.
+
+use std::time::Duration;
+
+use axum::{
+    extract::{
+        State, WebSocketUpgrade,
+        ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket},
+    },
+    response::Response,
+};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use herald_core::{CursorToken, EventName, Filter, Message, Since, Target, Wire, cursor};
+use serde::Deserialize;
+use serde_json::{Value, json, value::RawValue};
+use tokio::time::Instant;
+
+use crate::{
+    app::SharedState,
+    error::ApiError,
+    publish,
+    stats::Transport,
+    subscription::{Delivery, Subscription},
+};
+
+/// Room for the frame's own fields around a maximal payload.
+const FRAME_OVERHEAD: usize = 16 * 1024;
+/// Bad frames tolerated per minute before the connection is closed.
+const MAX_BAD_FRAMES: u32 = 20;
+
+pub(crate) async fn upgrade(State(state): State<SharedState>, ws: WebSocketUpgrade) -> Response {
+    let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
+    ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| session(state, socket))
+}
+
+/// Every client frame, flat: the `type` decides which fields are required.
+/// (Not a tagged enum: serde cannot buffer the raw `data` through one.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    channel: Option<String>,
+    since: Option<SinceValue>,
+    event: Option<String>,
+    data: Option<Box<RawValue>>,
+    #[serde(rename = "ref")]
+    reference: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SinceValue {
+    Id(u64),
+    Text(String),
+}
+
+/// Why the session ended, and what to tell the client.
+enum End {
+    Gone,
+    Close(u16, String),
+}
+
+struct Session {
+    state: SharedState,
+    socket: WebSocket,
+    sub: Subscription,
+    subscriptions: usize,
+    bad_frames: u32,
+    bad_window: Instant,
+}
+
+async fn session(state: SharedState, socket: WebSocket) {
+    let _connection = state.stats.connect(Transport::Ws);
+    let sub = match Subscription::open(state.store.clone(), Some(&state.hub), Vec::new(), Since::Now, &CursorToken::default()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not open a WebSocket subscription");
+            return;
+        }
+    };
+    let mut s = Session { state, socket, sub, subscriptions: 0, bad_frames: 0, bad_window: Instant::now() };
+    let end = s.run().await;
+    match end {
+        End::Close(code, reason) => {
+            let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
+            let _ = s.socket.send(WsMessage::Close(Some(frame))).await;
+        }
+        // Completes the closing handshake when the client started it.
+        End::Gone => {
+            let _ = s.socket.close().await;
+        }
+    }
+}
+
+impl Session {
+    async fn run(&mut self) -> End {
+        let every = self.state.config.ws.ping;
+        let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+        let mut last_heard = Instant::now();
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Close(1012, "server restarting; reconnect and resume".into()),
+                frame = self.socket.recv() => {
+                    last_heard = Instant::now();
+                    let end = match frame {
+                        None => Some(End::Gone),
+                        Some(Err(e)) => Some(End::Close(1009, truncate(format!("bad frame: {e}")))),
+                        Some(Ok(WsMessage::Text(text))) => self.on_text(text.as_str()).await,
+                        Some(Ok(WsMessage::Binary(_))) => {
+                            self.bad_frame(None, "invalid_frame", "binary frames are not supported; send JSON text").await
+                        }
+                        Some(Ok(WsMessage::Close(_))) => Some(End::Gone),
+                        Some(Ok(_)) => None, // ping / pong: the socket answers pings itself
+                    };
+                    if let Some(end) = end {
+                        return end;
+                    }
+                }
+                d = self.sub.next() => {
+                    let Ok(d) = d else { return End::Close(1011, "store unavailable; reconnect and resume".into()) };
+                    if self.deliver(d).await.is_err() {
+                        return End::Gone;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > every * 2 {
+                        return End::Close(1001, "no answer to pings".into());
+                    }
+                    if self.socket.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                        return End::Gone;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a delivery and whatever else is already queued, then flushes once.
+    async fn deliver(&mut self, first: Delivery) -> Result<(), axum::Error> {
+        let mut count = 0;
+        let mut item = Some(first);
+        while let Some(d) = item {
+            let frame = match d {
+                Delivery::Message(m) => {
+                    count += 1;
+                    m.encoded(Wire::WsFrame, ws_frame)
+                }
+                Delivery::Gap(g) => {
+                    let mut v = serde_json::to_value(&g).expect("a gap serialises");
+                    v["type"] = "gap".into();
+                    Bytes::from(v.to_string())
+                }
+            };
+            let text = Utf8Bytes::try_from(frame).expect("frames are built from UTF-8 JSON");
+            self.socket.feed(WsMessage::Text(text)).await?;
+            item = if count < 256 { self.sub.try_next() } else { None };
+        }
+        self.state.stats.delivered(count);
+        self.socket.flush().await
+    }
+
+    async fn send_json(&mut self, v: Value) -> Option<End> {
+        match self.socket.send(WsMessage::Text(Utf8Bytes::from(v.to_string()))).await {
+            Ok(()) => None,
+            Err(_) => Some(End::Gone),
+        }
+    }
+
+    async fn bad_frame(&mut self, reference: Option<Value>, code: &str, message: &str) -> Option<End> {
+        if self.bad_window.elapsed() > Duration::from_secs(60) {
+            self.bad_window = Instant::now();
+            self.bad_frames = 0;
+        }
+        self.bad_frames += 1;
+        if self.bad_frames > MAX_BAD_FRAMES {
+            return Some(End::Close(1008, "too many bad frames".into()));
+        }
+        self.error(reference, code, message).await
+    }
+
+    async fn error(&mut self, reference: Option<Value>, code: &str, message: &str) -> Option<End> {
+        let mut v = json!({ "type": "error", "code": code, "message": message });
+        if let Some(r) = reference {
+            v["ref"] = r;
+        }
+        self.send_json(v).await
+    }
+
+    async fn on_text(&mut self, text: &str) -> Option<End> {
+        let frame = match serde_json::from_str::<ClientFrame>(text) {
+            Ok(f) => f,
+            Err(e) => {
+                // Echo the ref when the frame had one, so the client can match it.
+                let reference = serde_json::from_str::<Value>(text).ok().and_then(|v| v.get("ref").cloned());
+                let code = if e.is_data() { "invalid_frame" } else { "invalid_json" };
+                return self.bad_frame(reference, code, &format!("{e}")).await;
+            }
+        };
+        let reference = frame.reference;
+        let channel = frame.channel.ok_or_else(|| ApiError::bad_request("invalid_frame", "'channel' is required"));
+        let result = match frame.kind.as_str() {
+            "ping" => Ok(json!({ "type": "pong" })),
+            "subscribe" => match channel {
+                Ok(c) => self.subscribe(&c, frame.since).await,
+                Err(e) => Err(e),
+            },
+            "unsubscribe" => channel.and_then(|c| self.unsubscribe(&c)),
+            "publish" => match channel {
+                Ok(c) => self.publish(&c, frame.event.as_deref(), frame.data).await,
+                Err(e) => Err(e),
+            },
+            other => Err(ApiError::bad_request(
+                "invalid_frame",
+                format!("unknown type '{other}'; expected subscribe, unsubscribe, publish or ping"),
+            )),
+        };
+        match result {
+            Ok(mut v) => {
+                if let Some(r) = reference {
+                    v["ref"] = r;
+                }
+                self.send_json(v).await
+            }
+            Err(e) if e.status.is_server_error() => self.error(reference, e.code, &e.message).await,
+            Err(e) => self.bad_frame(reference, e.code, &e.message).await,
+        }
+    }
+
+    async fn subscribe(&mut self, channel: &str, since: Option<SinceValue>) -> Result<Value, ApiError> {
+        let target = Target::from_filter(Filter::parse(channel)?);
+        let since = match since {
+            None => Since::After(0),
+            Some(SinceValue::Id(n)) => Since::After(n),
+            Some(SinceValue::Text(t)) => Since::parse(&t)?,
+        };
+        // Subscribing again restarts the channel from the new cursor.
+        if self.sub.remove(&target) {
+            self.subscriptions -= 1;
+        }
+        let max = self.state.config.ws.max_subscriptions;
+        if self.subscriptions >= max {
+            return Err(ApiError::bad_request("too_many_subscriptions", format!("at most {max} per connection")));
+        }
+        let window = self.sub.add(target.clone(), since).await?;
+        self.subscriptions += 1;
+        let mut v = json!({ "type": "subscribed", "channel": channel });
+        match (target, window) {
+            (Target::Channel(ch), Some(w)) => {
+                v["head"] = w.head.into();
+                v["gap"] = cursor::plan(&ch, since.resolve(w.head), w).gap.is_some().into();
+            }
+            _ => v["gap"] = false.into(),
+        }
+        Ok(v)
+    }
+
+    fn unsubscribe(&mut self, channel: &str) -> Result<Value, ApiError> {
+        let target = Target::from_filter(Filter::parse(channel)?);
+        if !self.sub.remove(&target) {
+            return Err(ApiError::bad_request("not_subscribed", format!("not subscribed to '{channel}'")));
+        }
+        self.subscriptions -= 1;
+        Ok(json!({ "type": "unsubscribed", "channel": channel }))
+    }
+
+    async fn publish(&mut self, channel: &str, event: Option<&str>, data: Option<Box<RawValue>>) -> Result<Value, ApiError> {
+        let channel = herald_core::Channel::parse(channel)?;
+        let event = event.map(EventName::parse).transpose()?;
+        let raw = data.ok_or_else(|| ApiError::bad_request("invalid_frame", "'data' is required"))?;
+        let limit = self.state.config.limits.max_payload;
+        if raw.get().len() > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        let data = publish::data_from_json(raw.get());
+        let result = publish::append(&self.state, vec![channel], event, data).await?;
+        let mut v = result.into_iter().next().expect("one channel, one id");
+        v["type"] = "published".into();
+        Ok(v)
+    }
+}
+
+/// `{"type":"message",` followed by the message object without its `{`.
+fn ws_frame(m: &Message) -> Bytes {
+    let json = m.json();
+    let mut out = Vec::with_capacity(json.len() + 17);
+    out.extend_from_slice(b"{\"type\":\"message\",");
+    out.extend_from_slice(&json[1..]);
+    Bytes::from(out)
+}
+
+/// Close reasons are limited to 123 bytes.
+fn truncate(mut s: String) -> String {
+    if s.len() > 120 {
+        let mut cut = 120;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
