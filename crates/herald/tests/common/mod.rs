@@ -1,0 +1,152 @@
+//! The black-box harness: runs the real `herald` binary on port 0 and talks to
+//! it with real clients (reqwest, an SSE parser, a WebSocket client).
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use eventsource_stream::{Event, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+
+/// A running server process. Dropping it kills the process.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub addr: String,
+    pub data: PathBuf,
+    env: Vec<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A server with its own fresh data directory.
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// A server with `HERALD_*` settings, e.g. `("HERALD_SSE_HEARTBEAT", "200ms")`.
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Server { child: None, url: String::new(), addr: String::new(), data, env, _dir: Some(dir) };
+        s.spawn("127.0.0.1:0");
+        s
+    }
+
+    fn spawn(&mut self, http: &str) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.args(["serve", "--http", http, "--data"])
+            .arg(&self.data)
+            .env("HERALD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn herald");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let url = line.trim().strip_prefix("herald listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        self.url = url.to_string();
+        self.addr = url.trim_start_matches("http://").to_string();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill");
+            c.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        Command::new("kill").arg("-TERM").arg(c.id().to_string()).status().expect("kill -TERM");
+        c.wait().expect("wait")
+    }
+
+    /// Starts again on the same data directory and the same port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        let addr = self.addr.clone();
+        self.spawn(&addr);
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/api/ws", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// Publishes text data; returns the id.
+pub async fn publish(s: &Server, channel: &str, data: &str) -> u64 {
+    let res = client().post(format!("{}/api/channels/{channel}", s.url)).body(data.to_string()).send().await.unwrap();
+    assert_eq!(res.status(), 200, "publish to {channel}");
+    res.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+}
+
+/// Publishes JSON data with an event name; returns the id.
+pub async fn publish_json(s: &Server, channel: &str, event: Option<&str>, data: &Value) -> u64 {
+    let mut url = format!("{}/api/channels/{channel}", s.url);
+    if let Some(e) = event {
+        url = format!("{url}?event={e}");
+    }
+    let res = client().post(url).json(data).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+}
+
+/// Opens an SSE stream at `path` (with extra headers) and returns its events.
+pub async fn sse(
+    s: &Server,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> impl Stream<Item = Event> + Unpin + use<> {
+    let mut req = client().get(format!("{}{path}", s.url)).header("accept", "text/event-stream");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 200, "SSE {path}");
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    Box::pin(res.bytes_stream().eventsource().map(|e| e.expect("well-formed SSE")))
+}
+
+/// The next event within 10 s (a hang fails the test instead of stalling it).
+pub async fn next_event(events: &mut (impl Stream<Item = Event> + Unpin)) -> Option<Event> {
+    tokio::time::timeout(Duration::from_secs(10), events.next()).await.expect("an SSE event within 10s")
+}
+
+/// GET returning (status, JSON body or Null).
+pub async fn get_json(s: &Server, path: &str) -> (u16, Value) {
+    let res = client().get(format!("{}{path}", s.url)).send().await.unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+pub fn data_dir(s: &Server) -> &Path {
+    &s.data
+}
