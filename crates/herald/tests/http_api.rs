@@ -1,0 +1,150 @@
+//! Publishing and errors over plain HTTP, against the real binary.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn post(s: &Server, path: &str, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let mut req = client().post(format!("{}{path}", s.url)).body(body);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, serde_json::from_str(&res.text().await.unwrap()).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn publish_keeps_json_as_json_and_text_as_text() {
+    let s = Server::start();
+    let (st, v) = post(&s, "/api/channels/chat/room/Default?event=chat", Some("application/json"), r#"{"from":"bob","msg":"Hi"}"#).await;
+    assert_eq!((st, v), (200, json!({"channel":"chat/room/Default","id":1})));
+    let (st, v) = post(&s, "/api/channels/chat/room/Default", Some("text/plain"), "just text").await;
+    assert_eq!((st, v["id"].clone()), (200, json!(2)));
+    let (_, page) = get_json(&s, "/api/channels/chat/room/Default/messages").await;
+    let msgs = page["messages"].as_array().unwrap();
+    assert_eq!(msgs[0]["data"], json!({"from":"bob","msg":"Hi"}));
+    assert_eq!(msgs[0]["event"], "chat");
+    assert_eq!(msgs[1]["data"], "just text");
+    assert!(msgs[1].get("event").is_none(), "no event name unless one was given");
+    let time = msgs[0]["time"].as_str().unwrap();
+    assert!(time.ends_with('Z') && time.len() == "2026-01-01T00:00:00.000Z".len(), "RFC 3339 UTC with ms: {time}");
+}
+
+#[tokio::test]
+async fn publish_envelope_one_and_many_channels() {
+    let s = Server::start();
+    let (st, v) = post(&s, "/api/publish", None, r#"{"channel":"news","event":"headline","data":{"t":1}}"#).await;
+    assert_eq!((st, v), (200, json!({"channel":"news","id":1})));
+    let (st, v) = post(&s, "/api/publish", None, r#"{"channels":["news","sport"],"data":"both"}"#).await;
+    assert_eq!((st, v), (200, json!({"results":[{"channel":"news","id":2},{"channel":"sport","id":1}]})));
+    let (_, page) = get_json(&s, "/api/channels/sport/messages").await;
+    assert_eq!(page["messages"][0]["data"], "both", "a JSON string is stored as text");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_precise_error() {
+    let s = Server::start_with(&[("HERALD_LIMITS_MAX_PAYLOAD", "1KiB")]);
+    let cases: Vec<(&str, &str, Option<&str>, String, u16, &str)> = vec![
+        ("POST", "/api/channels/a%20b", None, "x".into(), 400, "invalid_channel"),
+        ("POST", "/api/channels/a//b", None, "x".into(), 400, "invalid_channel"),
+        ("POST", "/api/channels/%24SYS/x", None, "x".into(), 400, "reserved_channel"),
+        ("POST", "/api/channels/a?event=gap", None, "x".into(), 400, "reserved_event"),
+        ("POST", "/api/channels/a?event=unread", None, "x".into(), 400, "reserved_event"),
+        ("POST", "/api/channels/a?event=bad%20name", None, "x".into(), 400, "invalid_event"),
+        ("POST", "/api/channels/a", Some("application/json"), "{nope".into(), 400, "invalid_json"),
+        ("POST", "/api/channels/a", None, "y".repeat(1025), 413, "payload_too_large"),
+        ("POST", "/api/publish", None, "{".into(), 400, "invalid_json"),
+        ("POST", "/api/publish", None, r#"{"channel":"a"}"#.into(), 400, "invalid_request"),
+        ("POST", "/api/publish", None, r#"{"data":1}"#.into(), 400, "invalid_request"),
+        ("POST", "/api/publish", None, r#"{"channel":"a","channels":["b"],"data":1}"#.into(), 400, "invalid_request"),
+        ("POST", "/api/publish", None, r#"{"channel":"a","data":1,"extra":true}"#.into(), 400, "invalid_request"),
+        ("POST", "/api/publish", None, format!(r#"{{"channel":"a","data":"{}"}}"#, "z".repeat(1100)), 413, "payload_too_large"),
+        ("GET", "/api/channels/a/messages?since=abc", None, String::new(), 400, "invalid_cursor"),
+        ("GET", "/api/channels/a/messages?since=-1", None, String::new(), 400, "invalid_cursor"),
+        ("GET", "/api/channels/a/messages?limit=0", None, String::new(), 400, "invalid_parameter"),
+        ("GET", "/api/channels/a/messages?wait=soon", None, String::new(), 400, "invalid_parameter"),
+        ("GET", "/api/channels/a/bogus", None, String::new(), 404, "not_found"),
+        ("GET", "/no/such/route", None, String::new(), 404, "not_found"),
+        ("PUT", "/api/publish", None, String::new(), 405, "method_not_allowed"),
+        ("DELETE", "/api/channels/a", None, String::new(), 405, "method_not_allowed"),
+        ("GET", "/api/events", None, String::new(), 400, "invalid_request"),
+        ("GET", "/api/events?channel=a/%23/b", None, String::new(), 400, "invalid_filter"),
+    ];
+    for (method, path, ct, body, status, code) in cases {
+        let mut req = client().request(method.parse().unwrap(), format!("{}{path}", s.url)).body(body);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "{method} {path}");
+        assert_eq!(res.headers()["content-type"], "application/json", "{method} {path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["code"], code, "{method} {path}: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path} explains itself");
+    }
+    // Nothing above was stored, and the server is still fine.
+    let (st, page) = get_json(&s, "/api/channels/a/messages").await;
+    assert_eq!((st, page["messages"].as_array().unwrap().len()), (200, 0));
+    assert_eq!(get_json(&s, "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn oversize_body_without_length_is_refused() {
+    let s = Server::start_with(&[("HERALD_LIMITS_MAX_PAYLOAD", "1KiB")]);
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..4).map(|_| Ok(bytes::Bytes::from(vec![b'x'; 512]))).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let (st, v) = post(&s, "/api/channels/a", None, body).await;
+    assert_eq!((st, v["code"].as_str()), (413, Some("payload_too_large")));
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let mut s = Server::start();
+    assert_eq!(get_json(&s, "/healthz").await, (200, json!({"status":"ok"})));
+    assert_eq!(get_json(&s, "/readyz").await, (200, json!({"status":"ready"})));
+    assert!(s.stop().success(), "a clean shutdown exits 0");
+}
+
+#[tokio::test]
+async fn config_file_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("herald.toml");
+    std::fs::write(&cfg, "[history]\nsize = 2\n").unwrap();
+    let s = Server::start_with(&[("HERALD_CONFIG", cfg.to_str().unwrap())]);
+    for i in 0..4 {
+        publish(&s, "c", &i.to_string()).await;
+    }
+    let (_, page) = get_json(&s, "/api/channels/c/messages").await;
+    let ids: Vec<u64> = page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [3, 4], "[history] size from the file applies");
+    // A broken config stops the server with the offending key named.
+    std::fs::write(&cfg, "[history]\nsise = 2\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--http", "127.0.0.1:0", "--memory", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sise"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `..` and `.` segments must never be normalised into another channel. HTTP
+/// clients resolve them before sending, so this speaks raw HTTP/1.1.
+#[tokio::test]
+async fn dot_segments_are_refused_not_normalised() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start();
+    for path in ["/api/channels/a/../b", "/api/channels/a/%2E%2E/b", "/api/channels/./b"] {
+        let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+        let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("invalid_channel"), "{path}: {answer}");
+    }
+    let (_, page) = get_json(&s, "/api/channels/b/messages").await;
+    assert!(page["messages"].as_array().unwrap().is_empty(), "nothing reached channel b");
+}
