@@ -1,1 +1,618 @@
-// placeholder
+/**
+ * herald.js — the browser client of Herald, as one ES module with no build step
+ * and no dependencies.
+ *
+ *   import { Herald } from '/herald.js';
+ *   const h = new Herald(location.origin, { transports: ['ws', 'sse', 'longpoll', 'poll'] });
+ *   const stop = h.subscribe('chat/room/Default', msg => console.log(msg), { since: 0 });
+ *   const id = await h.publish('chat/room/Default', { from: 'bob', msg: 'Hi' }, { event: 'chat' });
+ *   h.on('status', s => console.log(s.state, s.transport));
+ *
+ * How it works. The client keeps one connection at a time, over the first
+ * transport of `transports` that works. It remembers, per channel, the id of the
+ * last message it handed to the application (the cursor). Every (re)connection,
+ * on any transport, asks the server for exactly the messages after those
+ * cursors, and anything at or below a cursor is dropped: the application sees
+ * each message once, in order, whatever the network does. A transport that never
+ * opens is skipped for the next one at once; a connection that drops is
+ * reopened with exponential backoff and jitter.
+ *
+ * A transport is a function `(herald, ctx) => connection` that reports through
+ * `ctx` (opened, message, gap, unread, error, closed) and returns an object with
+ * `close()` and, when it can change its channels in place, `add(key)` and
+ * `remove(key)`; the WebSocket one also has `publish(frame)`. Filters such as
+ * `chat/room/+` work over 'ws' and 'sse' (the multiplexed transports); 'longpoll',
+ * 'poll' and 'iframe' follow named channels only. 'iframe' needs the page to be
+ * on the same origin as the server. 'mqtt' is reserved for the MQTT transport.
+ */
+
+/** An error the server (or the client) reports with a stable code. */
+export class HeraldError extends Error {
+  constructor(code, message, status = 0) {
+    super(message);
+    this.name = 'HeraldError';
+    this.code = code;
+    this.status = status;
+  }
+}
+
+const DEFAULTS = {
+  transports: ['ws', 'sse', 'longpoll', 'poll'],
+  pollInterval: 1000,    // ms between short polls
+  longPollWait: 25,      // s a long poll waits (the server caps it, 30 s by default)
+  backoffBase: 500,      // ms: first retry delay after a dropped connection
+  backoffMax: 15000,     // ms: the longest wait between two attempts
+  connectTimeout: 10000, // ms a transport may take to open before it counts as failed
+  publishTimeout: 10000, // ms to wait for a WebSocket publish acknowledgement
+};
+
+/** Tries of a transport that has worked before, before the next one is tried. */
+const RETRIES_BEFORE_FALLBACK = 3;
+
+export class Herald {
+  /**
+   * @param {string} url  the server, e.g. 'http://127.0.0.1:8080' (default: this page's origin)
+   * @param {object} options  token, transports, and the timings of DEFAULTS
+   */
+  constructor(url, options = {}) {
+    this.url = String(url || location.origin).replace(/\/+$/, '');
+    this.token = options.token || null;
+    this.options = { ...DEFAULTS, ...options };
+    this.transports = checkTransports(this.options.transports);
+    this._subs = new Map();       // channel or filter -> { handlers: Set, since }
+    this._cursors = new Map();    // channel -> id of the last message handed over, or 'now'
+    this._listeners = new Map();  // event name -> Set of functions
+    this._pending = new Map();    // WebSocket publish ref -> { resolve, reject, timer }
+    this._ref = 0;
+    this._index = 0;              // which of this.transports is in use
+    this._failures = 0;           // attempts in a row that did not open
+    this._proven = new Set();     // transports that have opened at least once
+    this._attempt = null;         // the current connection attempt (stale callbacks check it)
+    this._conn = null;            // the current transport connection
+    this._timer = null;           // the scheduled (re)connect
+    this._closed = false;
+    this._status = { state: 'closed', transport: null };
+    this._onOnline = () => { if (this._timer) this._restart(); };
+    if (typeof addEventListener === 'function') addEventListener('online', this._onOnline);
+  }
+
+  /** The transport in use or being tried ('ws', 'sse', ...), or null. */
+  get transport() { return this._status.transport; }
+
+  /** 'connecting', 'open', 'reconnecting' or 'closed'. */
+  get state() { return this._status.state; }
+
+  /** The id of the last message of `channel` handed to the application (0: none). */
+  lastId(channel) {
+    const id = this._cursors.get(channel);
+    return typeof id === 'number' ? id : 0;
+  }
+
+  /**
+   * Follows a channel (or a filter such as `chat/room/+`). `since`: a message id
+   * (start after it), 'now' (live messages only) or omitted (0: the retained
+   * history first). A channel this client already followed resumes from its
+   * cursor instead, so nothing is handed over twice. Returns `stop()`.
+   */
+  subscribe(channel, handler, { since = 0 } = {}) {
+    if (typeof channel !== 'string' || !channel) throw new TypeError('subscribe: channel must be a non-empty string');
+    if (typeof handler !== 'function') throw new TypeError('subscribe: handler must be a function');
+    if (!(since === 'now' || (Number.isSafeInteger(since) && since >= 0))) {
+      throw new TypeError("subscribe: since must be a message id, 'now' or omitted");
+    }
+    let sub = this._subs.get(channel);
+    const added = !sub;
+    if (added) {
+      sub = { handlers: new Set(), since, filter: isFilter(channel) };
+      this._subs.set(channel, sub);
+      if (!sub.filter && !this._cursors.has(channel)) this._cursors.set(channel, since);
+    }
+    sub.handlers.add(handler);
+    if (added) this._changed('add', channel);
+    return () => {
+      if (!sub.handlers.delete(handler) || sub.handlers.size || this._subs.get(channel) !== sub) return;
+      this._subs.delete(channel);
+      this._changed('remove', channel);
+    };
+  }
+
+  /**
+   * Publishes `data` (any JSON value) and resolves to the new message's id.
+   * Goes over the open WebSocket when there is one, else `POST /api/publish`.
+   * Rejects with a HeraldError carrying the server's code.
+   */
+  async publish(channel, data, { event } = {}) {
+    if (this._conn?.publish && this._status.state === 'open') {
+      const ref = String(++this._ref);
+      const frame = { type: 'publish', channel, data, ref, ...(event ? { event } : {}) };
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => this._settle(ref, new HeraldError('timeout', 'no acknowledgement for the publish')),
+          this.options.publishTimeout);
+        this._pending.set(ref, { resolve, reject, timer });
+        if (!this._conn.publish(frame)) this._settle(ref, new HeraldError('disconnected', 'the connection closed'));
+      });
+    }
+    const body = await this._fetchJson('/api/publish', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ channel, ...(event ? { event } : {}), data }),
+    });
+    return body.id;
+  }
+
+  /** Listens for 'status', 'unread', 'gap' or 'error'. Returns `off()`. */
+  on(name, fn) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(fn);
+    return () => this.off(name, fn);
+  }
+
+  off(name, fn) { this._listeners.get(name)?.delete(fn); }
+
+  /** Drops the connection and opens a new one at once (resuming every channel). */
+  reconnect() {
+    this._closed = false;
+    this._failures = 0;
+    this._restart();
+  }
+
+  /** Changes the order of preference and reconnects over the new first choice. */
+  setTransports(transports) {
+    this.transports = checkTransports(transports);
+    this._index = 0;
+    this.reconnect();
+  }
+
+  /** Closes the connection for good (until `reconnect()`). */
+  close() {
+    this._closed = true;
+    this._disconnect(new HeraldError('closed', 'the client was closed'));
+    if (typeof removeEventListener === 'function') removeEventListener('online', this._onOnline);
+    this._setStatus('closed', null);
+  }
+
+  // --- connection management ------------------------------------------------
+
+  /** Called when the subscriptions change: adjust the connection in place or reopen it. */
+  _changed(op, key) {
+    if (this._closed) return;
+    if (this._subs.size === 0) { // nothing to follow: idle
+      this._disconnect(null);
+      return this._setStatus('closed', null);
+    }
+    if (this._conn?.[op]) return this._conn[op](key);
+    if (this._timer) return; // a (re)connect is already scheduled and will see the change
+    this._restart();
+  }
+
+  _restart() {
+    this._disconnect(null);
+    if (!this._closed && this._subs.size) this._schedule(0);
+  }
+
+  /** Ends the current attempt and connection; pending WebSocket publishes fail with `err`. */
+  _disconnect(err) {
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._attempt) clearTimeout(this._attempt.timer);
+    this._attempt = null;
+    const conn = this._conn;
+    this._conn = null;
+    conn?.close();
+    for (const ref of [...this._pending.keys()]) {
+      this._settle(ref, err || new HeraldError('disconnected', 'the connection closed before the publish was acknowledged'));
+    }
+  }
+
+  _schedule(delay) {
+    clearTimeout(this._timer);
+    this._timer = setTimeout(() => { this._timer = null; this._connect(); }, delay);
+  }
+
+  async _connect() {
+    if (this._closed || this._conn || this._attempt || this._subs.size === 0) return;
+    const name = this.transports[this._index];
+    const attempt = { name, opened: false, timer: null };
+    this._attempt = attempt;
+    this._setStatus(this._proven.size ? 'reconnecting' : 'connecting', name);
+    const live = () => this._attempt === attempt;
+    attempt.timer = setTimeout(() => this._lost(attempt, new HeraldError('timeout', `${name} did not open in time`)),
+      this.options.connectTimeout);
+    try {
+      await this._resolveNow();
+    } catch (e) {
+      return this._lost(attempt, e);
+    }
+    if (!live()) return;
+    const ctx = {
+      opened: () => live() && !attempt.opened && this._opened(attempt),
+      message: msg => live() && this._deliver(msg),
+      gap: gap => live() && this._gap(gap),
+      unread: count => live() && this._emit('unread', count),
+      error: err => live() && this._emit('error', err),
+      closed: err => this._lost(attempt, err),
+    };
+    let conn;
+    try {
+      conn = TRANSPORTS[name](this, ctx);
+    } catch (e) {
+      return this._lost(attempt, e);
+    }
+    if (live()) this._conn = conn;
+    else conn.close(); // it failed while starting
+  }
+
+  _opened(attempt) {
+    attempt.opened = true;
+    clearTimeout(attempt.timer);
+    this._failures = 0;
+    this._proven.add(attempt.name);
+    this._setStatus('open', attempt.name);
+  }
+
+  /** A connection attempt failed or an open connection dropped: decide what comes next. */
+  _lost(attempt, err) {
+    if (this._attempt !== attempt) return; // stale: already replaced or closed
+    this._disconnect(err);
+    if (this._closed) return;
+    let delay;
+    if (attempt.opened) {
+      delay = this._backoff(); // it worked: retry the same transport soon
+    } else {
+      this._failures++;
+      // An unproven transport is skipped at once; a proven one gets a few tries
+      // (the server may just be restarting) before the next is tried too.
+      if (!this._proven.has(attempt.name) || this._failures % RETRIES_BEFORE_FALLBACK === 0) {
+        this._index = (this._index + 1) % this.transports.length;
+      }
+      const untried = !this._proven.has(attempt.name) && this._failures < this.transports.length;
+      delay = untried ? 50 : this._backoff();
+    }
+    this._setStatus('reconnecting', this.transports[this._index], err?.message);
+    this._schedule(delay);
+  }
+
+  /** Exponential backoff with "equal jitter": half fixed, half random, so a herd spreads out. */
+  _backoff() {
+    const { backoffBase, backoffMax } = this.options;
+    const d = Math.min(backoffMax, backoffBase * 2 ** Math.max(0, this._failures - 1));
+    return d / 2 + Math.random() * (d / 2);
+  }
+
+  /** Turns 'now' cursors into the channel's current head, so every transport resumes by id. */
+  async _resolveNow() {
+    for (const [channel, cursor] of this._cursors) {
+      if (cursor !== 'now' || !this._subs.has(channel)) continue;
+      const body = await this._fetchJson(`/api/channels/${channelPath(channel)}/messages?since=now&limit=1`);
+      if (this._cursors.get(channel) === 'now') this._cursors.set(channel, body.next);
+    }
+  }
+
+  // --- delivery --------------------------------------------------------------
+
+  /** Hands a message to the application unless it already had it. */
+  _deliver(msg) {
+    if (!msg || typeof msg.channel !== 'string' || !Number.isSafeInteger(msg.id)) return;
+    const last = this._cursors.get(msg.channel);
+    if (typeof last === 'number' && msg.id <= last) return; // a duplicate after a resume
+    this._cursors.set(msg.channel, msg.id);
+    for (const [key, sub] of this._subs) {
+      if (key !== msg.channel && !(sub.filter && matches(key, msg.channel))) continue;
+      for (const fn of sub.handlers) {
+        try { fn(msg); } catch (e) { console.error('herald: a subscriber threw', e); }
+      }
+    }
+  }
+
+  /** Ids `from..to` of a channel are known lost: move the cursor past them and say so. */
+  _gap(gap) {
+    if (!gap || typeof gap.channel !== 'string') return;
+    const { type, ...g } = gap;
+    const last = this._cursors.get(g.channel);
+    // `reset`: the server has a different history; what follows replaces ours.
+    if (g.reset || typeof last !== 'number' || g.to > last) this._cursors.set(g.channel, g.to);
+    this._emit('gap', g);
+  }
+
+  _settle(ref, err, id) {
+    const p = this._pending.get(ref);
+    if (!p) return;
+    this._pending.delete(ref);
+    clearTimeout(p.timer);
+    if (err) p.reject(err); else p.resolve(id);
+  }
+
+  /** Emits 'status' on a change; `reason` says why a connection was lost. */
+  _setStatus(state, transport, reason) {
+    if (this._status.state === state && this._status.transport === transport) return;
+    this._status = reason ? { state, transport, reason } : { state, transport };
+    this._emit('status', { ...this._status });
+  }
+
+  _emit(name, value) {
+    for (const fn of this._listeners.get(name) || []) {
+      try { fn(value); } catch (e) { console.error(`herald: a '${name}' listener threw`, e); }
+    }
+  }
+
+  // --- helpers the transports share -----------------------------------------
+
+  /** The cursor to resume `key` from: a channel's last id, or a filter's own `since`. */
+  _sinceFor(key) {
+    const sub = this._subs.get(key);
+    if (sub?.filter) return sub.since;
+    const c = this._cursors.get(key);
+    return c === undefined ? 0 : c;
+  }
+
+  /** Does this client follow `channel`, by name or through a filter? */
+  _wants(channel) {
+    if (this._subs.has(channel)) return true;
+    for (const [key, sub] of this._subs) if (sub.filter && matches(key, channel)) return true;
+    return false;
+  }
+
+  _headers(extra = {}) {
+    return this.token ? { ...extra, Authorization: `Bearer ${this.token}` } : extra;
+  }
+
+  /** fetch() that answers the JSON body or throws a HeraldError. */
+  async _fetchJson(path, init = {}) {
+    const res = await fetch(this.url + path, { cache: 'no-store', ...init, headers: this._headers(init.headers) });
+    return readJson(res);
+  }
+}
+
+// --- transports ---------------------------------------------------------------
+
+/** WebSocket: one connection multiplexing every channel; publishes go over it too. */
+function connectWs(h, ctx) {
+  const url = `${h.url.replace(/^http/, 'ws')}/api/ws${h.token ? `?token=${encodeURIComponent(h.token)}` : ''}`;
+  const ws = new WebSocket(url);
+  let heard = Date.now();
+  const send = frame => {
+    if (ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(frame));
+    return true;
+  };
+  const subscribe = key => send({ type: 'subscribe', channel: key, since: h._sinceFor(key) });
+  ws.onopen = () => {
+    for (const key of h._subs.keys()) subscribe(key);
+    ctx.opened();
+  };
+  ws.onmessage = e => {
+    heard = Date.now();
+    let f;
+    try { f = JSON.parse(e.data); } catch { return; }
+    switch (f.type) {
+      case 'message': { const { type, ...msg } = f; ctx.message(msg); break; }
+      case 'gap': ctx.gap(f); break;
+      case 'unread': ctx.unread(f.count); break;
+      case 'published': h._settle(f.ref, null, f.id); break;
+      case 'error': {
+        const err = new HeraldError(f.code, f.message);
+        if (f.ref != null && h._pending.has(String(f.ref))) h._settle(String(f.ref), err);
+        else ctx.error(err);
+        break;
+      }
+      default: break; // subscribed, unsubscribed, pong
+    }
+  };
+  ws.onclose = e => ctx.closed(new HeraldError('ws_closed', `WebSocket closed (${e.code}${e.reason ? `: ${e.reason}` : ''})`));
+  // The server pings at the protocol level; this ping lets the client notice a
+  // dead connection too (no frame at all for a minute).
+  const pinger = setInterval(() => {
+    if (Date.now() - heard > 60000) ws.close(4000, 'no answer');
+    else send({ type: 'ping' });
+  }, 25000);
+  return {
+    close() { clearInterval(pinger); ws.onclose = null; ws.close(); },
+    add: key => subscribe(key),
+    remove: key => send({ type: 'unsubscribe', channel: key }),
+    publish: send,
+  };
+}
+
+/**
+ * Server-Sent Events over the multi-channel stream. `envelope=1` makes every
+ * message an unnamed event (so `onmessage` sees them all) whose data is the
+ * message object. The client resumes from its own cursors: it sends them as a
+ * cursor token `chan=id,chan2=id2` and reopens the stream itself after an error
+ * rather than letting EventSource retry, so a change of subscriptions or of
+ * transport resumes the same way.
+ */
+function connectSse(h, ctx) {
+  const q = new URLSearchParams();
+  for (const key of h._subs.keys()) q.append('channel', key);
+  q.set('envelope', '1');
+  const token = [...h._cursors]
+    .filter(([ch, id]) => typeof id === 'number' && h._wants(ch))
+    .map(([ch, id]) => `${ch}=${id}`).join(',');
+  if (token) q.set('lastEventId', token);
+  // A filter's channels not seen yet start from its `since`.
+  const filters = [...h._subs.values()].filter(s => s.filter);
+  if (filters.some(s => s.since === 'now')) q.set('since', 'now');
+  if (h.token) q.set('token', h.token);
+  const es = new EventSource(`${h.url}/api/events?${q}`, { withCredentials: false });
+  const json = fn => e => { try { fn(JSON.parse(e.data)); } catch { /* not ours */ } };
+  es.onopen = () => ctx.opened();
+  es.onmessage = json(msg => ctx.message(msg));
+  es.addEventListener('gap', json(g => ctx.gap(g)));
+  es.addEventListener('unread', json(u => ctx.unread(u.count)));
+  es.onerror = () => ctx.closed(new HeraldError('sse_error', 'the event stream failed or ended'));
+  return { close: () => es.close() };
+}
+
+/** Long polling: one request per channel waits for what comes after its cursor. */
+function connectLongPoll(h, ctx) {
+  return pollChannels(h, ctx, h.options.longPollWait);
+}
+
+/** Short polling: asks every `pollInterval` ms. */
+function connectPoll(h, ctx) {
+  return pollChannels(h, ctx, 0);
+}
+
+function pollChannels(h, ctx, wait) {
+  const loops = new Map(); // channel -> AbortController
+  let opened = false;
+  const run = async (channel, ctrl) => {
+    let first = true; // the first request never waits, so the connection opens at once
+    let full = false;
+    while (!ctrl.signal.aborted) {
+      const since = h._sinceFor(channel);
+      const w = wait && !first ? `&wait=${wait}` : '';
+      let res;
+      try {
+        res = await fetch(`${h.url}/api/channels/${channelPath(channel)}/messages?since=${since}&limit=100${w}`,
+          { cache: 'no-store', signal: ctrl.signal, headers: h._headers() });
+        full = false;
+        if (res.status !== 304) {
+          const body = await readJson(res);
+          if (body.missed) ctx.gap(body.missed);
+          for (const m of body.messages) ctx.message({ channel, ...m });
+          if (h._cursors.get(channel) === 'now') h._cursors.set(channel, body.next);
+          full = body.messages.length >= 100; // more is waiting: ask again at once
+        }
+      } catch (e) {
+        if (!ctrl.signal.aborted) ctx.closed(e);
+        return;
+      }
+      if (!opened) { opened = true; ctx.opened(); }
+      first = false;
+      if (!wait && !full) await sleep(h.options.pollInterval, ctrl.signal);
+    }
+  };
+  const add = key => {
+    if (loops.has(key)) return;
+    if (isFilter(key)) return ctx.error(new HeraldError('unsupported', `polling cannot follow the filter '${key}'; use ws or sse`));
+    const ctrl = new AbortController();
+    loops.set(key, ctrl);
+    run(key, ctrl);
+  };
+  const remove = key => { loops.get(key)?.abort(); loops.delete(key); };
+  for (const key of h._subs.keys()) add(key);
+  return { add, remove, close: () => { for (const key of [...loops.keys()]) remove(key); } };
+}
+
+/**
+ * Hidden iframe ("forever frame"): one never-ending HTML document per channel
+ * whose scripts call `parent[callback](obj)`. The stream counts as open once the
+ * frame's document is streaming; it counts as ended when the frame finishes
+ * loading (an error page, or the server closed it) or stays silent for 45 s
+ * (the server writes a keep-alive comment every 15 s).
+ */
+let frameSeq = 0;
+function connectIframe(h, ctx) {
+  if (new URL(h.url).origin !== location.origin) throw new HeraldError('unsupported', 'iframe needs the page on the server\'s origin');
+  const frames = new Map(); // channel -> { el, callback, watch }
+  let opened = false;
+  const open = () => { if (!opened) { opened = true; ctx.opened(); } };
+  const add = key => {
+    if (frames.has(key)) return;
+    if (isFilter(key)) return ctx.error(new HeraldError('unsupported', `iframe cannot follow the filter '${key}'; use ws or sse`));
+    const callback = `__herald_frame${++frameSeq}`;
+    const q = new URLSearchParams({ callback, since: String(h._sinceFor(key)) });
+    if (h.token) q.set('token', h.token);
+    const el = document.createElement('iframe');
+    el.setAttribute('aria-hidden', 'true');
+    el.tabIndex = -1;
+    el.style.cssText = 'position:absolute;width:0;height:0;border:0;visibility:hidden';
+    const f = { el, callback, heard: Date.now(), lastNode: null };
+    window[callback] = obj => {
+      f.heard = Date.now();
+      open();
+      if (obj && obj.type === 'gap') ctx.gap(obj);
+      else ctx.message(obj);
+    };
+    el.onload = () => ctx.closed(new HeraldError('iframe_ended', `the iframe stream of '${key}' ended`));
+    // Watch the frame: streaming means open; no new node for 45 s means stalled.
+    f.watch = setInterval(() => {
+      let doc = null;
+      try { doc = el.contentDocument; } catch { /* not readable */ }
+      const streaming = doc && doc.readyState === 'loading' && doc.URL !== 'about:blank' && doc.body;
+      if (streaming) {
+        open();
+        const node = doc.body.lastChild;
+        if (node !== f.lastNode) { f.lastNode = node; f.heard = Date.now(); }
+      }
+      if (Date.now() - f.heard > 45000) ctx.closed(new HeraldError('iframe_stalled', 'the iframe stream went silent'));
+    }, 250);
+    el.src = `${h.url}/api/channels/${channelPath(key)}/iframe?${q}`;
+    document.body.appendChild(el);
+    frames.set(key, f);
+  };
+  const remove = key => {
+    const f = frames.get(key);
+    if (!f) return;
+    frames.delete(key);
+    clearInterval(f.watch);
+    f.el.onload = null;
+    f.el.remove();
+    // A script already queued in the frame may still call back: make it a no-op.
+    window[f.callback] = () => {};
+    setTimeout(() => { delete window[f.callback]; }, 1000);
+  };
+  for (const key of h._subs.keys()) add(key);
+  return { add, remove, close: () => { for (const key of [...frames.keys()]) remove(key); } };
+}
+
+function connectMqtt() {
+  throw new HeraldError('unsupported', 'the MQTT transport is not available in this version of herald.js');
+}
+
+const TRANSPORTS = {
+  ws: connectWs,
+  sse: connectSse,
+  longpoll: connectLongPoll,
+  poll: connectPoll,
+  iframe: connectIframe,
+  mqtt: connectMqtt,
+};
+
+// --- small helpers --------------------------------------------------------------
+
+function checkTransports(list) {
+  if (!Array.isArray(list) || list.length === 0) throw new TypeError('transports must be a non-empty array');
+  for (const t of list) if (!(t in TRANSPORTS)) throw new TypeError(`unknown transport '${t}'`);
+  return [...list];
+}
+
+function isFilter(key) {
+  return key.split('/').some(s => s === '+' || s === '#');
+}
+
+/** MQTT-style match: `+` is one segment, a final `#` any number (even none). */
+export function matches(filter, channel) {
+  const f = filter.split('/');
+  const c = channel.split('/');
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === '#') return true;
+    if (i >= c.length || (f[i] !== '+' && f[i] !== c[i])) return false;
+  }
+  return f.length === c.length;
+}
+
+/** A channel as URL path segments (valid names need no escaping; this is belt and braces). */
+function channelPath(channel) {
+  return channel.split('/').map(encodeURIComponent).join('/');
+}
+
+/** The JSON body of a response, or a HeraldError from the server's `{code, message}`. */
+async function readJson(res) {
+  let body = null;
+  try { body = await res.json(); } catch { /* no JSON body */ }
+  if (!res.ok) {
+    throw new HeraldError(body?.code || `http_${res.status}`, body?.message || `HTTP ${res.status}`, res.status);
+  }
+  return body;
+}
+
+/** Resolves after `ms`, or at once when `signal` aborts. */
+function sleep(ms, signal) {
+  return new Promise(resolve => {
+    const done = () => { clearTimeout(t); signal?.removeEventListener('abort', done); resolve(); };
+    const t = setTimeout(done, ms);
+    signal?.addEventListener('abort', done);
+  });
+}

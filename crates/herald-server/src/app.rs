@@ -56,7 +56,27 @@ pub fn app(state: SharedState) -> Router {
                 format!("{method} is not allowed on this route"),
             )
         })
+        .layer(cors(&state.config.server.cors_origins))
         .with_state(state)
+}
+
+/// Browsers on other origins may call the API (tokens travel in headers or the
+/// query, never in cookies, so allowing an origin grants it nothing by itself).
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderName::from_static("last-event-id"),
+        ])
 }
 
 /// `GET /api/channels/{channel}/{resource}`: the last segment names the

@@ -45,6 +45,9 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for open requests before giving up.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// Origins whose pages may call the API from a browser (CORS); `*` is any.
+    #[serde(deserialize_with = "list")]
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +58,7 @@ impl Default for ServerConfig {
             data: "herald-data".into(),
             memory: false,
             shutdown_grace: Duration::from_secs(10),
+            cors_origins: vec!["*".into()],
         }
     }
 }
@@ -328,6 +332,20 @@ enum StrOrNum {
     Str(String),
     Int(u64),
     Float(f64),
+}
+
+/// A list from TOML, or a comma-separated string from the environment.
+fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+    })
 }
 
 mod duration {

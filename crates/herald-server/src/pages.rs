@@ -2,7 +2,7 @@
 //! is all there is to deploy. Plain HTML, CSS and ES modules: no build step.
 
 use axum::{
-    http::{HeaderValue, header},
+    http::{HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
 };
 
@@ -19,8 +19,14 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 
 /// Serves an asset by path, or the JSON 404 every unknown route gets.
-pub(crate) async fn asset(uri: axum::http::Uri) -> Response {
+pub(crate) async fn asset(method: Method, uri: axum::http::Uri) -> Response {
     match ASSETS.iter().find(|(path, _, _)| *path == uri.path()) {
+        Some(_) if method != Method::GET && method != Method::HEAD => ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on this route"),
+        )
+        .into_response(),
         Some((_, body, content_type)) => {
             let mut res = (*body).into_response();
             res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

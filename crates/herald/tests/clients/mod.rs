@@ -1,0 +1,315 @@
+//! Real clients for the transports `common` has no helper for: a WebSocket
+//! client (tokio-tungstenite) speaking Herald's JSON protocol, a raw WebSocket
+//! that never answers pings, and a hidden-iframe reader that splits the HTML
+//! stream into its script calls and comments. Shared by `ws.rs`, `iframe.rs`
+//! and `matrix.rs`; every wait is bounded so a hang fails instead of stalling.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, Message, protocol::CloseFrame},
+};
+
+use crate::common::{Server, client};
+
+/// How long any single expected event may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A WebSocket connection to `/api/ws`.
+pub struct Ws {
+    inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Ws {
+    pub async fn connect(s: &Server) -> Ws {
+        let (inner, res) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(s.ws_url()))
+            .await
+            .expect("WebSocket handshake within 10s")
+            .expect("WebSocket handshake");
+        assert_eq!(res.status(), 101);
+        Ws { inner }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send(Message::text(v.to_string())).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send(Message::text(text)).await;
+    }
+
+    pub async fn send(&mut self, m: Message) {
+        self.inner.send(m).await.expect("send a WebSocket frame");
+    }
+
+    /// Sends without caring whether the server already hung up.
+    pub async fn try_send(&mut self, m: Message) -> Result<(), tungstenite::Error> {
+        self.inner.send(m).await
+    }
+
+    /// The next frame of any kind (pings included), or `None` when the
+    /// connection ended. Fails the test after 10 s of silence.
+    pub async fn next_frame(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+        tokio::time::timeout(PATIENCE, self.inner.next()).await.expect("a WebSocket frame within 10s")
+    }
+
+    /// The next JSON text frame; pings and pongs are skipped (tungstenite
+    /// answers pings while we read). A close or a non-JSON frame fails the test.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.next_frame().await {
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(t.as_str()).unwrap_or_else(|e| panic!("non-JSON text frame {t:?}: {e}"));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a JSON text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, which must have `"type": kind`.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["type"], kind, "expected a '{kind}' frame, got {v}");
+        v
+    }
+
+    /// Subscribes and returns the `subscribed` frame, which must come first.
+    pub async fn subscribe(&mut self, channel: &str, since: Option<Value>) -> Value {
+        let mut frame = json!({ "type": "subscribe", "channel": channel });
+        if let Some(since) = since {
+            frame["since"] = since;
+        }
+        self.send_json(frame).await;
+        let v = self.recv_type("subscribed").await;
+        assert_eq!(v["channel"], channel, "{v}");
+        v
+    }
+
+    /// The next `n` frames, each a `message`.
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.recv_type("message").await);
+        }
+        out
+    }
+
+    /// Sends `{"type":"ping"}` and expects the `pong` as the very next frame:
+    /// proof that the connection is still open and still reading.
+    pub async fn assert_usable(&mut self) {
+        self.send_json(json!({ "type": "ping" })).await;
+        self.recv_type("pong").await;
+    }
+
+    /// Reads until the connection ends. Returns the close frame when the
+    /// server sent one (`Some(None)` for a close without a code), `None` when
+    /// the socket just ended or broke. Any text frame on the way fails the test.
+    pub async fn closed(&mut self) -> Option<Option<CloseFrame>> {
+        loop {
+            match self.next_frame().await {
+                Some(Ok(Message::Close(frame))) => return Some(frame),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("expected the connection to close, got {other:?}"),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.inner.close(None).await;
+    }
+}
+
+/// A WebSocket client that does the handshake by hand and then never writes
+/// another byte, so it never answers a ping. Returns the opcodes of the frames
+/// the server sends and, at the end, the close code if one came.
+pub struct SilentWs {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl SilentWs {
+    pub async fn connect(s: &Server) -> SilentWs {
+        let mut tcp = TcpStream::connect(&s.addr).await.expect("connect");
+        let req = format!(
+            "GET /api/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            s.addr
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write the handshake");
+        let mut ws = SilentWs { tcp, buf: Vec::new() };
+        let end = loop {
+            if let Some(i) = ws.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            ws.fill().await.expect("the handshake answer");
+        };
+        let head = String::from_utf8_lossy(&ws.buf[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "handshake answer: {head}");
+        ws.buf.drain(..end);
+        ws
+    }
+
+    /// Reads more bytes; `None` at end of stream or on error.
+    async fn fill(&mut self) -> Option<()> {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, self.tcp.read(&mut chunk)).await.expect("bytes within 10s").ok()?;
+        if n == 0 {
+            return None;
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Some(())
+    }
+
+    /// The next server frame as (opcode, payload); `None` when the stream ended.
+    pub async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((op, payload, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some((op, payload));
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+/// Parses one unmasked server frame at the start of `b`.
+fn parse_server_frame(b: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    assert_eq!(b[1] & 0x80, 0, "server frames are never masked");
+    let (len, mut at) = match b[1] & 0x7f {
+        126 => (u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as usize, 4),
+        127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    let payload = b.get(at..at + len)?.to_vec();
+    at += len;
+    Some((b[0] & 0x0f, payload, at))
+}
+
+/// One line of a hidden-iframe stream.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// `<script>parent.F(ARG);</script>`: the argument parsed, and the raw line.
+    Call(Value, String),
+    /// An HTML comment on its own line (padding or keep-alive).
+    Comment(String),
+    /// Any other line: the document head before the first call.
+    Markup(String),
+}
+
+/// A hidden-iframe stream, read line by line.
+pub struct Iframe {
+    body: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: Vec<u8>,
+    callback: String,
+    /// Everything received before the first call.
+    pub preamble: String,
+    seen_call: bool,
+    /// The whole stream so far, for "never appears raw" checks.
+    pub raw: String,
+}
+
+impl Iframe {
+    /// `GET /api/channels/{channel}/iframe?callback=F&since=S`; asserts 200 text/html.
+    pub async fn open(s: &Server, channel: &str, callback: &str, since: &str) -> Iframe {
+        let url = format!("{}/api/channels/{channel}/iframe?callback={callback}&since={since}", s.url);
+        let res = client().get(url).send().await.expect("iframe request");
+        assert_eq!(res.status(), 200, "iframe {channel}");
+        let ct = res.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("text/html"), "content-type {ct}");
+        Iframe {
+            body: Box::pin(res.bytes_stream()),
+            buf: Vec::new(),
+            callback: callback.to_string(),
+            preamble: String::new(),
+            seen_call: false,
+            raw: String::new(),
+        }
+    }
+
+    /// The next complete line, classified. Fails the test after 10 s of silence.
+    pub async fn next_item(&mut self) -> Option<Item> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                let line = String::from_utf8(line).expect("the iframe stream is UTF-8");
+                self.raw.push_str(&line);
+                let item = self.classify(line.trim_end_matches('\n'));
+                match &item {
+                    Item::Call(..) => self.seen_call = true,
+                    _ if !self.seen_call => {
+                        self.preamble.push_str(&line);
+                    }
+                    Item::Markup(m) => panic!("markup after the first call: {m:?}"),
+                    Item::Comment(_) => {}
+                }
+                return Some(item);
+            }
+            let chunk = tokio::time::timeout(PATIENCE, self.body.next()).await.expect("iframe bytes within 10s")?;
+            self.buf.extend_from_slice(&chunk.expect("iframe body"));
+        }
+    }
+
+    fn classify(&self, line: &str) -> Item {
+        let prefix = format!("<script>parent.{}(", self.callback);
+        if let Some(rest) = line.strip_prefix(&prefix) {
+            let arg = rest.strip_suffix(");</script>").unwrap_or_else(|| panic!("script line does not end the call: {line:?}"));
+            // Nothing inside may end the script, open a comment or break the parse.
+            for bad in ["<", ">", "&", "\u{2028}", "\u{2029}"] {
+                assert!(!arg.contains(bad), "raw {bad:?} inside a script call: {line:?}");
+            }
+            let v = serde_json::from_str(arg).unwrap_or_else(|e| panic!("call argument is not JSON ({e}): {arg:?}"));
+            return Item::Call(v, line.to_string());
+        }
+        assert!(!line.to_ascii_lowercase().contains("<script"), "a script that is not a callback call: {line:?}");
+        if line.starts_with("<!--") && line.ends_with("-->") {
+            return Item::Comment(line.to_string());
+        }
+        Item::Markup(line.to_string())
+    }
+
+    /// The next callback argument, skipping comments.
+    pub async fn next_call(&mut self) -> Value {
+        loop {
+            match self.next_item().await.expect("the iframe stream ended early") {
+                Item::Call(v, _) => return v,
+                Item::Comment(_) | Item::Markup(_) => continue,
+            }
+        }
+    }
+
+    /// The next `n` callback arguments.
+    pub async fn calls(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_call().await);
+        }
+        out
+    }
+}
+
+/// The id of a message object, or a panic naming it.
+pub fn id_of(v: &Value) -> u64 {
+    v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
+}
+
+/// Publishes `n` text messages `"{prefix}{i}"` to `channel`; returns their ids.
+pub async fn publish_many(s: &Server, channel: &str, prefix: &str, n: usize) -> Vec<u64> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(crate::common::publish(s, channel, &format!("{prefix}{i}")).await);
+    }
+    ids
+}
