@@ -100,6 +100,17 @@ impl Filter {
         out
     }
 
+    /// True when every channel this filter matches is matched by `other` too:
+    /// the test for "may this grant subscribe to that filter".
+    pub fn is_covered_by(&self, other: &Filter) -> bool {
+        // A leading wildcard never matches `$` channels (see `matches_str`).
+        let dollar = matches!(self.parts.first(), Some(Part::Literal(s)) if s.starts_with('$'));
+        if dollar && !matches!(other.parts.first(), Some(Part::Literal(_))) {
+            return false;
+        }
+        covers(&other.parts, &self.parts)
+    }
+
     pub fn matches(&self, channel: &Channel) -> bool {
         self.matches_str(channel.as_str())
     }
@@ -125,6 +136,17 @@ impl Filter {
             }
         }
         segs.next().is_none()
+    }
+}
+
+/// Whether pattern `p` matches every channel that `f` matches.
+fn covers(p: &[Part], f: &[Part]) -> bool {
+    match (p.first(), f.first()) {
+        (Some(Part::Rest), _) => true,
+        (None, None) => true,
+        (Some(Part::One), Some(Part::One | Part::Literal(_))) => covers(&p[1..], &f[1..]),
+        (Some(Part::Literal(a)), Some(Part::Literal(b))) if a == b => covers(&p[1..], &f[1..]),
+        _ => false,
     }
 }
 
@@ -174,6 +196,21 @@ mod tests {
     }
 
     #[test]
+    fn coverage() {
+        let c = |f: &str, p: &str| Filter::parse(f).unwrap().is_covered_by(&Filter::parse(p).unwrap());
+        assert!(c("chat/room/a", "chat/#"));
+        assert!(c("chat/+/a", "chat/#"));
+        assert!(c("chat/#", "chat/#"));
+        assert!(c("chat", "chat/#"));
+        assert!(c("chat/room/+", "chat/+/+"));
+        assert!(!c("chat/#", "chat/+"));
+        assert!(!c("chat/+", "chat/room"));
+        assert!(!c("#", "chat/#"));
+        assert!(!c("$SYS/x", "#"));
+        assert!(c("$SYS/x", "$SYS/#"));
+    }
+
+    #[test]
     fn literal_prefix_stops_at_the_first_wildcard() {
         assert_eq!(Filter::parse("chat/room/+").unwrap().literal_prefix(), "chat/room");
         assert_eq!(Filter::parse("#").unwrap().literal_prefix(), "");
@@ -204,6 +241,28 @@ mod tests {
             prop_assert!(Filter::parse(&parts.join("/")).unwrap().matches(&ch));
             let other = Channel::parse(&other.join("/")).unwrap();
             prop_assert_eq!(Filter::exact(&ch).matches(&other), ch == other);
+        }
+
+        /// Coverage is sound: whatever `f` matches, a pattern covering it matches too.
+        #[test]
+        fn coverage_implies_matching(
+            f in prop::collection::vec(prop_oneof!["[ab]", Just("+".to_string())], 1..4),
+            f_rest in any::<bool>(),
+            p in prop::collection::vec(prop_oneof!["[ab]", Just("+".to_string())], 0..4),
+            p_rest in any::<bool>(),
+            channel in prop::collection::vec("[ab]", 1..6),
+        ) {
+            let mut f = f;
+            if f_rest { f.push("#".into()); }
+            let mut p = p;
+            if p_rest || p.is_empty() { p.push("#".into()); }
+            let f = Filter::parse(&f.join("/")).unwrap();
+            let p = Filter::parse(&p.join("/")).unwrap();
+            let ch = Channel::parse(&channel.join("/")).unwrap();
+            if f.is_covered_by(&p) && f.matches(&ch) {
+                prop_assert!(p.matches(&ch), "{f} covered by {p} but {ch} escapes");
+            }
+            prop_assert!(f.is_covered_by(&f));
         }
 
         #[test]

@@ -5,14 +5,17 @@
 //! retention rules, and the hub that fans committed messages out to subscribers'
 //! mailboxes. Callers pass in "now" where time matters.
 
+pub mod acl;
 pub mod channel;
 pub mod cursor;
 pub mod filter;
 pub mod hub;
+pub mod inbox;
 pub mod message;
 pub mod retention;
 pub mod time;
 
+pub use acl::{Grant, Principal};
 pub use channel::{Channel, ChannelError};
 pub use cursor::{CursorError, CursorToken, Gap, Replay, Since, Window};
 pub use filter::{Filter, FilterError};

@@ -12,9 +12,9 @@
 mod memory;
 mod sqlite;
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
-use herald_core::{Channel, Filter, Hub, Message, NewMessage, RetentionRules, Window};
+use herald_core::{Channel, Filter, Hub, Message, NewMessage, RetentionRules, Window, inbox::ReadState};
 
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
@@ -83,6 +83,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes pending writes and refuses new ones.
     fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Group membership and inbox read state: what per-user inboxes need besides
+/// the messages themselves.
+pub trait InboxStore: Send + Sync + 'static {
+    /// The groups `user` belongs to, each with the id its channel had when the
+    /// user joined (the user sees only later notifications).
+    fn groups_of(&self, user: String) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>>;
+
+    /// Adds users to a group, joining after `joined_after`; users already in it
+    /// keep their original join. Returns how many were new.
+    fn add_members(&self, group: String, users: Vec<String>, joined_after: u64) -> BoxFuture<'_, Result<usize, StoreError>>;
+
+    /// Removes users from a group; returns how many were members.
+    fn remove_members(&self, group: String, users: Vec<String>) -> BoxFuture<'_, Result<usize, StoreError>>;
+
+    /// Members of a group in name order, after `after`, at most `limit`.
+    fn members(&self, group: String, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// What `user` has read, per source channel.
+    fn read_state(&self, user: String) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>>;
+
+    /// Replaces `user`'s read state for the given channels.
+    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>) -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
 /// Keeps time monotonic per store, so ids and times order the same way even if

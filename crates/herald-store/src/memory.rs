@@ -6,9 +6,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use herald_core::{Channel, Filter, Message, NewMessage, Window};
+use std::collections::HashMap;
 
-use crate::{BoxFuture, Page, Store, StoreConfig, StoreError, monotonic};
+use herald_core::{Channel, Filter, Message, NewMessage, Window, inbox::ReadState};
+
+use crate::{BoxFuture, InboxStore, Page, Store, StoreConfig, StoreError, monotonic};
 
 struct Log {
     head: u64,
@@ -19,6 +21,9 @@ struct State {
     logs: BTreeMap<Channel, Log>,
     last_time: i64,
     closed: bool,
+    /// group -> user -> joined after
+    groups: BTreeMap<String, BTreeMap<String, u64>>,
+    reads: HashMap<String, HashMap<Channel, ReadState>>,
 }
 
 pub struct MemoryStore {
@@ -28,7 +33,14 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(config: StoreConfig) -> Self {
-        MemoryStore { config, state: Mutex::new(State { logs: BTreeMap::new(), last_time: 0, closed: false }) }
+        MemoryStore { config, state: Mutex::new(State {
+                logs: BTreeMap::new(),
+                last_time: 0,
+                closed: false,
+                groups: BTreeMap::new(),
+                reads: HashMap::new(),
+            }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -87,6 +99,55 @@ impl Store for MemoryStore {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.lock().closed = true;
+        })
+    }
+}
+
+impl InboxStore for MemoryStore {
+    fn groups_of(&self, user: String) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            Ok(st.groups.iter().filter_map(|(g, m)| m.get(&user).map(|j| (g.clone(), *j))).collect())
+        })
+    }
+
+    fn add_members(&self, group: String, users: Vec<String>, joined_after: u64) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let members = st.groups.entry(group).or_default();
+            let before = members.len();
+            for u in users {
+                members.entry(u).or_insert(joined_after);
+            }
+            Ok(members.len() - before)
+        })
+    }
+
+    fn remove_members(&self, group: String, users: Vec<String>) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let Some(members) = st.groups.get_mut(&group) else { return Ok(0) };
+            Ok(users.iter().filter(|u| members.remove(*u).is_some()).count())
+        })
+    }
+
+    fn members(&self, group: String, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            Ok(st.groups.get(&group).map_or_else(Vec::new, |m| {
+                m.keys().filter(|u| **u > after).take(limit).cloned().collect()
+            }))
+        })
+    }
+
+    fn read_state(&self, user: String) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>> {
+        Box::pin(async move { Ok(self.lock().reads.get(&user).cloned().unwrap_or_default()) })
+    }
+
+    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.lock().reads.entry(user).or_default().extend(states);
+            Ok(())
         })
     }
 }

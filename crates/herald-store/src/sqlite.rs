@@ -16,11 +16,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, NewMessage, Window};
+use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, NewMessage, Window, inbox::ReadState};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use crate::{BoxFuture, Page, Store, StoreConfig, StoreError, monotonic};
+use crate::{BoxFuture, InboxStore, Page, Store, StoreConfig, StoreError, monotonic};
 
 /// How hard a commit insists on reaching the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,6 +63,10 @@ pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Append>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Inbox writes (membership, read state) are small and rare next to
+    /// messages; they use their own connection, and SQLite serialises them
+    /// with the message writer.
+    inbox_writer: Arc<Mutex<Connection>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -84,6 +88,19 @@ CREATE TABLE IF NOT EXISTS messages (
     time  INTEGER NOT NULL,
     PRIMARY KEY (cid, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    grp          TEXT NOT NULL,
+    user         TEXT NOT NULL,
+    joined_after INTEGER NOT NULL,
+    PRIMARY KEY (grp, user)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS group_members_by_user ON group_members (user, grp);
+CREATE TABLE IF NOT EXISTS read_state (
+    user    TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    state   TEXT NOT NULL,
+    PRIMARY KEY (user, channel)
+) WITHOUT ROWID;
 ";
 
 fn open(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
@@ -101,6 +118,7 @@ impl SqliteStore {
         let path = options.dir.join("herald.db");
         let conn = open(&path, options.sync).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        let inbox_writer = Arc::new(Mutex::new(open(&path, options.sync).map_err(backend)?));
         let (tx, rx) = mpsc::channel();
         let writer = Writer { conn, config: config.clone(), heads: HashMap::new(), last_time: 0, options };
         let handle = std::thread::Builder::new()
@@ -113,7 +131,26 @@ impl SqliteStore {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            inbox_writer,
         })
+    }
+
+    /// Runs `f` in a transaction on the inbox write connection.
+    async fn with_inbox_writer<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.inbox_writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = conn.transaction()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok::<T, rusqlite::Error>(out)
+        })
+        .await
+        .map_err(backend)?
+        .map_err(backend)
     }
 
     /// Runs `f` on a pooled read connection on the blocking pool.
@@ -372,5 +409,73 @@ impl Writer {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweeping expired messages failed"),
         }
+    }
+}
+
+impl InboxStore for SqliteStore {
+    fn groups_of(&self, user: String) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
+        Box::pin(self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT grp, joined_after FROM group_members WHERE user = ?1 ORDER BY grp")?;
+            let rows = stmt.query_map([&user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        }))
+    }
+
+    fn add_members(&self, group: String, users: Vec<String>, joined_after: u64) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(self.with_inbox_writer(move |tx| {
+            let mut stmt =
+                tx.prepare_cached("INSERT OR IGNORE INTO group_members (grp, user, joined_after) VALUES (?1, ?2, ?3)")?;
+            let mut added = 0;
+            for u in &users {
+                added += stmt.execute(params![group, u, joined_after as i64])?;
+            }
+            Ok(added)
+        }))
+    }
+
+    fn remove_members(&self, group: String, users: Vec<String>) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(self.with_inbox_writer(move |tx| {
+            let mut stmt = tx.prepare_cached("DELETE FROM group_members WHERE grp = ?1 AND user = ?2")?;
+            let mut removed = 0;
+            for u in &users {
+                removed += stmt.execute(params![group, u])?;
+            }
+            Ok(removed)
+        }))
+    }
+
+    fn members(&self, group: String, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(self.with_reader(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT user FROM group_members WHERE grp = ?1 AND user > ?2 ORDER BY user LIMIT ?3")?;
+            let rows = stmt.query_map(params![group, after, limit as i64], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        }))
+    }
+
+    fn read_state(&self, user: String) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>> {
+        Box::pin(self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT channel, state FROM read_state WHERE user = ?1")?;
+            let rows = stmt.query_map([&user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = HashMap::new();
+            for row in rows {
+                let (channel, state) = row?;
+                if let (Ok(c), Some(s)) = (Channel::parse(&channel), ReadState::decode(&state)) {
+                    out.insert(c, s);
+                }
+            }
+            Ok(out)
+        }))
+    }
+
+    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.with_inbox_writer(move |tx| {
+            let mut stmt =
+                tx.prepare_cached("INSERT OR REPLACE INTO read_state (user, channel, state) VALUES (?1, ?2, ?3)")?;
+            for (c, s) in &states {
+                stmt.execute(params![user, c.as_str(), s.encode()])?;
+            }
+            Ok(())
+        }))
     }
 }

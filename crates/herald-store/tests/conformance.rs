@@ -6,7 +6,8 @@ use std::sync::{
 };
 
 use herald_core::{Channel, Data, Filter, Message, NewMessage, Retention, RetentionRules};
-use herald_store::{CommitSink, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig};
+use herald_core::inbox::ReadState;
+use herald_store::{CommitSink, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig};
 
 /// Records what the store handed to its sink.
 #[derive(Default)]
@@ -20,6 +21,7 @@ impl CommitSink for Recorder {
 
 struct Fixture {
     store: Arc<dyn Store>,
+    inbox: Arc<dyn InboxStore>,
     sink: Arc<Recorder>,
     clock: Arc<AtomicI64>,
     _dir: Option<tempfile::TempDir>,
@@ -35,14 +37,15 @@ fn config(retention: RetentionRules) -> (StoreConfig, Arc<Recorder>, Arc<AtomicI
 
 fn memory(retention: RetentionRules) -> Fixture {
     let (config, sink, clock) = config(retention);
-    Fixture { store: Arc::new(MemoryStore::new(config)), sink, clock, _dir: None }
+    let store = Arc::new(MemoryStore::new(config));
+    Fixture { store: store.clone(), inbox: store, sink, clock, _dir: None }
 }
 
 fn sqlite(retention: RetentionRules) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (config, sink, clock) = config(retention);
-    let store = SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap();
-    Fixture { store: Arc::new(store), sink, clock, _dir: Some(dir) }
+    let store = Arc::new(SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap());
+    Fixture { store: store.clone(), inbox: store, sink, clock, _dir: Some(dir) }
 }
 
 fn ch(s: &str) -> Channel {
@@ -72,7 +75,32 @@ conformance!(
     channels_by_filter,
     concurrent_appends_get_unique_ids_in_sink_order,
     payload_kind_and_event_survive,
+    group_membership,
+    read_state_round_trips,
 );
+
+async fn group_membership(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let users: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
+    assert_eq!(f.inbox.add_members("staff".into(), users.clone(), 3).await.unwrap(), 5);
+    assert_eq!(f.inbox.add_members("staff".into(), vec!["u1".into(), "u9".into()], 7).await.unwrap(), 1);
+    f.inbox.add_members("ops".into(), vec!["u1".into()], 0).await.unwrap();
+    assert_eq!(f.inbox.groups_of("u1".into()).await.unwrap(), [("ops".to_string(), 0), ("staff".to_string(), 3)], "a re-add keeps the first join");
+    assert_eq!(f.inbox.groups_of("u9".into()).await.unwrap(), [("staff".to_string(), 7)]);
+    assert_eq!(f.inbox.members("staff".into(), "u1".into(), 2).await.unwrap(), ["u2", "u3"]);
+    assert_eq!(f.inbox.remove_members("staff".into(), vec!["u1".into(), "nobody".into()]).await.unwrap(), 1);
+    assert_eq!(f.inbox.groups_of("u1".into()).await.unwrap(), [("ops".to_string(), 0)]);
+}
+
+async fn read_state_round_trips(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let mut r = ReadState::default();
+    r.mark([1, 2, 4]);
+    f.inbox.save_read_state("a".into(), vec![(ch("user/a"), r.clone())]).await.unwrap();
+    let got = f.inbox.read_state("a".into()).await.unwrap();
+    assert_eq!(got.get(&ch("user/a")), Some(&r));
+    assert!(f.inbox.read_state("b".into()).await.unwrap().is_empty(), "one user's state is not another's");
+}
 
 async fn ids_are_per_channel_and_sequential(make: fn(RetentionRules) -> Fixture) {
     let f = make(RetentionRules::default());
