@@ -17,7 +17,7 @@ pub struct EventName(Box<str>);
 
 /// Event names the server emits itself; publishing with them is refused so a
 /// client can trust that a `gap` or `unread` event came from the server.
-pub const RESERVED_EVENTS: &[&str] = &["gap", "unread", "error"];
+pub const RESERVED_EVENTS: &[&str] = &["gap", "unread", "error", "close"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventNameError {

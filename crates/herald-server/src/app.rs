@@ -13,11 +13,22 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use herald_core::{Channel, Hub};
+use herald_core::{Channel, CursorToken, Hub, Principal, Since, Target};
 use herald_store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, error::ApiError, health, iframe, pages, poll, publish, query::Query, sse, stats, ws};
+use crate::{
+    auth::{Auth, forbidden},
+    config::Config,
+    error::ApiError,
+    health, iframe,
+    inbox::Inbox,
+    inbox_api, pages, poll, publish,
+    query::Query,
+    sse, stats,
+    subscription::{Context, Subscription},
+    ws,
+};
 
 /// What every handler shares.
 pub struct AppState {
@@ -29,9 +40,42 @@ pub struct AppState {
     /// Set once the store is open and the listener bound.
     pub ready: AtomicBool,
     pub stats: Arc<crate::stats::Stats>,
+    pub auth: Auth,
+    pub inbox: Arc<Inbox>,
 }
 
 impl AppState {
+    /// Opens a subscription for `principal` after checking it may subscribe to
+    /// every target. `live` registers it with the hub (everything but short polls).
+    pub(crate) async fn subscribe(
+        &self,
+        principal: Arc<Principal>,
+        targets: Vec<Target>,
+        since: Since,
+        token: &CursorToken,
+        live: bool,
+    ) -> Result<Subscription, ApiError> {
+        for t in &targets {
+            if !principal.may_subscribe(t) {
+                let name = match t {
+                    Target::Channel(c) => c.to_string(),
+                    Target::Filter(f) => f.to_string(),
+                };
+                return Err(forbidden(format!("not allowed to subscribe to '{name}'")));
+            }
+        }
+        Ok(Subscription::open(self.context(principal, live), targets, since, token).await?)
+    }
+
+    pub(crate) fn context(&self, principal: Arc<Principal>, live: bool) -> Context {
+        Context {
+            store: self.store.clone(),
+            hub: live.then(|| self.hub.clone()),
+            inbox: Some(self.inbox.clone()),
+            principal,
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
     }
@@ -47,6 +91,15 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/events", get(sse::multi_channel))
         .route("/api/stats", get(stats::stats))
         .route("/api/ws", get(ws::upgrade))
+        .route("/api/notifications", post(inbox_api::notify))
+        .route("/api/users/{user}/notifications", get(inbox_api::list))
+        .route("/api/users/{user}/unread", get(inbox_api::unread))
+        .route("/api/users/{user}/read", post(inbox_api::mark_read))
+        .route(
+            "/api/groups/{group}/members",
+            get(inbox_api::list_members).put(inbox_api::add_members).delete(inbox_api::remove_members),
+        )
+        .route("/api/dev/token", get(inbox_api::dev_token))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)
         .method_not_allowed_fallback(|method: Method| async move {
@@ -90,11 +143,15 @@ async fn channel_get(
     let Path(path) = path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
     let (channel, resource) = path.rsplit_once('/').ok_or_else(ApiError::not_found)?;
     let query = Query::parse(raw.as_deref());
+    if !matches!(resource, "messages" | "events" | "iframe") {
+        return Err(ApiError::not_found());
+    }
+    let channel = Channel::parse(channel)?;
+    let principal = state.auth.authenticate(&headers, &query)?;
     match resource {
-        "messages" => poll::messages(state, Channel::parse(channel)?, &query).await,
-        "events" => sse::single_channel(state, Channel::parse(channel)?, &headers, &query).await,
-        "iframe" => iframe::stream(state, Channel::parse(channel)?, &query).await,
-        _ => Err(ApiError::not_found()),
+        "messages" => poll::messages(state, principal, channel, &query).await,
+        "events" => sse::single_channel(state, principal, channel, &headers, &query).await,
+        _ => iframe::stream(state, principal, channel, &query).await,
     }
 }
 
@@ -109,5 +166,6 @@ async fn channel_post(
     let Path(path) = path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
     let channel = Channel::parse(&path)?;
     let query = Query::parse(raw.as_deref());
-    publish::publish_body(state, channel, &headers, &query, body).await.map(IntoResponse::into_response)
+    let principal = state.auth.authenticate(&headers, &query)?;
+    publish::publish_body(state, &principal, channel, &headers, &query, body).await.map(IntoResponse::into_response)
 }

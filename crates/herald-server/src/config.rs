@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that may be set from the environment. Anything else with the
 /// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
-const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws"];
+const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws", "auth"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -29,6 +29,7 @@ pub struct Config {
     pub sse: SseConfig,
     pub longpoll: LongPollConfig,
     pub ws: WsConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +188,30 @@ impl Default for WsConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret that signs users' tokens.
+    pub jwt_secret: String,
+    /// RS256 or ES256 public key (PEM text, or the path of a PEM file).
+    pub jwt_public_key: String,
+    /// Keys for backend calls (`Authorization: Bearer KEY`): full access.
+    #[serde(deserialize_with = "list")]
+    pub api_keys: Vec<String>,
+    /// Clock leeway applied to `exp` and `nbf`.
+    #[serde(with = "duration")]
+    pub leeway: Duration,
+    /// Run without auth on a non-loopback address (same as `--allow-open`).
+    pub allow_open: bool,
+}
+
+impl AuthConfig {
+    /// True when nothing is configured: open development mode.
+    pub fn is_open(&self) -> bool {
+        self.jwt_secret.is_empty() && self.jwt_public_key.is_empty() && self.api_keys.is_empty()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -204,6 +229,7 @@ pub struct Overrides {
     pub mqtt: Option<String>,
     pub data: Option<PathBuf>,
     pub memory: bool,
+    pub allow_open: bool,
 }
 
 impl Config {
@@ -228,6 +254,9 @@ impl Config {
         }
         if overrides.memory {
             fig = fig.merge(Serialized::default("server.memory", true));
+        }
+        if overrides.allow_open {
+            fig = fig.merge(Serialized::default("auth.allow_open", true));
         }
         let config: Config = fig.extract().map_err(Box::new)?;
         config.validate()?;

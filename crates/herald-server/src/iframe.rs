@@ -9,11 +9,11 @@
 //! escape means the same, and without them no payload can close the script
 //! element, open a comment, or break the JavaScript parse.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
-use herald_core::{Channel, CursorToken, Message, Since, Target, Wire};
+use herald_core::{Channel, CursorToken, Message, Principal, Since, Target, Wire};
 
 use crate::{
     app::SharedState,
@@ -31,7 +31,12 @@ const PADDING: usize = 2048;
 /// (resuming from its last id) when it ends.
 const LIFETIME: Duration = Duration::from_secs(300);
 
-pub(crate) async fn stream(state: SharedState, channel: Channel, query: &Query) -> Result<Response, ApiError> {
+pub(crate) async fn stream(
+    state: SharedState,
+    principal: Arc<Principal>,
+    channel: Channel,
+    query: &Query,
+) -> Result<Response, ApiError> {
     let callback = query.get("callback").unwrap_or_default();
     if !is_identifier(callback) {
         return Err(ApiError::bad_request(
@@ -40,13 +45,15 @@ pub(crate) async fn stream(state: SharedState, channel: Channel, query: &Query) 
         ));
     }
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
+    let expires_at = principal.expires_at();
     let targets = vec![Target::Channel(channel)];
-    let sub = Subscription::open(state.store.clone(), Some(&state.hub), targets, since, &CursorToken::default()).await?;
+    let sub = state.subscribe(principal, targets, since, &CursorToken::default(), true).await?;
     let settings = Settings {
         transport: Transport::Iframe,
         content_type: "text/html; charset=utf-8",
         heartbeat: state.config.sse.heartbeat,
         lifetime: Some(LIFETIME),
+        expires_at,
     };
     Ok(stream::respond(state, sub, IframeEncoder { callback: callback.to_owned() }, settings))
 }
@@ -94,7 +101,15 @@ impl Encoder for IframeEncoder {
                 v["type"] = "gap".into();
                 self.call(&escape_for_script(v.to_string().as_bytes()), buf);
             }
+            Delivery::Unread(n) => self.call(format!("{{\"type\":\"unread\",\"count\":{n}}}").as_bytes(), buf),
         }
+    }
+
+    fn close(&self, code: &str, message: &str) -> Bytes {
+        let mut buf = BytesMut::new();
+        let v = serde_json::json!({ "type": "close", "code": code, "message": message });
+        self.call(&escape_for_script(v.to_string().as_bytes()), &mut buf);
+        buf.freeze()
     }
 }
 

@@ -3,10 +3,13 @@
 //! its request, opens a subscription and encodes what comes out.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 mod health;
 mod iframe;
+pub mod inbox;
+mod inbox_api;
 mod pages;
 mod poll;
 mod publish;

@@ -5,35 +5,46 @@
 //! seconds for a publish, then answers `304 Not Modified` with no body; the
 //! client asks again with the same `since`.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use herald_core::{Channel, CursorToken, Gap, Since, Target};
+use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
 use crate::{
     app::SharedState,
     error::ApiError,
     query::Query,
     stats::Transport,
-    subscription::{Delivery, Subscription},
+    stream,
+    subscription::Delivery,
 };
 
 /// Messages per answer when the client does not say.
 const DEFAULT_LIMIT: usize = 100;
 
-pub(crate) async fn messages(state: SharedState, channel: Channel, query: &Query) -> Result<Response, ApiError> {
+pub(crate) async fn messages(
+    state: SharedState,
+    principal: Arc<Principal>,
+    channel: Channel,
+    query: &Query,
+) -> Result<Response, ApiError> {
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
     let limit = query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit);
-    let wait = query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait));
+    let mut wait = query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait));
+    // The unread count the client already shows: a different one is news.
+    let known_unread = query.get("unread").map(cursor::parse_id).transpose()?;
+    if let (Some(w), Some(exp)) = (wait.as_mut(), principal.expires_at()) {
+        // Never wait past the token's expiry; the next poll is then refused.
+        *w = (*w).min(stream::instant_of(exp).saturating_duration_since(tokio::time::Instant::now()));
+    }
     let waiting = wait.is_some_and(|w| !w.is_zero());
 
     let _connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
-    let hub = waiting.then_some(&state.hub);
     let targets = vec![Target::Channel(channel.clone())];
-    let mut sub = Subscription::open(state.store.clone(), hub, targets, since, &CursorToken::default()).await?;
+    let mut sub = state.subscribe(principal, targets, since, &CursorToken::default(), waiting).await?;
     let mut answer = Answer::default();
     while answer.messages.len() < limit {
         match sub.next_ready().await? {
@@ -41,7 +52,8 @@ pub(crate) async fn messages(state: SharedState, channel: Channel, query: &Query
             None => break,
         }
     }
-    if answer.is_empty() && let Some(wait) = wait.filter(|_| waiting) {
+    let news = answer.has_news(known_unread);
+    if !news && let Some(wait) = wait.filter(|_| waiting) {
         tokio::select! {
             d = sub.next() => answer.push(d?),
             _ = tokio::time::sleep(wait) => return Ok(not_modified()),
@@ -78,6 +90,8 @@ fn not_modified() -> Response {
 struct Answer {
     messages: Vec<bytes::Bytes>,
     missed: Option<Gap>,
+    /// The inbox owner's unread count, on inbox channels.
+    unread: Option<u64>,
 }
 
 impl Answer {
@@ -89,11 +103,16 @@ impl Answer {
                 Some(prev) => prev.to = g.to,
                 None => self.missed = Some(g),
             },
+            Delivery::Unread(n) => self.unread = Some(n),
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.missed.is_none()
+    /// Worth answering a long poll for: messages, a gap, or an unread count
+    /// other than the one the client said it shows.
+    fn has_news(&self, known_unread: Option<u64>) -> bool {
+        !self.messages.is_empty()
+            || self.missed.is_some()
+            || (known_unread.is_some() && self.unread.is_some() && self.unread != known_unread)
     }
 
     /// `{"channel","messages":[..],"next":N,"gap":bool,"missed"?:{..}}`, built
@@ -113,6 +132,9 @@ impl Answer {
         if let Some(g) = &self.missed {
             out.extend_from_slice(b",\"missed\":");
             serde_json::to_writer(&mut out, g).expect("vec write");
+        }
+        if let Some(n) = self.unread {
+            out.extend_from_slice(format!(",\"unread\":{n}").as_bytes());
         }
         out.push(b'}');
         let mut res = (StatusCode::OK, out).into_response();

@@ -5,22 +5,23 @@
 use axum::{
     Json,
     body::Body,
-    extract::State,
+    extract::{RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use herald_core::{Channel, Data, EventName, NewMessage};
+use herald_core::{Channel, Data, EventName, NewMessage, Principal};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{app::SharedState, error::ApiError, query::Query};
+use crate::{app::SharedState, auth::forbidden, error::ApiError, query::Query};
 
 /// Room for the envelope's own fields around a maximal payload.
 const ENVELOPE_OVERHEAD: usize = 16 * 1024;
 
 pub(crate) async fn publish_body(
     state: SharedState,
+    principal: &Principal,
     channel: Channel,
     headers: &HeaderMap,
     query: &Query,
@@ -36,7 +37,7 @@ pub(crate) async fn publish_body(
             ApiError::bad_request("invalid_text", "body is not UTF-8 text; send JSON with Content-Type: application/json")
         })?
     };
-    let ids = append(&state, vec![channel], event, data).await?;
+    let ids = append(&state, principal, vec![channel], event, data).await?;
     Ok(Json(ids.into_iter().next().expect("one channel, one id")))
 }
 
@@ -49,14 +50,20 @@ struct Envelope {
     data: Option<Box<RawValue>>,
 }
 
-pub(crate) async fn publish_envelope(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    match envelope(state, &headers, body).await {
+pub(crate) async fn publish_envelope(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Response {
+    match envelope(state, &headers, &Query::parse(raw.as_deref()), body).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn envelope(state: SharedState, headers: &HeaderMap, body: Body) -> Result<serde_json::Value, ApiError> {
+async fn envelope(state: SharedState, headers: &HeaderMap, query: &Query, body: Body) -> Result<serde_json::Value, ApiError> {
+    let principal = state.auth.authenticate(headers, query)?;
     let limit = state.config.limits.max_payload;
     let bytes = read_body(headers, body, limit + ENVELOPE_OVERHEAD).await?;
     let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| {
@@ -85,7 +92,7 @@ async fn envelope(state: SharedState, headers: &HeaderMap, body: Body) -> Result
     }
     let data = data_from_json(raw);
     let single = channels.len() == 1;
-    let mut results = append(&state, channels, event, data).await?;
+    let mut results = append(&state, &principal, channels, event, data).await?;
     Ok(if single { results.remove(0) } else { json!({ "results": results }) })
 }
 
@@ -103,12 +110,17 @@ pub(crate) fn data_from_json(raw: &str) -> Data {
 /// Stores one message per channel, atomically, and answers each `{channel,id}`.
 pub(crate) async fn append(
     state: &SharedState,
+    principal: &Principal,
     channels: Vec<Channel>,
     event: Option<EventName>,
     data: Data,
 ) -> Result<Vec<serde_json::Value>, ApiError> {
     if let Some(c) = channels.iter().find(|c| c.is_reserved()) {
         return Err(ApiError::bad_request("reserved_channel", format!("'{c}' is reserved for the server ($ prefix)")));
+    }
+    if let Some(c) = channels.iter().find(|c| !principal.may_publish(c)) {
+        let why = if c.inbox_owner().is_some() { "only API keys write to inboxes" } else { "the token's publish patterns do not cover it" };
+        return Err(forbidden(format!("not allowed to publish to '{c}': {why}")));
     }
     let batch =
         channels.into_iter().map(|channel| NewMessage { channel, event: event.clone(), data: data.clone() }).collect();
@@ -126,7 +138,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Reads a body of at most `limit` bytes; larger ones are refused with 413,
 /// before reading when `Content-Length` already says so.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));

@@ -8,12 +8,14 @@ use std::{
 };
 
 use herald_core::Hub;
-use herald_store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig, SyncMode, system_clock};
+use herald_store::{InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig, SyncMode, system_clock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::{AppState, app},
+    auth::Auth,
+    inbox::Inbox,
     config::{Config, ConfigError, SyncSetting},
 };
 
@@ -27,6 +29,11 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "refusing to serve {0} without authentication: configure [auth] (jwt_secret, jwt_public_key or api_keys), \
+         listen on a loopback address, or pass --allow-open if an open server on the network is really what you want"
+    )]
+    OpenOnNetwork(SocketAddr),
 }
 
 /// A bound, ready server; [`Server::run`] serves until `shutdown` is cancelled.
@@ -40,8 +47,9 @@ impl Server {
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
         let hub = Hub::new(config.limits.subscriber_queue);
         let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: hub.clone() };
-        let store: Arc<dyn Store> = if config.server.memory {
-            Arc::new(MemoryStore::new(store_config))
+        let (store, inbox_store): (Arc<dyn Store>, Arc<dyn InboxStore>) = if config.server.memory {
+            let s = Arc::new(MemoryStore::new(store_config));
+            (s.clone(), s)
         } else {
             let mut options = SqliteOptions::new(&config.server.data);
             options.sync = match config.store.sync {
@@ -49,8 +57,15 @@ impl Server {
                 SyncSetting::Full => SyncMode::Full,
             };
             options.max_batch = config.store.max_batch.max(1);
-            Arc::new(SqliteStore::open(options, store_config)?)
+            let s = Arc::new(SqliteStore::open(options, store_config)?);
+            (s.clone(), s)
         };
+        let auth = Auth::from_config(&config.auth)?;
+        if auth.is_open() && !config.server.http.ip().is_loopback() && !config.auth.allow_open {
+            return Err(ServerError::OpenOnNetwork(config.server.http));
+        }
+        let inbox = Inbox::new(store.clone(), inbox_store);
+        inbox.spawn_listener(&hub, shutdown.clone());
         let addr = config.server.http;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let state = Arc::new(AppState {
@@ -60,12 +75,19 @@ impl Server {
             shutdown,
             ready: Default::default(),
             stats: crate::stats::Stats::new(),
+            auth,
+            inbox,
         });
         Ok(Server { state, listener })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// True when no credentials are configured (open development mode).
+    pub fn is_open(&self) -> bool {
+        self.state.auth.is_open()
     }
 
     pub fn state(&self) -> &Arc<AppState> {

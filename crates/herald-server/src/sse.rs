@@ -16,7 +16,9 @@ use axum::{
     response::Response,
 };
 use bytes::{BufMut, Bytes, BytesMut};
-use herald_core::{Channel, CursorToken, Filter, Gap, Message, Since, Target, Wire, cursor};
+use std::sync::Arc;
+
+use herald_core::{Channel, CursorToken, Filter, Gap, Message, Principal, Since, Target, Wire, cursor};
 
 use crate::{
     app::SharedState,
@@ -43,6 +45,7 @@ enum Ids {
 
 pub(crate) async fn single_channel(
     state: SharedState,
+    principal: Arc<Principal>,
     channel: Channel,
     headers: &HeaderMap,
     query: &Query,
@@ -52,9 +55,10 @@ pub(crate) async fn single_channel(
         Some(id) => Since::After(cursor::parse_id(id)?),
         None => query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0)),
     };
+    let expires_at = principal.expires_at();
     let targets = vec![Target::Channel(channel)];
-    let sub = Subscription::open(state.store.clone(), Some(&state.hub), targets, since, &CursorToken::default()).await?;
-    Ok(stream(state, sub, Ids::Plain))
+    let sub = state.subscribe(principal, targets, since, &CursorToken::default(), true).await?;
+    Ok(stream(state, sub, Ids::Plain, expires_at))
 }
 
 pub(crate) async fn multi_channel(
@@ -63,6 +67,7 @@ pub(crate) async fn multi_channel(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(raw.as_deref());
+    let principal = state.auth.authenticate(&headers, &query)?;
     let mut targets = Vec::new();
     for name in query.all("channel") {
         targets.push(Target::from_filter(Filter::parse(name)?));
@@ -78,9 +83,10 @@ pub(crate) async fn multi_channel(
         None => CursorToken::default(),
     };
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
-    let sub = Subscription::open(state.store.clone(), Some(&state.hub), targets, since, &token).await?;
+    let expires_at = principal.expires_at();
+    let sub = state.subscribe(principal, targets, since, &token, true).await?;
     let ids = if matches!(query.get("envelope"), Some("1" | "true")) { Ids::Envelope } else { Ids::Token };
-    Ok(stream(state, sub, ids))
+    Ok(stream(state, sub, ids, expires_at))
 }
 
 /// The resume cursor: the `Last-Event-ID` header (what a reconnecting browser
@@ -93,13 +99,14 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option<&'a str
         .or_else(|| query.get("lastEventId").filter(|v| !v.is_empty()))
 }
 
-fn stream(state: SharedState, sub: Subscription, ids: Ids) -> Response {
+fn stream(state: SharedState, sub: Subscription, ids: Ids, expires_at: Option<i64>) -> Response {
     let cfg = &state.config.sse;
     let settings = Settings {
         transport: Transport::Sse,
         content_type: "text/event-stream",
         heartbeat: cfg.heartbeat,
         lifetime: (!cfg.max_lifetime.is_zero()).then_some(cfg.max_lifetime),
+        expires_at,
     };
     let encoder = SseEncoder { retry: cfg.retry, ids };
     stream::respond(state, sub, encoder, settings)
@@ -135,7 +142,18 @@ impl Encoder for SseEncoder {
                 }
             }
             Delivery::Gap(g) => encode_gap(&g, buf),
+            Delivery::Unread(n) => {
+                buf.put_slice(b"event: unread\n");
+                put_data(buf, &format!("{{\"count\":{n}}}"));
+            }
         }
+    }
+
+    fn close(&self, code: &str, message: &str) -> Bytes {
+        let mut buf = BytesMut::new();
+        buf.put_slice(b"event: close\n");
+        put_data(&mut buf, &serde_json::json!({ "code": code, "message": message }).to_string());
+        buf.freeze()
     }
 }
 

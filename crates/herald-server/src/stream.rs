@@ -30,6 +30,9 @@ pub(crate) trait Encoder: Send + 'static {
     /// Sent when the stream has been quiet for a heartbeat interval.
     fn heartbeat(&self) -> Bytes;
     fn encode(&self, d: Delivery, sub: &Subscription, buf: &mut BytesMut);
+    /// Sent last when the server ends the stream for a reason the client must
+    /// act on (an expired token: reconnecting with it would be refused).
+    fn close(&self, code: &str, message: &str) -> Bytes;
 }
 
 pub(crate) struct Settings {
@@ -38,6 +41,9 @@ pub(crate) struct Settings {
     pub(crate) heartbeat: Duration,
     /// Close the stream after this long (`None`: never).
     pub(crate) lifetime: Option<Duration>,
+    /// When the credential expires (ms since the epoch): the stream is closed
+    /// then, with a `token_expired` close the client can act on.
+    pub(crate) expires_at: Option<i64>,
 }
 
 struct Streamer<E> {
@@ -45,6 +51,8 @@ struct Streamer<E> {
     preamble_sent: bool,
     heartbeat: Duration,
     end_at: Option<Instant>,
+    expires: Option<Instant>,
+    closed: bool,
     sub: Subscription,
     shutdown: CancellationToken,
     state: SharedState,
@@ -57,6 +65,8 @@ pub(crate) fn respond<E: Encoder>(state: SharedState, sub: Subscription, encoder
         preamble_sent: false,
         heartbeat: settings.heartbeat,
         end_at: settings.lifetime.map(|d| Instant::now() + d),
+        expires: settings.expires_at.map(instant_of),
+        closed: false,
         sub,
         shutdown: state.shutdown.clone(),
         _connection: state.stats.connect(settings.transport),
@@ -83,17 +93,18 @@ impl<E: Encoder> Streamer<E> {
             self.preamble_sent = true;
             return Some(self.encoder.preamble());
         }
-        let end_at = self.end_at;
-        let end = async move {
-            match end_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        if self.closed {
+            return None;
+        }
+        let expired = sleep_until(self.expires);
         let next = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return None,
-            _ = end => return None,
+            _ = expired => {
+                self.closed = true;
+                return Some(self.encoder.close("token_expired", "the token expired; reconnect with a new one"));
+            }
+            _ = sleep_until(self.end_at) => return None,
             d = self.sub.next() => d,
             _ = tokio::time::sleep(self.heartbeat) => return Some(self.encoder.heartbeat()),
         };
@@ -115,4 +126,17 @@ impl<E: Encoder> Streamer<E> {
         self.state.stats.delivered(count);
         Some(buf.freeze())
     }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The instant at wall-clock time `ms` (since the epoch).
+pub(crate) fn instant_of(ms: i64) -> Instant {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms).max(0) as u64)
 }

@@ -14,14 +14,30 @@ use std::{
     sync::Arc,
 };
 
-use herald_core::{Channel, CursorToken, Filter, Gap, Hub, Message, Since, Subscriber, Target, cursor};
+use herald_core::{Channel, CursorToken, Filter, Gap, Hub, Message, Principal, Since, Subscriber, Target, cursor};
 use herald_store::{Store, StoreError};
+
+use crate::inbox::{Inbox, UnreadWatch};
 
 /// What a transport sends next.
 #[derive(Debug, Clone)]
 pub enum Delivery {
     Message(Arc<Message>),
     Gap(Gap),
+    /// The unread count of the inbox this subscription includes.
+    Unread(u64),
+}
+
+/// What a subscription is opened with.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Arc<dyn Store>,
+    /// `None` for one-shot reads (short polling): nothing is registered.
+    pub hub: Option<Arc<Hub>>,
+    /// Present when inbox channels should carry unread counts.
+    pub inbox: Option<Arc<Inbox>>,
+    /// Every message is checked against it before delivery.
+    pub principal: Arc<Principal>,
 }
 
 /// History still to read, in order.
@@ -37,6 +53,12 @@ enum Backlog {
 
 pub struct Subscription {
     store: Arc<dyn Store>,
+    principal: Arc<Principal>,
+    inbox: Option<Arc<Inbox>>,
+    /// The count of the first inbox channel subscribed to, if any.
+    unread: Option<UnreadWatch>,
+    /// The current count is owed to the client (it comes first, then on change).
+    unread_due: bool,
     /// `None` for one-shot reads (short polling): nothing is registered.
     live: Option<Subscriber>,
     filters: Vec<Filter>,
@@ -53,16 +75,14 @@ const PAGE: usize = 256;
 impl Subscription {
     /// Opens a subscription to `targets`. Each channel starts from its entry in
     /// `token` if it has one, else from `since`.
-    pub async fn open(
-        store: Arc<dyn Store>,
-        hub: Option<&Arc<Hub>>,
-        targets: Vec<Target>,
-        since: Since,
-        token: &CursorToken,
-    ) -> Result<Self, StoreError> {
+    pub async fn open(cx: Context, targets: Vec<Target>, since: Since, token: &CursorToken) -> Result<Self, StoreError> {
         let mut s = Subscription {
-            store,
-            live: hub.map(|h| h.subscriber()),
+            store: cx.store,
+            principal: cx.principal,
+            inbox: cx.inbox,
+            unread: None,
+            unread_due: false,
+            live: cx.hub.as_ref().map(|h| h.subscriber()),
             filters: Vec::new(),
             cursors: BTreeMap::new(),
             backlog: VecDeque::new(),
@@ -91,6 +111,7 @@ impl Subscription {
         }
         match target {
             Target::Channel(ch) => {
+                self.watch_inbox(&ch).await?;
                 // Read after registering: `since=now` then means "after this head".
                 let window = self.store.read(ch.clone(), 0, 0).await?.window;
                 self.start_channel(ch, since, Some(window.head));
@@ -116,6 +137,7 @@ impl Subscription {
         self.ready.retain(|d| match d {
             Delivery::Message(m) => sub.listens_to(&m.channel),
             Delivery::Gap(g) => sub.listens_to(&g.channel),
+            Delivery::Unread(_) => true,
         });
         self.backlog.retain(|b| match b {
             Backlog::Read { channel, .. } => sub.listens_to(channel),
@@ -124,14 +146,27 @@ impl Subscription {
         true
     }
 
+    /// Starts carrying `channel`'s owner's unread count if it is an inbox (the
+    /// first one only: a client follows one inbox per connection).
+    async fn watch_inbox(&mut self, channel: &Channel) -> Result<(), StoreError> {
+        if let (Some(owner), Some(inbox), None) = (channel.inbox_owner(), &self.inbox, &self.unread) {
+            self.unread = Some(inbox.watch(owner).await?);
+            self.unread_due = true;
+        }
+        Ok(())
+    }
+
     async fn start(&mut self, target: Target, since: Since, token: &CursorToken) -> Result<(), StoreError> {
         match target {
             Target::Channel(ch) => {
+                self.watch_inbox(&ch).await?;
                 let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
                 self.start_channel(ch, start, None);
             }
             Target::Filter(f) => {
-                for (ch, head) in self.store.channels(f.clone()).await? {
+                let mut found = self.store.channels(f.clone()).await?;
+                found.retain(|(c, _)| self.principal.may_read(c));
+                for (ch, head) in found {
                     let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
                     self.start_channel(ch, start, Some(head));
                 }
@@ -172,6 +207,9 @@ impl Subscription {
     /// history (reading the store as needed), then whatever is already queued.
     pub async fn next_ready(&mut self) -> Result<Option<Delivery>, StoreError> {
         loop {
+            if let Some(n) = self.take_unread() {
+                return Ok(Some(Delivery::Unread(n)));
+            }
             if let Some(d) = self.pop_ready() {
                 return Ok(Some(d));
             }
@@ -191,6 +229,9 @@ impl Subscription {
     /// is already in memory behind a delivery that was just awaited.
     pub fn try_next(&mut self) -> Option<Delivery> {
         loop {
+            if let Some(n) = self.take_unread() {
+                return Some(Delivery::Unread(n));
+            }
             if let Some(d) = self.pop_ready() {
                 return Some(d);
             }
@@ -209,17 +250,41 @@ impl Subscription {
             if let Some(d) = self.next_ready().await? {
                 return Ok(d);
             }
-            let Some(sub) = self.live.as_mut() else {
-                return std::future::pending().await;
+            let unread_changed = async {
+                match self.unread.as_mut() {
+                    Some(w) => w.rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
             };
-            match sub.recv().await {
-                Some(msg) => self.accept_live(msg),
-                None => return std::future::pending().await,
+            let Some(sub) = self.live.as_mut() else {
+                if unread_changed.await {
+                    self.unread_due = true;
+                }
+                continue;
+            };
+            tokio::select! {
+                m = sub.recv() => match m {
+                    Some(msg) => self.accept_live(msg),
+                    None => return std::future::pending().await,
+                },
+                changed = unread_changed => if changed { self.unread_due = true },
             }
         }
     }
 
+    /// The unread count when it is owed: first thing, then after each change.
+    fn take_unread(&mut self) -> Option<u64> {
+        let w = self.unread.as_mut()?;
+        if std::mem::take(&mut self.unread_due) || w.rx.has_changed().unwrap_or(false) {
+            return Some(*w.rx.borrow_and_update());
+        }
+        None
+    }
+
     fn accept_live(&mut self, msg: Arc<Message>) {
+        if !self.principal.may_read(&msg.channel) {
+            return;
+        }
         let lagged = self.live.as_ref().is_some_and(Subscriber::take_lagged);
         if lagged {
             // Messages were dropped before this one. It is committed, so the
@@ -266,7 +331,8 @@ impl Subscription {
                 }
             }
             Backlog::Discover(filter) => {
-                let found = self.store.channels(filter).await?;
+                let mut found = self.store.channels(filter).await?;
+                found.retain(|(c, _)| self.principal.may_read(c));
                 self.backlog.pop_front();
                 for (ch, _) in found {
                     if !self.cursors.contains_key(&ch) {
@@ -294,6 +360,7 @@ impl Subscription {
                 Delivery::Gap(g) => {
                     self.cursors.insert(g.channel.clone(), g.to);
                 }
+                Delivery::Unread(_) => {}
             }
             return Some(d);
         }
@@ -313,6 +380,10 @@ mod tests {
         (Arc::new(store), hub)
     }
 
+    fn cx(store: &Arc<dyn Store>, hub: Option<&Arc<Hub>>) -> Context {
+        Context { store: store.clone(), hub: hub.cloned(), inbox: None, principal: Arc::new(Principal::Admin) }
+    }
+
     async fn publish(store: &Arc<dyn Store>, ch: &str, n: usize) {
         for i in 0..n {
             let m = NewMessage { channel: Channel::parse(ch).unwrap(), event: None, data: Data::text(i.to_string()) };
@@ -324,7 +395,8 @@ mod tests {
         ds.iter()
             .map(|d| match d {
                 Delivery::Message(m) => format!("{}:{}", m.channel, m.id),
-                Delivery::Gap(g) => format!("gap {}:{}-{}", g.channel, g.from, g.to),
+                    Delivery::Gap(g) => format!("gap {}:{}-{}", g.channel, g.from, g.to),
+                Delivery::Unread(n) => format!("unread {n}"),
             })
             .collect()
     }
@@ -342,7 +414,7 @@ mod tests {
         let (store, hub) = setup(64, RetentionRules::default());
         publish(&store, "c", 3).await;
         let t = vec![Target::Channel(Channel::parse("c").unwrap())];
-        let mut s = Subscription::open(store.clone(), Some(&hub), t, Since::After(1), &CursorToken::default()).await.unwrap();
+        let mut s = Subscription::open(cx(&store, Some(&hub)), t, Since::After(1), &CursorToken::default()).await.unwrap();
         publish(&store, "c", 2).await; // lands in the mailbox and in the store
         assert_eq!(ids(&drain(&mut s).await), ["c:2", "c:3", "c:4", "c:5"]);
         publish(&store, "c", 1).await;
@@ -354,10 +426,10 @@ mod tests {
         let (store, hub) = setup(64, RetentionRules { default: herald_core::Retention { size: 2, ttl_ms: None }, rules: vec![] });
         publish(&store, "c", 5).await;
         let t = || vec![Target::Channel(Channel::parse("c").unwrap())];
-        let mut now = Subscription::open(store.clone(), Some(&hub), t(), Since::Now, &CursorToken::default()).await.unwrap();
+        let mut now = Subscription::open(cx(&store, Some(&hub)), t(), Since::Now, &CursorToken::default()).await.unwrap();
         assert!(drain(&mut now).await.is_empty());
         assert_eq!(now.cursors()[&Channel::parse("c").unwrap()], 5);
-        let mut old = Subscription::open(store.clone(), None, t(), Since::After(1), &CursorToken::default()).await.unwrap();
+        let mut old = Subscription::open(cx(&store, None), t(), Since::After(1), &CursorToken::default()).await.unwrap();
         assert_eq!(ids(&drain(&mut old).await), ["gap c:2-3", "c:4", "c:5"]);
     }
 
@@ -365,7 +437,7 @@ mod tests {
     async fn lagging_subscriber_catches_up_from_the_store() {
         let (store, hub) = setup(2, RetentionRules::default());
         let t = vec![Target::Filter(Filter::parse("room/+").unwrap())];
-        let mut s = Subscription::open(store.clone(), Some(&hub), t, Since::After(0), &CursorToken::default()).await.unwrap();
+        let mut s = Subscription::open(cx(&store, Some(&hub)), t, Since::After(0), &CursorToken::default()).await.unwrap();
         publish(&store, "room/a", 5).await;
         publish(&store, "room/b", 3).await;
         let got = ids(&drain(&mut s).await);
@@ -382,7 +454,7 @@ mod tests {
         publish(&store, "room/b", 3).await;
         let token = CursorToken::decode("room/a=2,room/b=3").unwrap();
         let t = vec![Target::Filter(Filter::parse("room/#").unwrap())];
-        let mut s = Subscription::open(store.clone(), Some(&hub), t, Since::After(0), &token).await.unwrap();
+        let mut s = Subscription::open(cx(&store, Some(&hub)), t, Since::After(0), &token).await.unwrap();
         assert_eq!(ids(&drain(&mut s).await), ["room/a:3"]);
         assert_eq!(s.token().encode(), "room/a=3,room/b=3");
     }

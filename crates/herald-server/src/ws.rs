@@ -7,27 +7,31 @@
 //! usable; a client that keeps sending bad frames is closed with a reason. The
 //! server pings, and closes connections that stay silent for two ping intervals.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{
-        State, WebSocketUpgrade,
+        RawQuery, State, WebSocketUpgrade,
         ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket},
     },
+    http::HeaderMap,
     response::Response,
 };
 use bytes::Bytes;
 use futures_util::SinkExt;
-use herald_core::{CursorToken, EventName, Filter, Message, Since, Target, Wire, cursor};
+use herald_core::{CursorToken, EventName, Filter, Message, Principal, Since, Target, Wire, cursor};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 use tokio::time::Instant;
 
 use crate::{
     app::SharedState,
+    auth::forbidden,
     error::ApiError,
     publish,
+    query::Query,
     stats::Transport,
+    stream,
     subscription::{Delivery, Subscription},
 };
 
@@ -36,9 +40,17 @@ const FRAME_OVERHEAD: usize = 16 * 1024;
 /// Bad frames tolerated per minute before the connection is closed.
 const MAX_BAD_FRAMES: u32 = 20;
 
-pub(crate) async fn upgrade(State(state): State<SharedState>, ws: WebSocketUpgrade) -> Response {
+/// Authentication happens before the upgrade, so a refused client gets a plain
+/// 401/403 with a JSON body rather than a socket that closes at once.
+pub(crate) async fn upgrade(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let principal = state.auth.authenticate(&headers, &Query::parse(raw.as_deref()))?;
     let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
-    ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| session(state, socket))
+    Ok(ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| session(state, principal, socket)))
 }
 
 /// Every client frame, flat: the `type` decides which fields are required.
@@ -71,6 +83,7 @@ enum End {
 
 struct Session {
     state: SharedState,
+    principal: Arc<Principal>,
     socket: WebSocket,
     sub: Subscription,
     subscriptions: usize,
@@ -78,16 +91,17 @@ struct Session {
     bad_window: Instant,
 }
 
-async fn session(state: SharedState, socket: WebSocket) {
+async fn session(state: SharedState, principal: Arc<Principal>, socket: WebSocket) {
     let _connection = state.stats.connect(Transport::Ws);
-    let sub = match Subscription::open(state.store.clone(), Some(&state.hub), Vec::new(), Since::Now, &CursorToken::default()).await {
+    let cx = state.context(principal.clone(), true);
+    let sub = match Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "could not open a WebSocket subscription");
             return;
         }
     };
-    let mut s = Session { state, socket, sub, subscriptions: 0, bad_frames: 0, bad_window: Instant::now() };
+    let mut s = Session { state, principal, socket, sub, subscriptions: 0, bad_frames: 0, bad_window: Instant::now() };
     let end = s.run().await;
     match end {
         End::Close(code, reason) => {
@@ -107,10 +121,14 @@ impl Session {
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         let mut last_heard = Instant::now();
         let shutdown = self.state.shutdown.clone();
+        let expires = self.principal.expires_at().map(stream::instant_of);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(1012, "server restarting; reconnect and resume".into()),
+                _ = async { match expires { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    return End::Close(4001, "token_expired: reconnect with a new token".into());
+                }
                 frame = self.socket.recv() => {
                     last_heard = Instant::now();
                     let end = match frame {
@@ -160,6 +178,7 @@ impl Session {
                     v["type"] = "gap".into();
                     Bytes::from(v.to_string())
                 }
+                Delivery::Unread(n) => Bytes::from(format!("{{\"type\":\"unread\",\"count\":{n}}}")),
             };
             let text = Utf8Bytes::try_from(frame).expect("frames are built from UTF-8 JSON");
             self.socket.feed(WsMessage::Text(text)).await?;
@@ -238,6 +257,9 @@ impl Session {
 
     async fn subscribe(&mut self, channel: &str, since: Option<SinceValue>) -> Result<Value, ApiError> {
         let target = Target::from_filter(Filter::parse(channel)?);
+        if !self.principal.may_subscribe(&target) {
+            return Err(forbidden(format!("not allowed to subscribe to '{channel}'")));
+        }
         let since = match since {
             None => Since::After(0),
             Some(SinceValue::Id(n)) => Since::After(n),
@@ -282,7 +304,7 @@ impl Session {
             return Err(ApiError::payload_too_large(limit));
         }
         let data = publish::data_from_json(raw.get());
-        let result = publish::append(&self.state, vec![channel], event, data).await?;
+        let result = publish::append(&self.state, &self.principal, vec![channel], event, data).await?;
         let mut v = result.into_iter().next().expect("one channel, one id");
         v["type"] = "published".into();
         Ok(v)

@@ -11,7 +11,11 @@ use herald_server::{Config, Overrides, Server};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "One self-hosted binary for real-time push: polling, long polling, SSE (and more to come) over the same channels.")]
+#[command(
+    name = "herald",
+    version,
+    about = "One self-hosted binary for real-time push: polling, long polling, iframe, SSE and WebSocket over the same channels."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,6 +40,26 @@ enum Command {
         /// Keep everything in memory (nothing survives a restart).
         #[arg(long)]
         memory: bool,
+        /// Serve without authentication on a non-loopback address.
+        #[arg(long)]
+        allow_open: bool,
+    },
+    /// Mint a user token (JWT, HS256) with the configured [auth] jwt_secret.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Channel patterns the token may subscribe to (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Channel patterns the token may publish to (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        publish: Vec<String>,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long, env = "HERALD_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Publish one message and print its id.
     Publish {
@@ -74,9 +98,10 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, http, mqtt, data, memory } => {
-                serve(config, Overrides { http, mqtt, data, memory }).await
+            Command::Serve { config, http, mqtt, data, memory, allow_open } => {
+                serve(config, Overrides { http, mqtt, data, memory, allow_open }).await
             }
+            Command::Token { sub, channels, publish, ttl, config } => token(config, &sub, &channels, &publish, &ttl),
             Command::Publish { channel, data, event, json, text, server } => {
                 publish::run(&server, &channel, &data, event.as_deref(), publish::Kind::from_flags(json, text)).await
             }
@@ -111,6 +136,13 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Re
     let server = Server::bind(config, shutdown.clone()).await?;
     // Scripts and tests read this line to learn the port.
     println!("herald listening on http://{}", server.http_addr());
+    if server.is_open() {
+        tracing::warn!(
+            "OPEN MODE: no [auth] configured, so anyone who can reach {} may publish, subscribe and read every \
+             inbox. Fine for development; configure jwt_secret / api_keys before real use. Dev tokens: GET /api/dev/token?sub=USER",
+            server.http_addr()
+        );
+    }
     tracing::info!(addr = %server.http_addr(), "serving; messages kept {storage}");
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -133,4 +165,19 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn token(config: Option<PathBuf>, sub: &str, channels: &[String], publish: &[String], ttl: &str) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref(), &Overrides::default())?;
+    if config.auth.jwt_secret.is_empty() {
+        anyhow::bail!(
+            "no [auth] jwt_secret is configured (herald.toml or HERALD_AUTH_JWT_SECRET); \
+             a server in open mode hands out dev tokens at GET /api/dev/token?sub=USER"
+        );
+    }
+    let ttl = herald_server::config::parse_duration(ttl).map_err(anyhow::Error::msg)?;
+    let token = herald_server::auth::mint(config.auth.jwt_secret.as_bytes(), sub, channels, publish, ttl)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    println!("{token}");
+    Ok(())
 }
