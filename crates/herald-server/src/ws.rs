@@ -12,6 +12,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     extract::{
         RawQuery, State, WebSocketUpgrade,
+        ws::rejection::WebSocketUpgradeRejection,
         ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket},
     },
     http::HeaderMap,
@@ -46,9 +47,10 @@ pub(crate) async fn upgrade(
     State(state): State<SharedState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let principal = state.auth.authenticate(&headers, &Query::parse(raw.as_deref()))?;
+    let ws = ws.map_err(|e| ApiError::new(e.status(), "websocket_expected", e.body_text()))?;
     let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
     Ok(ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| session(state, principal, socket)))
 }
