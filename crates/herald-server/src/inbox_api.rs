@@ -154,16 +154,20 @@ pub(crate) async fn list(
     let mut unread = 0;
     let mut out = Vec::new();
     let mut next = Value::Null;
+    let mut last_included = None;
     for (m, read) in &items {
         unread += u64::from(!read);
-        let pos = (m.time, inbox::notification_id(&m.channel, m.id));
         if (unread_only && *read) || before.as_ref().is_some_and(|b| !comes_after(b, m)) {
             continue;
         }
         if out.len() == limit {
-            next = format!("{}:{}", pos.0, pos.1).into();
+            // More follow: the next page starts after the last item of this one.
+            if let Some((time, id)) = last_included.take() {
+                next = format!("{time}:{id}").into();
+            }
             continue;
         }
+        last_included = Some((m.time, inbox::notification_id(&m.channel, m.id)));
         out.push(item(m, *read));
     }
     Ok(Json(json!({ "notifications": out, "unread": unread, "next": next })))

@@ -67,6 +67,13 @@ pub(crate) async fn messages(
             }
         }
     }
+    if answer.unread.is_some()
+        && let Some(owner) = channel.inbox_owner()
+    {
+        // The count as of now: a message can reach this poll before the count
+        // it raises has been pushed to watchers.
+        answer.unread = Some(state.inbox.count(owner).await?);
+    }
     state.stats.delivered(answer.messages.len() as u64);
     let next = sub.cursors().get(&channel).copied().unwrap_or(0);
     Ok(answer.into_response(&channel, next))
