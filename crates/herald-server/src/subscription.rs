@@ -40,12 +40,20 @@ pub struct Context {
     pub principal: Arc<Principal>,
 }
 
+/// What [`Subscription::add`] reports for the `subscribed` answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Added {
+    /// The channel's latest id (channels only).
+    pub head: Option<u64>,
+    /// Whether a `gap` comes before the replayed messages.
+    pub gap: bool,
+}
+
 /// History still to read, in order.
 #[derive(Debug, Clone)]
 enum Backlog {
-    /// Read `channel` after `after` until the store has no more; `None` means
-    /// "start at the channel's head" (`since=now`).
-    Read { channel: Channel, after: Option<u64> },
+    /// Read `channel` after `after` until the store has no more.
+    Read { channel: Channel, after: u64 },
     /// Find channels matching a filter that this subscription has not seen yet
     /// (they appeared while it lagged) and read them from the start.
     Discover(Filter),
@@ -64,6 +72,9 @@ pub struct Subscription {
     filters: Vec<Filter>,
     /// The last id handed out per channel.
     cursors: BTreeMap<Channel, u64>,
+    /// Channels whose cursor is still where a start put it: nothing has been
+    /// handed out for them yet.
+    untouched: std::collections::HashSet<Channel>,
     backlog: VecDeque<Backlog>,
     ready: VecDeque<Delivery>,
     page: usize,
@@ -85,6 +96,7 @@ impl Subscription {
             live: cx.hub.as_ref().map(|h| h.subscriber()),
             filters: Vec::new(),
             cursors: BTreeMap::new(),
+            untouched: Default::default(),
             backlog: VecDeque::new(),
             ready: VecDeque::new(),
             page: PAGE,
@@ -102,26 +114,24 @@ impl Subscription {
         Ok(s)
     }
 
-    /// Adds a target to a live subscription (WebSocket `subscribe`). For a
-    /// channel, returns its window as of now, from which the caller can tell the
-    /// client the head and whether a gap follows.
-    pub async fn add(&mut self, target: Target, since: Since) -> Result<Option<herald_core::Window>, StoreError> {
+    /// Adds a target to a live subscription (WebSocket `subscribe`) and tells
+    /// what the client should be told first: the channel's head (for a channel)
+    /// and whether a gap precedes the replay.
+    pub async fn add(&mut self, target: Target, since: Since) -> Result<Added, StoreError> {
         if let Some(sub) = self.live.as_mut() {
             sub.add(target.clone());
         }
-        match target {
-            Target::Channel(ch) => {
-                self.watch_inbox(&ch).await?;
-                // Read after registering: `since=now` then means "after this head".
-                let window = self.store.read(ch.clone(), 0, 0).await?.window;
-                self.start_channel(ch, since, Some(window.head));
-                Ok(Some(window))
-            }
-            filter => {
-                self.start(filter, since, &CursorToken::default()).await?;
-                Ok(None)
-            }
+        let head = match &target {
+            Target::Channel(ch) => Some(self.store.read(ch.clone(), 0, 0).await?.window.head),
+            Target::Filter(_) => None,
+        };
+        let scheduled = self.start(target, since, &CursorToken::default()).await?;
+        let mut gap = false;
+        for (ch, from) in scheduled {
+            let window = self.store.read(ch.clone(), 0, 0).await?.window;
+            gap |= cursor::plan(&ch, from, window).gap.is_some();
         }
+        Ok(Added { head, gap })
     }
 
     /// Stops delivering `target`: forgets its channels' cursors and drops what
@@ -134,6 +144,7 @@ impl Subscription {
         self.filters.retain(|f| !matches!(target, Target::Filter(g) if g == f));
         let sub = self.live.as_ref().expect("checked above");
         self.cursors.retain(|ch, _| sub.listens_to(ch));
+        self.untouched.retain(|ch| sub.listens_to(ch));
         self.ready.retain(|d| match d {
             Delivery::Message(m) => sub.listens_to(&m.channel),
             Delivery::Gap(g) => sub.listens_to(&g.channel),
@@ -156,40 +167,59 @@ impl Subscription {
         Ok(())
     }
 
-    async fn start(&mut self, target: Target, since: Since, token: &CursorToken) -> Result<(), StoreError> {
+    /// Starts a target; returns the channels whose replay it scheduled.
+    async fn start(&mut self, target: Target, since: Since, token: &CursorToken) -> Result<Vec<(Channel, u64)>, StoreError> {
+        let mut scheduled = Vec::new();
         match target {
             Target::Channel(ch) => {
                 self.watch_inbox(&ch).await?;
                 let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
-                self.start_channel(ch, start, None);
+                // Resolve `now` at once, after registering: anything published
+                // from here on is after this head.
+                let head = match start {
+                    Since::Now => self.store.read(ch.clone(), 0, 0).await?.window.head,
+                    Since::After(_) => 0,
+                };
+                scheduled.extend(self.start_channel(ch.clone(), start, head).map(|from| (ch, from)));
             }
             Target::Filter(f) => {
                 let mut found = self.store.channels(f.clone()).await?;
                 found.retain(|(c, _)| self.principal.may_read(c));
                 for (ch, head) in found {
                     let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
-                    self.start_channel(ch, start, Some(head));
+                    scheduled.extend(self.start_channel(ch.clone(), start, head).map(|from| (ch, from)));
                 }
                 if !self.filters.contains(&f) {
                     self.filters.push(f);
                 }
             }
         }
-        Ok(())
+        Ok(scheduled)
     }
 
-    fn start_channel(&mut self, channel: Channel, start: Since, known_head: Option<u64>) {
-        if self.cursors.contains_key(&channel) {
-            return; // Named twice (a channel and a filter covering it).
+    /// Schedules `channel` from `start`; `head` resolves `since=now`. Returns
+    /// the cursor its replay starts after, when a replay was scheduled.
+    fn start_channel(&mut self, channel: Channel, start: Since, head: u64) -> Option<u64> {
+        let from = start.resolve(head);
+        if let Some(cur) = self.cursors.get(&channel)
+            && (*cur <= from || !self.untouched.contains(&channel))
+        {
+            // Already covered from at least as early (a channel named twice,
+            // or by a channel and a filter), or already delivered from: going
+            // back would hand the client messages twice.
+            return None;
         }
-        match (start, known_head) {
-            (Since::Now, Some(head)) => {
-                self.cursors.insert(channel, head);
-            }
-            (Since::Now, None) => self.backlog.push_back(Backlog::Read { channel, after: None }),
-            (Since::After(n), _) => {
-                self.cursors.insert(channel.clone(), n);
-                self.backlog.push_back(Backlog::Read { channel, after: Some(n) });
+        // An earlier start for a channel nothing was delivered from yet: replay
+        // it from there instead, dropping what was queued for it.
+        self.untouched.insert(channel.clone());
+        self.backlog.retain(|b| !matches!(b, Backlog::Read { channel: c, .. } if *c == channel));
+        self.ready.retain(|d| !matches!(d, Delivery::Message(m) if m.channel == channel));
+        self.cursors.insert(channel.clone(), from);
+        match start {
+            Since::Now => None,
+            Since::After(_) => {
+                self.backlog.push_back(Backlog::Read { channel, after: from });
+                Some(from)
             }
         }
     }
@@ -298,7 +328,7 @@ impl Subscription {
     fn schedule_catch_up(&mut self) {
         tracing::debug!(channels = self.cursors.len(), "subscriber lagged; catching up from the store");
         for (ch, id) in &self.cursors {
-            self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: Some(*id) });
+            self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: *id });
         }
         for f in &self.filters {
             self.backlog.push_back(Backlog::Discover(f.clone()));
@@ -307,12 +337,7 @@ impl Subscription {
 
     async fn process(&mut self, item: Backlog) -> Result<(), StoreError> {
         match item {
-            Backlog::Read { channel, after: None } => {
-                let page = self.store.read(channel.clone(), 0, 0).await?;
-                self.backlog.pop_front();
-                self.cursors.insert(channel, page.window.head);
-            }
-            Backlog::Read { channel, after: Some(after) } => {
+            Backlog::Read { channel, after } => {
                 let mut page = self.store.read(channel.clone(), after, self.page).await?;
                 let plan = cursor::plan(&channel, after, page.window);
                 if plan.after != after && page.messages.is_empty() && plan.gap.as_ref().is_some_and(|g| g.reset) {
@@ -327,7 +352,7 @@ impl Subscription {
                 let last = page.messages.last().map(|m| m.id);
                 self.ready.extend(page.messages.into_iter().map(Delivery::Message));
                 if full && let Some(last) = last {
-                    self.backlog.push_front(Backlog::Read { channel, after: Some(last) });
+                    self.backlog.push_front(Backlog::Read { channel, after: last });
                 }
             }
             Backlog::Discover(filter) => {
@@ -337,7 +362,7 @@ impl Subscription {
                 for (ch, _) in found {
                     if !self.cursors.contains_key(&ch) {
                         self.cursors.insert(ch.clone(), 0);
-                        self.backlog.push_back(Backlog::Read { channel: ch, after: Some(0) });
+                        self.backlog.push_back(Backlog::Read { channel: ch, after: 0 });
                     }
                 }
             }
@@ -356,9 +381,11 @@ impl Subscription {
                         continue;
                     }
                     *cur = m.id;
+                    self.untouched.remove(&m.channel);
                 }
                 Delivery::Gap(g) => {
                     self.cursors.insert(g.channel.clone(), g.to);
+                    self.untouched.remove(&g.channel);
                 }
                 Delivery::Unread(_) => {}
             }

@@ -20,7 +20,7 @@ use axum::{
 };
 use bytes::Bytes;
 use futures_util::SinkExt;
-use herald_core::{CursorToken, EventName, Filter, Message, Principal, Since, Target, Wire, cursor};
+use herald_core::{CursorToken, EventName, Filter, Message, Principal, Since, Target, Wire};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 use tokio::time::Instant;
@@ -275,15 +275,11 @@ impl Session {
         if self.subscriptions >= max {
             return Err(ApiError::bad_request("too_many_subscriptions", format!("at most {max} per connection")));
         }
-        let window = self.sub.add(target.clone(), since).await?;
+        let added = self.sub.add(target, since).await?;
         self.subscriptions += 1;
-        let mut v = json!({ "type": "subscribed", "channel": channel });
-        match (target, window) {
-            (Target::Channel(ch), Some(w)) => {
-                v["head"] = w.head.into();
-                v["gap"] = cursor::plan(&ch, since.resolve(w.head), w).gap.is_some().into();
-            }
-            _ => v["gap"] = false.into(),
+        let mut v = json!({ "type": "subscribed", "channel": channel, "gap": added.gap });
+        if let Some(head) = added.head {
+            v["head"] = head.into();
         }
         Ok(v)
     }

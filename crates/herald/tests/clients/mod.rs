@@ -5,7 +5,7 @@
 //! and `matrix.rs`; every wait is bounded so a hang fails instead of stalling.
 #![allow(dead_code, unreachable_pub)]
 
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
@@ -26,6 +26,8 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// A WebSocket connection to `/api/ws`.
 pub struct Ws {
     inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read ahead by [`Ws::subscribe_more`], handed out first by [`Ws::recv`].
+    pending: VecDeque<Value>,
 }
 
 impl Ws {
@@ -35,7 +37,7 @@ impl Ws {
             .expect("WebSocket handshake within 10s")
             .expect("WebSocket handshake");
         assert_eq!(res.status(), 101);
-        Ws { inner }
+        Ws { inner, pending: VecDeque::new() }
     }
 
     pub async fn send_json(&mut self, v: Value) {
@@ -64,6 +66,9 @@ impl Ws {
     /// The next JSON text frame; pings and pongs are skipped (tungstenite
     /// answers pings while we read). A close or a non-JSON frame fails the test.
     pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
         loop {
             match self.next_frame().await {
                 Some(Ok(Message::Text(t))) => {
@@ -82,14 +87,28 @@ impl Ws {
         v
     }
 
-    /// Subscribes and returns the `subscribed` frame, which must come first.
+    /// Subscribes and returns the `subscribed` frame, which must be the very
+    /// next frame: use it when nothing else can be in flight on the connection.
     pub async fn subscribe(&mut self, channel: &str, since: Option<Value>) -> Value {
-        let mut frame = json!({ "type": "subscribe", "channel": channel });
-        if let Some(since) = since {
-            frame["since"] = since;
-        }
-        self.send_json(frame).await;
+        self.send_json(subscribe_frame(channel, since)).await;
         let v = self.recv_type("subscribed").await;
+        assert_eq!(v["channel"], channel, "{v}");
+        v
+    }
+
+    /// Subscribes while earlier subscriptions may still be delivering: frames
+    /// arriving before the `subscribed` one are kept, in order, for `recv`.
+    pub async fn subscribe_more(&mut self, channel: &str, since: Option<Value>) -> Value {
+        self.send_json(subscribe_frame(channel, since)).await;
+        let mut ahead = Vec::new();
+        let v = loop {
+            let v = self.recv().await;
+            if v["type"] == "subscribed" {
+                break v;
+            }
+            ahead.push(v);
+        };
+        self.pending.extend(ahead);
         assert_eq!(v["channel"], channel, "{v}");
         v
     }
@@ -129,9 +148,17 @@ impl Ws {
     }
 }
 
+fn subscribe_frame(channel: &str, since: Option<Value>) -> Value {
+    let mut frame = json!({ "type": "subscribe", "channel": channel });
+    if let Some(since) = since {
+        frame["since"] = since;
+    }
+    frame
+}
+
 /// A WebSocket client that does the handshake by hand and then never writes
-/// another byte, so it never answers a ping. Returns the opcodes of the frames
-/// the server sends and, at the end, the close code if one came.
+/// another byte, so it never answers a ping; [`SilentWs::frame`] reads the
+/// server's frames raw (opcode and payload).
 pub struct SilentWs {
     tcp: TcpStream,
     buf: Vec<u8>,
@@ -209,6 +236,14 @@ pub enum Item {
     Markup(String),
 }
 
+impl Item {
+    /// A comment with something in it: the padding comment is blank, a
+    /// keep-alive is not.
+    pub fn is_keep_alive(&self) -> bool {
+        matches!(self, Item::Comment(c) if !c.trim_start_matches("<!--").trim_end_matches("-->").trim().is_empty())
+    }
+}
+
 /// A hidden-iframe stream, read line by line.
 pub struct Iframe {
     body: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
@@ -265,7 +300,8 @@ impl Iframe {
     fn classify(&self, line: &str) -> Item {
         let prefix = format!("<script>parent.{}(", self.callback);
         if let Some(rest) = line.strip_prefix(&prefix) {
-            let arg = rest.strip_suffix(");</script>").unwrap_or_else(|| panic!("script line does not end the call: {line:?}"));
+            let arg =
+                rest.strip_suffix(");</script>").unwrap_or_else(|| panic!("script line does not end the call: {line:?}"));
             // Nothing inside may end the script, open a comment or break the parse.
             for bad in ["<", ">", "&", "\u{2028}", "\u{2029}"] {
                 assert!(!arg.contains(bad), "raw {bad:?} inside a script call: {line:?}");
@@ -305,11 +341,15 @@ pub fn id_of(v: &Value) -> u64 {
     v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
 }
 
-/// Publishes `n` text messages `"{prefix}{i}"` to `channel`; returns their ids.
-pub async fn publish_many(s: &Server, channel: &str, prefix: &str, n: usize) -> Vec<u64> {
-    let mut ids = Vec::with_capacity(n);
-    for i in 0..n {
-        ids.push(crate::common::publish(s, channel, &format!("{prefix}{i}")).await);
+/// Publishes text messages `"m{id}"` for each id of `ids` to `channel`, and
+/// checks each publish got exactly that id (the channel's next one).
+pub async fn publish_ids(s: &Server, channel: &str, ids: std::ops::RangeInclusive<u64>) {
+    for id in ids {
+        assert_eq!(crate::common::publish(s, channel, &format!("m{id}")).await, id, "publish m{id} to {channel}");
     }
-    ids
+}
+
+/// The payload `publish_ids` gave message `id`.
+pub fn text_of(id: u64) -> String {
+    format!("m{id}")
 }
