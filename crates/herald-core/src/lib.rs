@@ -20,5 +20,5 @@ pub use channel::{Channel, ChannelError};
 pub use cursor::{CursorError, CursorToken, Gap, Replay, Since, Window};
 pub use filter::{Filter, FilterError};
 pub use hub::{Hub, Subscriber, Target};
-pub use message::{Data, DataKind, EventName, EventNameError, Message, NewMessage, Wire};
+pub use message::{Data, DataKind, EventName, EventNameError, Message, Meta, NewMessage, Wire};
 pub use retention::{Retention, RetentionRules};

@@ -66,6 +66,9 @@ pub enum DataKind {
     Json = 1,
     /// UTF-8 text.
     Text = 2,
+    /// Anything else (MQTT payloads that are not UTF-8). JSON forms carry it
+    /// base64-encoded, with `"encoding":"base64"` beside it.
+    Binary = 3,
 }
 
 impl DataKind {
@@ -73,6 +76,7 @@ impl DataKind {
         match v {
             1 => Some(DataKind::Json),
             2 => Some(DataKind::Text),
+            3 => Some(DataKind::Binary),
             _ => None,
         }
     }
@@ -103,6 +107,19 @@ impl Data {
         Ok(Data { kind: DataKind::Text, bytes })
     }
 
+    /// Any bytes: JSON objects and arrays become JSON, UTF-8 becomes text, the
+    /// rest stays binary. How MQTT payloads, which carry no type, are kept.
+    pub fn sniff(bytes: Bytes) -> Self {
+        let looks_json = matches!(bytes.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['));
+        if looks_json && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+            return Data { kind: DataKind::Json, bytes };
+        }
+        match std::str::from_utf8(&bytes) {
+            Ok(_) => Data { kind: DataKind::Text, bytes },
+            Err(_) => Data { kind: DataKind::Binary, bytes },
+        }
+    }
+
     /// Rebuilds data read back from a store that only holds validated payloads.
     pub fn from_trusted(kind: DataKind, bytes: Bytes) -> Self {
         Data { kind, bytes }
@@ -124,18 +141,20 @@ impl Data {
         self.bytes.is_empty()
     }
 
-    /// The payload as UTF-8 text (both kinds are UTF-8).
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes).unwrap_or_default()
+    /// The payload as text: JSON and text as they are, binary as base64.
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        match self.kind {
+            DataKind::Binary => std::borrow::Cow::Owned(base64(&self.bytes)),
+            _ => std::borrow::Cow::Borrowed(std::str::from_utf8(&self.bytes).unwrap_or_default()),
+        }
     }
 
-    /// Writes the payload as a JSON value: JSON as is, text as a JSON string.
+    /// Writes the payload as a JSON value: JSON as is, text and binary (base64)
+    /// as a JSON string.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         match self.kind {
             DataKind::Json => out.extend_from_slice(&self.bytes),
-            DataKind::Text => {
-                serde_json::to_writer(&mut *out, self.as_str()).expect("writing to a Vec cannot fail")
-            }
+            _ => serde_json::to_writer(&mut *out, &*self.as_str()).expect("writing to a Vec cannot fail"),
         }
     }
 }
@@ -146,12 +165,45 @@ impl fmt::Debug for Data {
     }
 }
 
+/// Standard base64 with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+/// Publish properties that only some transports carry (MQTT's QoS, retain
+/// flag and v5 properties). Kept with the message in memory so MQTT
+/// subscribers get them; not stored (a replay from history has none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// The QoS it was published with (messages from HTTP count as 1).
+    pub qos: u8,
+    pub retain: bool,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub payload_utf8: Option<bool>,
+    /// When it expires (ms since the epoch), from MQTT's message expiry.
+    pub expires_at: Option<i64>,
+    /// The MQTT session that published it, for the no-local option.
+    pub origin: Option<u64>,
+}
+
 /// What a publisher asks to store.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub channel: Channel,
     pub event: Option<EventName>,
     pub data: Data,
+    pub meta: Option<std::sync::Arc<Meta>>,
 }
 
 /// The wire formats whose encodings are cached on a message. The core only names
@@ -184,12 +236,18 @@ pub struct Message {
     pub data: Data,
     /// Milliseconds since the Unix epoch (UTC), set by the store at commit.
     pub time: i64,
+    pub meta: Option<std::sync::Arc<Meta>>,
     encoded: [OnceLock<Bytes>; WIRE_FORMATS],
 }
 
 impl Message {
     pub fn new(channel: Channel, id: u64, event: Option<EventName>, data: Data, time: i64) -> Self {
-        Message { channel, id, event, data, time, encoded: Default::default() }
+        Message { channel, id, event, data, time, meta: None, encoded: Default::default() }
+    }
+
+    pub fn with_meta(mut self, meta: Option<std::sync::Arc<Meta>>) -> Self {
+        self.meta = meta;
+        self
     }
 
     /// The cached encoding for `wire`, computed by `encode` the first time only.
@@ -215,6 +273,9 @@ impl Message {
         }
         out.extend_from_slice(b",\"data\":");
         self.data.write_json(&mut out);
+        if self.data.kind() == DataKind::Binary {
+            out.extend_from_slice(b",\"encoding\":\"base64\"");
+        }
         out.extend_from_slice(format!(",\"time\":\"{}\"}}", crate::time::rfc3339_ms(self.time)).as_bytes());
         out
     }
@@ -259,6 +320,20 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&t.json()).unwrap();
         assert_eq!(v["data"], "say \"hi\"\n");
         assert!(v.get("event").is_none());
+    }
+
+    #[test]
+    fn sniffing_and_binary() {
+        assert_eq!(Data::sniff(Bytes::from_static(b" {\"a\":1}")).kind(), DataKind::Json);
+        assert_eq!(Data::sniff(Bytes::from_static(b"42")).kind(), DataKind::Text, "only objects and arrays are JSON");
+        assert_eq!(Data::sniff(Bytes::from_static(b"{broken")).kind(), DataKind::Text);
+        let bin = Data::sniff(Bytes::from_static(&[0xff, 0x00, 0x10]));
+        assert_eq!(bin.kind(), DataKind::Binary);
+        assert_eq!(bin.as_str(), "/wAQ");
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        let m = Message::new(Channel::parse("b").unwrap(), 1, None, bin, 0);
+        let v: serde_json::Value = serde_json::from_slice(&m.json()).unwrap();
+        assert_eq!((v["data"].as_str(), v["encoding"].as_str()), (Some("/wAQ"), Some("base64")));
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub(crate) async fn notify(
     let data = herald_core::Data::json(payload).expect("serialised JSON");
     let event = EventName::from_trusted(NOTIFICATION_EVENT);
     let batch: Vec<NewMessage> =
-        channels.into_iter().map(|channel| NewMessage { channel, event: Some(event.clone()), data: data.clone() }).collect();
+        channels.into_iter().map(|channel| NewMessage { channel, event: Some(event.clone()), data: data.clone(), meta: None }).collect();
     let stored = state.store.append(batch).await?;
     let results: Vec<Value> = stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect();
     Ok(Json(if results.len() == 1 { results[0].clone() } else { json!({ "results": results }) }))

@@ -123,7 +123,7 @@ pub(crate) async fn append(
         return Err(forbidden(format!("not allowed to publish to '{c}': {why}")));
     }
     let batch =
-        channels.into_iter().map(|channel| NewMessage { channel, event: event.clone(), data: data.clone() }).collect();
+        channels.into_iter().map(|channel| NewMessage { channel, event: event.clone(), data: data.clone(), meta: None }).collect();
     let stored = state.store.append(batch).await?;
     Ok(stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect())
 }

@@ -161,7 +161,7 @@ impl Encoder for SseEncoder {
 fn encode_single(m: &Message) -> Bytes {
     let mut buf = BytesMut::with_capacity(m.data.len() + 32);
     buf.put_slice(format!("id: {}\n", m.id).as_bytes());
-    put_event_and_data(&mut buf, m, m.data.as_str());
+    put_event_and_data(&mut buf, m, &m.data.as_str());
     buf.freeze()
 }
 

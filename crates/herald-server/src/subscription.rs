@@ -413,7 +413,7 @@ mod tests {
 
     async fn publish(store: &Arc<dyn Store>, ch: &str, n: usize) {
         for i in 0..n {
-            let m = NewMessage { channel: Channel::parse(ch).unwrap(), event: None, data: Data::text(i.to_string()) };
+            let m = NewMessage { channel: Channel::parse(ch).unwrap(), event: None, data: Data::text(i.to_string()), meta: None };
             store.append(vec![m]).await.unwrap();
         }
     }

@@ -63,7 +63,7 @@ impl Store for MemoryStore {
                 let retention = self.config.retention.for_channel(&m.channel);
                 let log = st.logs.entry(m.channel.clone()).or_insert(Log { head: 0, messages: VecDeque::new() });
                 log.head += 1;
-                let msg = Arc::new(Message::new(m.channel, log.head, m.event, m.data, now));
+                let msg = Arc::new(Message::new(m.channel, log.head, m.event, m.data, now).with_meta(m.meta));
                 log.messages.push_back(msg.clone());
                 while log.messages.len() as u64 > retention.size {
                     log.messages.pop_front();

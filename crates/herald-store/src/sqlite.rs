@@ -367,7 +367,7 @@ impl Writer {
                         &m.data.bytes()[..],
                         now
                     ])?;
-                msgs.push(Arc::new(Message::new(m.channel, id, m.event, m.data, now)));
+                msgs.push(Arc::new(Message::new(m.channel, id, m.event, m.data, now).with_meta(m.meta)));
             }
             out.push(msgs);
         }

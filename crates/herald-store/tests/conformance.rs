@@ -53,7 +53,7 @@ fn ch(s: &str) -> Channel {
 }
 
 fn new(channel: &str, text: &str) -> NewMessage {
-    NewMessage { channel: ch(channel), event: None, data: Data::text(text) }
+    NewMessage { channel: ch(channel), event: None, data: Data::text(text), meta: None }
 }
 
 fn ids(msgs: &[Arc<Message>]) -> Vec<u64> {
@@ -200,7 +200,7 @@ async fn payload_kind_and_event_survive(make: fn(RetentionRules) -> Fixture) {
     let f = make(RetentionRules::default());
     let json = Data::json(bytes::Bytes::from_static(b"{\"a\": 1}")).unwrap();
     let ev = herald_core::EventName::parse("chat").unwrap();
-    f.store.append(vec![NewMessage { channel: ch("c"), event: Some(ev.clone()), data: json.clone() }]).await.unwrap();
+    f.store.append(vec![NewMessage { channel: ch("c"), event: Some(ev.clone()), data: json.clone(), meta: None }]).await.unwrap();
     let page = f.store.read(ch("c"), 0, 10).await.unwrap();
     assert_eq!(page.messages[0].data, json);
     assert_eq!(page.messages[0].event, Some(ev));
