@@ -13,9 +13,10 @@
  * last message it handed to the application (the cursor). Every (re)connection,
  * on any transport, asks the server for exactly the messages after those
  * cursors, and anything at or below a cursor is dropped: the application sees
- * each message once, in order, whatever the network does. A transport that never
- * opens is skipped for the next one at once; a connection that drops is
- * reopened with exponential backoff and jitter.
+ * each message once, in order, whatever the network does. A transport that
+ * cannot open while the server answers plain HTTP is skipped for the next one
+ * at once; a connection that drops, or a server out of reach, is retried on the
+ * same transport with exponential backoff and jitter.
  *
  * A transport is a function `(herald, ctx) => connection` that reports through
  * `ctx` (opened, message, gap, unread, error, closed) and returns an object with
@@ -44,10 +45,8 @@ const DEFAULTS = {
   backoffMax: 15000,     // ms: the longest wait between two attempts
   connectTimeout: 10000, // ms a transport may take to open before it counts as failed
   publishTimeout: 10000, // ms to wait for a WebSocket publish acknowledgement
+  iframeStallTimeout: 45000, // ms of silence after which an iframe stream counts as dead
 };
-
-/** Tries of a transport that has worked before, before the next one is tried. */
-const RETRIES_BEFORE_FALLBACK = 3;
 
 export class Herald {
   /**
@@ -66,12 +65,15 @@ export class Herald {
     this._ref = 0;
     this._index = 0;              // which of this.transports is in use
     this._failures = 0;           // attempts in a row that did not open
-    this._proven = new Set();     // transports that have opened at least once
+    this._strikes = 0;            // failures of this transport while the server answered
+    this._everOpened = false;     // 'connecting' before the first open, 'reconnecting' after
+    this._decision = null;        // set while _lost() checks whether the server is reachable
     this._attempt = null;         // the current connection attempt (stale callbacks check it)
     this._conn = null;            // the current transport connection
     this._timer = null;           // the scheduled (re)connect
     this._closed = false;
     this._status = { state: 'closed', transport: null };
+    this.unread = null;           // the inbox's unread count, once the server has said
     this._onOnline = () => { if (this._timer) this._restart(); };
     if (typeof addEventListener === 'function') addEventListener('online', this._onOnline);
   }
@@ -140,7 +142,12 @@ export class Herald {
     return body.id;
   }
 
-  /** Listens for 'status', 'unread', 'gap' or 'error'. Returns `off()`. */
+  /**
+   * Listens for 'status' ({state, transport, reason?}), 'unread' (the count of
+   * an inbox `user/{id}` this client follows, on every change; also in
+   * `h.unread`), 'gap' ({channel, from, to, reset?}: ids known lost) or 'error'
+   * (a HeraldError). Returns `off()`.
+   */
   on(name, fn) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
     this._listeners.get(name).add(fn);
@@ -151,6 +158,7 @@ export class Herald {
 
   /** Drops the connection and opens a new one at once (resuming every channel). */
   reconnect() {
+    if (this._closed && typeof addEventListener === 'function') addEventListener('online', this._onOnline);
     this._closed = false;
     this._failures = 0;
     this._restart();
@@ -160,6 +168,7 @@ export class Herald {
   setTransports(transports) {
     this.transports = checkTransports(transports);
     this._index = 0;
+    this._strikes = 0;
     this.reconnect();
   }
 
@@ -180,7 +189,10 @@ export class Herald {
       this._disconnect(null);
       return this._setStatus('closed', null);
     }
-    if (this._conn?.[op]) return this._conn[op](key);
+    // A channel added with since 'now' goes through a reconnect, which first
+    // turns 'now' into the channel's head (see _resolveNow).
+    const fresh = op === 'add' && this._cursors.get(key) === 'now';
+    if (this._conn?.[op] && !fresh) return this._conn[op](key);
     if (this._timer) return; // a (re)connect is already scheduled and will see the change
     this._restart();
   }
@@ -194,6 +206,7 @@ export class Herald {
   _disconnect(err) {
     clearTimeout(this._timer);
     this._timer = null;
+    this._decision = null;
     if (this._attempt) clearTimeout(this._attempt.timer);
     this._attempt = null;
     const conn = this._conn;
@@ -214,7 +227,7 @@ export class Herald {
     const name = this.transports[this._index];
     const attempt = { name, opened: false, timer: null };
     this._attempt = attempt;
-    this._setStatus(this._proven.size ? 'reconnecting' : 'connecting', name);
+    this._setStatus(this._everOpened ? 'reconnecting' : 'connecting', name);
     const live = () => this._attempt === attempt;
     attempt.timer = setTimeout(() => this._lost(attempt, new HeraldError('timeout', `${name} did not open in time`)),
       this.options.connectTimeout);
@@ -228,7 +241,7 @@ export class Herald {
       opened: () => live() && !attempt.opened && this._opened(attempt),
       message: msg => live() && this._deliver(msg),
       gap: gap => live() && this._gap(gap),
-      unread: count => live() && this._emit('unread', count),
+      unread: count => live() && this._setUnread(count),
       error: err => live() && this._emit('error', err),
       closed: err => this._lost(attempt, err),
     };
@@ -244,32 +257,63 @@ export class Herald {
 
   _opened(attempt) {
     attempt.opened = true;
+    attempt.openedAt = Date.now();
     clearTimeout(attempt.timer);
-    this._failures = 0;
-    this._proven.add(attempt.name);
+    this._everOpened = true;
     this._setStatus('open', attempt.name);
   }
 
   /** A connection attempt failed or an open connection dropped: decide what comes next. */
-  _lost(attempt, err) {
+  async _lost(attempt, err) {
     if (this._attempt !== attempt) return; // stale: already replaced or closed
     this._disconnect(err);
     if (this._closed) return;
-    let delay;
-    if (attempt.opened) {
-      delay = this._backoff(); // it worked: retry the same transport soon
-    } else {
-      this._failures++;
-      // An unproven transport is skipped at once; a proven one gets a few tries
-      // (the server may just be restarting) before the next is tried too.
-      if (!this._proven.has(attempt.name) || this._failures % RETRIES_BEFORE_FALLBACK === 0) {
-        this._index = (this._index + 1) % this.transports.length;
-      }
-      const untried = !this._proven.has(attempt.name) && this._failures < this.transports.length;
-      delay = untried ? 50 : this._backoff();
+    // The server said no (a missing or expired token, a forbidden channel):
+    // the application should hear of it; retrying is still right (a new token
+    // may come), but the backoff keeps it slow.
+    if (err?.status >= 400 && err.status < 500) this._emit('error', err);
+    this._setStatus('reconnecting', attempt.name, err?.message);
+    // It worked for a while: the same transport again, soon. (One that drops
+    // right after opening, as behind a proxy that accepts and then cuts
+    // WebSockets, counts as not having opened.)
+    if (attempt.opened && Date.now() - attempt.openedAt > 2000) {
+      this._failures = 0;
+      this._strikes = 0;
+      return this._schedule(this._backoff());
     }
+    this._failures++;
+    // A transport that cannot open while the server is reachable is blocked
+    // somewhere (a proxy, a firewall): the next one is tried at once. When the
+    // server itself is out of reach (restarting, or this device offline), no
+    // transport is to blame: the same one is tried again after a backoff.
+    const decision = this._decision = {};
+    const reachable = await this._reachable();
+    if (this._decision !== decision) return; // reconnect(), close() or a subscription change came first
+    this._decision = null;
+    // Two strikes, so that a server that came back between the failure and the
+    // check does not cost the preferred transport (a timeout counts as both).
+    this._strikes = reachable ? this._strikes + (err?.code === 'timeout' ? 2 : 1) : 0;
+    if (this._strikes >= 2) {
+      this._strikes = 0;
+      this._index = (this._index + 1) % this.transports.length;
+    }
+    const firstRound = reachable && this._failures < 2 * this.transports.length;
     this._setStatus('reconnecting', this.transports[this._index], err?.message);
-    this._schedule(delay);
+    this._schedule(firstRound ? 50 : this._backoff());
+  }
+
+  /** Does the server answer at all? (Any HTTP answer counts; `no-cors` so another origin works too.) */
+  async _reachable() {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), 5000);
+    try {
+      await fetch(`${this.url}/healthz`, { mode: 'no-cors', cache: 'no-store', signal: ctrl.signal });
+      return true;
+    } catch {
+      return false;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Exponential backoff with "equal jitter": half fixed, half random, so a herd spreads out. */
@@ -312,6 +356,13 @@ export class Herald {
     // `reset`: the server has a different history; what follows replaces ours.
     if (g.reset || typeof last !== 'number' || g.to > last) this._cursors.set(g.channel, g.to);
     this._emit('gap', g);
+  }
+
+  /** An inbox's unread count (the red dot): emitted when it changes. */
+  _setUnread(count) {
+    if (!Number.isSafeInteger(count) || count === this.unread) return;
+    this.unread = count;
+    this._emit('unread', count);
   }
 
   _settle(ref, err, id) {
@@ -433,7 +484,7 @@ function connectSse(h, ctx) {
   const filters = [...h._subs.values()].filter(s => s.filter);
   if (filters.some(s => s.since === 'now')) q.set('since', 'now');
   if (h.token) q.set('token', h.token);
-  const es = new EventSource(`${h.url}/api/events?${q}`, { withCredentials: false });
+  const es = new EventSource(`${h.url}/api/events?${q}`);
   const json = fn => e => { try { fn(JSON.parse(e.data)); } catch { /* not ours */ } };
   es.onopen = () => ctx.opened();
   es.onmessage = json(msg => ctx.message(msg));
@@ -459,9 +510,10 @@ function pollChannels(h, ctx, wait) {
   const run = async (channel, ctrl) => {
     let first = true; // the first request never waits, so the connection opens at once
     let full = false;
+    let unread = null; // an inbox's count as last answered: a long poll also returns when it changes
     while (!ctrl.signal.aborted) {
       const since = h._sinceFor(channel);
-      const w = wait && !first ? `&wait=${wait}` : '';
+      const w = (wait && !first ? `&wait=${wait}` : '') + (wait && unread !== null ? `&unread=${unread}` : '');
       let res;
       try {
         res = await fetch(`${h.url}/api/channels/${channelPath(channel)}/messages?since=${since}&limit=100${w}`,
@@ -472,6 +524,7 @@ function pollChannels(h, ctx, wait) {
           if (body.missed) ctx.gap(body.missed);
           for (const m of body.messages) ctx.message({ channel, ...m });
           if (h._cursors.get(channel) === 'now') h._cursors.set(channel, body.next);
+          if (Number.isSafeInteger(body.unread)) ctx.unread(unread = body.unread);
           full = body.messages.length >= 100; // more is waiting: ask again at once
         }
       } catch (e) {
@@ -518,25 +571,32 @@ function connectIframe(h, ctx) {
     el.setAttribute('aria-hidden', 'true');
     el.tabIndex = -1;
     el.style.cssText = 'position:absolute;width:0;height:0;border:0;visibility:hidden';
-    const f = { el, callback, heard: Date.now(), lastNode: null };
+    const f = { el, callback, heard: Date.now(), lastNode: null, streaming: false };
     window[callback] = obj => {
       f.heard = Date.now();
       open();
-      if (obj && obj.type === 'gap') ctx.gap(obj);
+      if (obj?.type === 'gap') ctx.gap(obj);
+      else if (obj?.type === 'unread') ctx.unread(obj.count);
       else ctx.message(obj);
     };
     el.onload = () => ctx.closed(new HeraldError('iframe_ended', `the iframe stream of '${key}' ended`));
-    // Watch the frame: streaming means open; no new node for 45 s means stalled.
+    // Watch the frame: a document still loading is a live stream (open), one
+    // that stopped loading has ended. A connection cut mid-stream (server
+    // killed, network gone) leaves Chromium's document 'loading' for ever with
+    // no event at all: only silence tells, so no new node for 45 s (three
+    // missed keep-alives) counts as dead.
     f.watch = setInterval(() => {
       let doc = null;
-      try { doc = el.contentDocument; } catch { /* not readable */ }
-      const streaming = doc && doc.readyState === 'loading' && doc.URL !== 'about:blank' && doc.body;
-      if (streaming) {
+      try { doc = el.contentDocument; } catch { /* an error page is not readable */ }
+      if (doc && doc.URL !== 'about:blank' && doc.readyState === 'loading' && doc.body) {
+        f.streaming = true;
         open();
         const node = doc.body.lastChild;
         if (node !== f.lastNode) { f.lastNode = node; f.heard = Date.now(); }
+      } else if (f.streaming) {
+        return ctx.closed(new HeraldError('iframe_ended', `the iframe stream of '${key}' ended`));
       }
-      if (Date.now() - f.heard > 45000) ctx.closed(new HeraldError('iframe_stalled', 'the iframe stream went silent'));
+      if (Date.now() - f.heard > h.options.iframeStallTimeout) ctx.closed(new HeraldError('iframe_stalled', 'the iframe stream went silent'));
     }, 250);
     el.src = `${h.url}/api/channels/${channelPath(key)}/iframe?${q}`;
     document.body.appendChild(el);

@@ -42,6 +42,7 @@ pub struct AppState {
     pub stats: Arc<crate::stats::Stats>,
     pub auth: Auth,
     pub inbox: Arc<Inbox>,
+    pub mqtt: Arc<crate::mqtt::Broker>,
 }
 
 impl AppState {
@@ -100,6 +101,7 @@ pub fn app(state: SharedState) -> Router {
             get(inbox_api::list_members).put(inbox_api::add_members).delete(inbox_api::remove_members),
         )
         .route("/api/dev/token", get(inbox_api::dev_token))
+        .route("/mqtt", get(crate::mqtt::ws_upgrade))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)
         .method_not_allowed_fallback(|method: Method| async move {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that may be set from the environment. Anything else with the
 /// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
-const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws", "auth"];
+const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,6 +30,7 @@ pub struct Config {
     pub longpoll: LongPollConfig,
     pub ws: WsConfig,
     pub auth: AuthConfig,
+    pub mqtt: MqttConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +186,45 @@ pub struct WsConfig {
 impl Default for WsConfig {
     fn default() -> Self {
         WsConfig { ping: Duration::from_secs(30), max_subscriptions: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Largest keep-alive a client may ask for; longer ones are cut to this
+    /// and told so (MQTT 5 server keep-alive). "0" accepts any.
+    #[serde(with = "duration")]
+    pub max_keepalive: Duration,
+    /// QoS 1 and 2 publishes a client may have unacknowledged towards us.
+    pub receive_max: u16,
+    /// QoS 1 and 2 messages we have in flight towards a client that set no
+    /// receive maximum (MQTT 3).
+    pub send_max: u16,
+    /// Longest a disconnected persistent session is kept.
+    #[serde(with = "duration")]
+    pub session_expiry_max: Duration,
+    /// Messages on non-channel topics queued for one session while it is
+    /// offline or slow; beyond it the oldest are dropped.
+    pub offline_queue: usize,
+    /// Topic aliases a client may use towards us (MQTT 5).
+    pub topic_alias_max: u16,
+    /// Filters nobody may subscribe to (refused with 0x80/0x87).
+    #[serde(deserialize_with = "list")]
+    pub deny_subscribe: Vec<String>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_keepalive: Duration::ZERO,
+            receive_max: 100,
+            send_max: 100,
+            session_expiry_max: Duration::from_secs(7 * 86_400),
+            offline_queue: 1000,
+            topic_alias_max: 16,
+            deny_subscribe: Vec::new(),
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod health;
 mod iframe;
 pub mod inbox;
 mod inbox_api;
+pub mod mqtt;
 mod pages;
 mod poll;
 mod publish;

@@ -40,6 +40,7 @@ pub enum ServerError {
 pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
+    mqtt: Option<TcpListener>,
 }
 
 impl Server {
@@ -77,8 +78,20 @@ impl Server {
             stats: crate::stats::Stats::new(),
             auth,
             inbox,
+            mqtt: Default::default(),
         });
-        Ok(Server { state, listener })
+        let mqtt = match state.config.server.mqtt.trim() {
+            "" | "off" => None,
+            addr => {
+                let parsed: SocketAddr =
+                    addr.parse().map_err(|_| ConfigError::Invalid(format!("[server] mqtt: '{addr}' is not an address")))?;
+                if state.auth.is_open() && !parsed.ip().is_loopback() && !state.config.auth.allow_open {
+                    return Err(ServerError::OpenOnNetwork(parsed));
+                }
+                Some(TcpListener::bind(parsed).await.map_err(|source| ServerError::Bind { addr: parsed, source })?)
+            }
+        };
+        Ok(Server { state, listener, mqtt })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -90,6 +103,11 @@ impl Server {
         self.state.auth.is_open()
     }
 
+    /// The MQTT listener's address, when it is on.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
     }
@@ -97,7 +115,10 @@ impl Server {
     /// Serves until shutdown, then waits (up to the grace period) for open
     /// requests to finish and closes the store.
     pub async fn run(self) -> Result<(), ServerError> {
-        let Server { state, listener } = self;
+        let Server { state, listener, mqtt } = self;
+        if let Some(l) = mqtt {
+            crate::mqtt::spawn_tcp(state.clone(), l);
+        }
         let shutdown = state.shutdown.clone();
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);

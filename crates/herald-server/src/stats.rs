@@ -18,14 +18,20 @@ pub enum Transport {
     Ws,
     LongPoll,
     Iframe,
+    Mqtt,
 }
 
-const TRANSPORTS: [(Transport, &str); 4] =
-    [(Transport::Sse, "sse"), (Transport::Ws, "ws"), (Transport::LongPoll, "longpoll"), (Transport::Iframe, "iframe")];
+const TRANSPORTS: [(Transport, &str); 5] = [
+    (Transport::Sse, "sse"),
+    (Transport::Ws, "ws"),
+    (Transport::LongPoll, "longpoll"),
+    (Transport::Iframe, "iframe"),
+    (Transport::Mqtt, "mqtt"),
+];
 
 #[derive(Default)]
 pub struct Stats {
-    connections: [AtomicI64; 4],
+    connections: [AtomicI64; 5],
     pub delivered: AtomicU64,
     started: std::sync::OnceLock<std::time::Instant>,
 }

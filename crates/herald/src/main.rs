@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "herald",
     version,
-    about = "One self-hosted binary for real-time push: polling, long polling, iframe, SSE and WebSocket over the same channels."
+    about = "One self-hosted binary for real-time push: polling, long polling, iframe, SSE, WebSocket and MQTT over the same channels."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,7 +31,7 @@ enum Command {
         /// HTTP listen address, e.g. 127.0.0.1:8080 (port 0 picks a free port).
         #[arg(long)]
         http: Option<SocketAddr>,
-        /// MQTT listen address (reserved: the MQTT endpoint is not built yet).
+        /// MQTT listen address, e.g. 127.0.0.1:1883 ("off" turns it off).
         #[arg(long)]
         mqtt: Option<String>,
         /// Data directory of the embedded store.
@@ -136,6 +136,10 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Re
     let server = Server::bind(config, shutdown.clone()).await?;
     // Scripts and tests read this line to learn the port.
     println!("herald listening on http://{}", server.http_addr());
+    match server.mqtt_addr() {
+        Some(addr) => println!("herald mqtt listening on {addr}"),
+        None => println!("herald mqtt off"),
+    }
     if server.is_open() {
         tracing::warn!(
             "OPEN MODE: no [auth] configured, so anyone who can reach {} may publish, subscribe and read every \

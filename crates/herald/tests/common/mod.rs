@@ -18,6 +18,8 @@ pub struct Server {
     child: Option<Child>,
     pub url: String,
     pub addr: String,
+    /// The MQTT listener, `127.0.0.1:PORT`.
+    pub mqtt: String,
     pub data: PathBuf,
     env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
@@ -34,14 +36,22 @@ impl Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut s = Server { child: None, url: String::new(), addr: String::new(), data, env, _dir: Some(dir) };
+        let mut s = Server {
+            child: None,
+            url: String::new(),
+            addr: String::new(),
+            mqtt: "127.0.0.1:0".into(),
+            data,
+            env,
+            _dir: Some(dir),
+        };
         s.spawn("127.0.0.1:0");
         s
     }
 
     fn spawn(&mut self, http: &str) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.args(["serve", "--http", http, "--data"])
+        cmd.args(["serve", "--http", http, "--mqtt", &self.mqtt, "--data"])
             .arg(&self.data)
             .env("HERALD_LOG", "warn")
             .stdout(Stdio::piped())
@@ -51,11 +61,18 @@ impl Server {
         }
         let mut child = cmd.spawn().expect("spawn herald");
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        reader.read_line(&mut line).expect("read the listening line");
         let url = line.trim().strip_prefix("herald listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         self.url = url.to_string();
         self.addr = url.trim_start_matches("http://").to_string();
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read the MQTT line");
+        if let Some(addr) = line.trim().strip_prefix("herald mqtt listening on ") {
+            // A restart keeps the port.
+            self.mqtt = addr.to_string();
+        }
         self.child = Some(child);
     }
 

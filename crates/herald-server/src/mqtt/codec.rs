@@ -1,0 +1,242 @@
+//! The only code that touches MQTT bytes: framing packets off a byte stream and
+//! translating between wire versions.
+//!
+//! The broker speaks MQTT 5 internally. A 3.1/3.1.1 client's packets are
+//! lifted into their v5 form on the way in (properties empty, reason codes
+//! "success") and lowered again on the way out, so session logic exists once.
+//! Packet encoding and decoding is `mqtt-proto`'s.
+
+use mqtt_proto::{
+    Protocol, QoS,
+    v3::{self, ConnectReturnCode, SubscribeReturnCode},
+    v5::{
+        self, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode, PubcompReasonCode, PubrecReasonCode,
+        PubrelReasonCode, RetainHandling, SubscribeReasonCode, SubscriptionOptions,
+    },
+};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The protocol a connection speaks, from its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    V3,
+    V5,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed remaining length")]
+    BadLength,
+    #[error("packet of {0} bytes is over the maximum")]
+    TooLarge(usize),
+}
+
+/// Reads one whole packet (fixed header included), refusing ones over `max`
+/// bytes before reading their body.
+pub(crate) async fn read_packet<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, ReadError> {
+    let first = match r.read_u8().await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    let mut header = vec![first];
+    let mut remaining: usize = 0;
+    for i in 0..4 {
+        let b = r.read_u8().await?;
+        header.push(b);
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let total = header.len() + remaining;
+            if total > max {
+                return Err(ReadError::TooLarge(total));
+            }
+            let mut packet = header;
+            packet.resize(total, 0);
+            r.read_exact(&mut packet[total - remaining..]).await?;
+            return Ok(packet);
+        }
+    }
+    Err(ReadError::BadLength)
+}
+
+/// The version a CONNECT packet asks for, from its protocol level byte.
+pub(crate) fn connect_version(packet: &[u8]) -> Option<Version> {
+    // Fixed header, then a 2-byte length and the protocol name.
+    let mut i = 1;
+    while packet.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    let name_len = usize::from(u16::from_be_bytes([*packet.get(i + 1)?, *packet.get(i + 2)?]));
+    match packet.get(i + 3 + name_len)? {
+        3 | 4 => Some(Version::V3),
+        5 => Some(Version::V5),
+        _ => None,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed packet: {0}")]
+pub(crate) struct DecodeError(pub(crate) String);
+
+/// Decodes a packet as v5, lifting v3 packets.
+pub(crate) fn decode(version: Version, bytes: &[u8]) -> Result<v5::Packet, DecodeError> {
+    match version {
+        Version::V5 => match v5::Packet::decode(bytes) {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(DecodeError("truncated".into())),
+            Err(e) => Err(DecodeError(format!("{e:?}"))),
+        },
+        Version::V3 => match v3::Packet::decode(bytes) {
+            Ok(Some(p)) => Ok(lift(p)),
+            Ok(None) => Err(DecodeError("truncated".into())),
+            Err(e) => Err(DecodeError(format!("{e:?}"))),
+        },
+    }
+}
+
+/// Encodes a v5 packet for the connection's version; `None` when the packet
+/// has no v3 form (AUTH) and is not sent.
+pub(crate) fn encode(version: Version, packet: &v5::Packet) -> Option<Vec<u8>> {
+    let bytes = match version {
+        Version::V5 => packet.encode().ok()?.as_ref().to_vec(),
+        Version::V3 => lower(packet)?.encode().ok()?.as_ref().to_vec(),
+    };
+    Some(bytes)
+}
+
+fn lift(p: v3::Packet) -> v5::Packet {
+    use v5::Packet as P5;
+    match p {
+        v3::Packet::Connect(c) => P5::Connect(v5::Connect {
+            protocol: c.protocol,
+            clean_start: c.clean_session,
+            keep_alive: c.keep_alive,
+            properties: Default::default(),
+            client_id: c.client_id,
+            last_will: c.last_will.map(|w| v5::LastWill {
+                qos: w.qos,
+                retain: w.retain,
+                topic_name: w.topic_name,
+                payload: w.message,
+                properties: Default::default(),
+            }),
+            username: c.username,
+            password: c.password,
+        }),
+        v3::Packet::Publish(p) => P5::Publish(v5::Publish {
+            dup: p.dup,
+            retain: p.retain,
+            qos_pid: p.qos_pid,
+            topic_name: p.topic_name,
+            payload: p.payload,
+            properties: Default::default(),
+        }),
+        v3::Packet::Puback(pid) => P5::Puback(v5::Puback::new_success(pid)),
+        v3::Packet::Pubrec(pid) => P5::Pubrec(v5::Pubrec::new_success(pid)),
+        v3::Packet::Pubrel(pid) => P5::Pubrel(v5::Pubrel::new_success(pid)),
+        v3::Packet::Pubcomp(pid) => P5::Pubcomp(v5::Pubcomp::new_success(pid)),
+        v3::Packet::Subscribe(s) => P5::Subscribe(v5::Subscribe {
+            pid: s.pid,
+            properties: Default::default(),
+            topics: s
+                .topics
+                .into_iter()
+                .map(|(f, qos)| {
+                    let opts = SubscriptionOptions {
+                        max_qos: qos,
+                        no_local: false,
+                        retain_as_published: false,
+                        retain_handling: RetainHandling::SendAtSubscribe,
+                    };
+                    (f, opts)
+                })
+                .collect(),
+        }),
+        v3::Packet::Unsubscribe(u) => {
+            P5::Unsubscribe(v5::Unsubscribe { pid: u.pid, properties: Default::default(), topics: u.topics })
+        }
+        v3::Packet::Pingreq => P5::Pingreq,
+        v3::Packet::Pingresp => P5::Pingresp,
+        v3::Packet::Disconnect => {
+            P5::Disconnect(v5::Disconnect { reason_code: DisconnectReasonCode::NormalDisconnect, properties: Default::default() })
+        }
+        // Server-to-client packets arriving from a client: a protocol error
+        // the session reports; lifted into something it will refuse.
+        v3::Packet::Connack(_) | v3::Packet::Suback(_) | v3::Packet::Unsuback(_) => P5::Pingresp,
+    }
+}
+
+fn lower(p: &v5::Packet) -> Option<v3::Packet> {
+    use v3::Packet as P3;
+    Some(match p {
+        v5::Packet::Connack(c) => P3::Connack(v3::Connack {
+            session_present: c.session_present,
+            code: match c.reason_code {
+                ConnectReasonCode::Success => ConnectReturnCode::Accepted,
+                ConnectReasonCode::UnsupportedProtocolVersion => ConnectReturnCode::UnacceptableProtocolVersion,
+                ConnectReasonCode::ClientIdentifierNotValid => ConnectReturnCode::IdentifierRejected,
+                ConnectReasonCode::BadUserNameOrPassword => ConnectReturnCode::BadUserNameOrPassword,
+                ConnectReasonCode::NotAuthorized => ConnectReturnCode::NotAuthorized,
+                _ => ConnectReturnCode::ServerUnavailable,
+            },
+        }),
+        v5::Packet::Publish(p) => P3::Publish(v3::Publish {
+            dup: p.dup,
+            retain: p.retain,
+            qos_pid: p.qos_pid,
+            topic_name: p.topic_name.clone(),
+            payload: p.payload.clone(),
+        }),
+        v5::Packet::Puback(a) => P3::Puback(a.pid),
+        v5::Packet::Pubrec(a) => P3::Pubrec(a.pid),
+        v5::Packet::Pubrel(a) => P3::Pubrel(a.pid),
+        v5::Packet::Pubcomp(a) => P3::Pubcomp(a.pid),
+        v5::Packet::Suback(s) => P3::Suback(v3::Suback {
+            pid: s.pid,
+            topics: s
+                .topics
+                .iter()
+                .map(|c| match c {
+                    SubscribeReasonCode::GrantedQoS0 => SubscribeReturnCode::MaxLevel0,
+                    SubscribeReasonCode::GrantedQoS1 => SubscribeReturnCode::MaxLevel1,
+                    SubscribeReasonCode::GrantedQoS2 => SubscribeReturnCode::MaxLevel2,
+                    _ => SubscribeReturnCode::Failure,
+                })
+                .collect(),
+        }),
+        v5::Packet::Unsuback(u) => P3::Unsuback(u.pid),
+        v5::Packet::Pingresp => P3::Pingresp,
+        // v3 has no server DISCONNECT and no AUTH: the connection just closes.
+        _ => return None,
+    })
+}
+
+/// Builders for the acknowledgements the broker sends.
+pub(crate) fn puback(pid: mqtt_proto::Pid, code: PubackReasonCode) -> v5::Packet {
+    v5::Packet::Puback(v5::Puback::new(pid, code))
+}
+
+pub(crate) fn pubrec(pid: mqtt_proto::Pid, code: PubrecReasonCode) -> v5::Packet {
+    v5::Packet::Pubrec(v5::Pubrec::new(pid, code))
+}
+
+pub(crate) fn pubrel(pid: mqtt_proto::Pid) -> v5::Packet {
+    v5::Packet::Pubrel(v5::Pubrel::new(pid, PubrelReasonCode::Success))
+}
+
+pub(crate) fn pubcomp(pid: mqtt_proto::Pid, code: PubcompReasonCode) -> v5::Packet {
+    v5::Packet::Pubcomp(v5::Pubcomp::new(pid, code))
+}
+
+pub(crate) fn qos_u8(q: QoS) -> u8 {
+    q as u8
+}
+
+/// Whether the CONNECT's protocol name and level form one we speak.
+pub(crate) fn supported(p: Protocol) -> bool {
+    matches!(p, Protocol::V310 | Protocol::V311 | Protocol::V500)
+}

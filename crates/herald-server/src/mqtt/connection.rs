@@ -1,0 +1,713 @@
+//! One MQTT connection: CONNECT and session set-up, then a loop that reads
+//! packets (a separate reader task frames them, so the loop stays cancel-safe),
+//! writes what the session has to send within the client's in-flight window,
+//! enforces keep-alive, and ends with the will and the session parked or gone.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use herald_core::{Channel, CursorToken, Data, Filter, Meta, NewMessage, Principal, Since, Target};
+use mqtt_proto::{
+    Pid, QoS, QosPid, TopicName,
+    v5::{
+        self, ConnackProperties, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode, PubcompReasonCode,
+        PubrecReasonCode, PublishProperties, RetainHandling, SubscribeReasonCode, UnsubscribeReasonCode, UserProperty,
+        VarByteInt,
+    },
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
+use super::{
+    broker::{Claim, Kick, Routed},
+    codec::{self, ReadError, Version},
+    session::{Outgoing, Session, SubOpts},
+};
+use crate::{app::SharedState, stats::Transport, subscription::Delivery};
+
+/// Bytes a packet may have beyond the payload limit (topic, properties).
+const PACKET_OVERHEAD: usize = 16 * 1024;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+/// Why a connection ends.
+enum End {
+    /// The client said DISCONNECT (normally: no will).
+    Clean { with_will: bool },
+    /// The socket closed or failed.
+    Lost,
+    /// We close it, telling an MQTT 5 client why.
+    Close(DisconnectReasonCode),
+    /// Another connection took the client id; the session went with it.
+    TakenOver,
+}
+
+enum Inbound {
+    Packet(v5::Packet),
+    Failed(DisconnectReasonCode),
+}
+
+pub(crate) async fn serve<S>(state: SharedState, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _connection = state.stats.connect(Transport::Mqtt);
+    let max_in = state.config.limits.max_payload + PACKET_OVERHEAD;
+    let (mut rd, wr) = tokio::io::split(stream);
+    let mut wr = BufWriter::new(wr);
+    let first = match tokio::time::timeout(Duration::from_secs(10), codec::read_packet(&mut rd, max_in)).await {
+        Ok(Ok(p)) => p,
+        _ => return,
+    };
+    let Some(version) = codec::connect_version(&first) else {
+        // Not a CONNECT we understand: MQTT 3.1.1 answers an unknown level with code 1.
+        let refuse = v5::Packet::Connack(v5::Connack {
+            session_present: false,
+            reason_code: ConnectReasonCode::UnsupportedProtocolVersion,
+            properties: Default::default(),
+        });
+        if let Some(bytes) = codec::encode(Version::V3, &refuse) {
+            let _ = wr.write_all(&bytes).await;
+            let _ = wr.flush().await;
+        }
+        return;
+    };
+    let connect = match codec::decode(version, &first) {
+        Ok(v5::Packet::Connect(c)) if codec::supported(c.protocol) => c,
+        _ => return,
+    };
+    let Some(mut conn) = Connection::open(state, version, connect, wr).await else { return };
+
+    // The reader frames packets; it counts unacknowledged inbound QoS 1/2
+    // publishes so a client exceeding our receive maximum is caught.
+    let (tx, rx) = mpsc::channel::<Inbound>(64);
+    let unacked = conn.unacked.clone();
+    let receive_max = usize::from(conn.state.config.mqtt.receive_max);
+    let reader = tokio::spawn(async move {
+        loop {
+            let inbound = match codec::read_packet(&mut rd, max_in).await {
+                Ok(bytes) => match codec::decode(version, &bytes) {
+                    Ok(p) => {
+                        if let v5::Packet::Publish(p) = &p
+                            && p.qos_pid.qos() != QoS::Level0
+                            && unacked.fetch_add(1, Ordering::AcqRel) >= receive_max
+                        {
+                            Inbound::Failed(DisconnectReasonCode::ReceiveMaximumExceeded)
+                        } else {
+                            Inbound::Packet(p)
+                        }
+                    }
+                    Err(_) => Inbound::Failed(DisconnectReasonCode::MalformedPacket),
+                },
+                Err(ReadError::TooLarge(_)) => Inbound::Failed(DisconnectReasonCode::PacketTooLarge),
+                Err(ReadError::BadLength) => Inbound::Failed(DisconnectReasonCode::MalformedPacket),
+                Err(_) => return,
+            };
+            let stop = matches!(inbound, Inbound::Failed(_));
+            if tx.send(inbound).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let end = conn.run(rx).await;
+    reader.abort();
+    conn.finish(end).await;
+}
+
+struct Connection<W> {
+    state: SharedState,
+    version: Version,
+    wr: BufWriter<W>,
+    session: Option<Session>,
+    client_id: String,
+    conn_id: u64,
+    keep_alive: Duration,
+    will: Option<v5::LastWill>,
+    /// The client's receive maximum: our in-flight window towards it.
+    window: usize,
+    /// The client's maximum packet size.
+    max_out: usize,
+    aliases: HashMap<u16, TopicName>,
+    unacked: Arc<AtomicUsize>,
+    kick: mpsc::Receiver<Kick>,
+}
+
+impl<W: AsyncWrite + Unpin + Send> Connection<W> {
+    async fn open(state: SharedState, version: Version, c: v5::Connect, mut wr: BufWriter<W>) -> Option<Self> {
+        // Refusals are answered with a CONNACK and nothing else.
+        macro_rules! refuse {
+            ($code:expr) => {{
+                let p = v5::Packet::Connack(v5::Connack { session_present: false, reason_code: $code, properties: Default::default() });
+                if let Some(b) = codec::encode(version, &p) {
+                    let _ = wr.write_all(&b).await;
+                    let _ = wr.flush().await;
+                }
+                return None;
+            }};
+        }
+        let password = c.password.as_ref().map(|p| String::from_utf8_lossy(p).into_owned());
+        let principal = match state.auth.principal(password.as_deref().filter(|p| !p.is_empty())) {
+            Ok(p) => Arc::new(p),
+            Err(_) => refuse!(ConnectReasonCode::BadUserNameOrPassword),
+        };
+        let broker = state.mqtt.clone();
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            if version == Version::V3 && !c.clean_start {
+                refuse!(ConnectReasonCode::ClientIdentifierNotValid);
+            }
+            let id = format!("herald-{}", broker.next_id());
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.to_string()
+        };
+        let conn_id = broker.next_id();
+        let (kick_tx, kick) = mpsc::channel(1);
+        let previous = match broker.claim(&client_id, conn_id, kick_tx) {
+            Claim::Parked(s) => Some(s),
+            Claim::Live(other) => {
+                let (tx, rx) = oneshot::channel();
+                let _ = other.send(tx).await;
+                tokio::time::timeout(Duration::from_secs(5), rx).await.ok().and_then(Result::ok).flatten()
+            }
+            Claim::None => None,
+        };
+        let cfg = &state.config.mqtt;
+        let max_expiry = cfg.session_expiry_max.as_secs().min(u64::from(u32::MAX)) as u32;
+        let expiry = match version {
+            Version::V5 => c.properties.session_expiry_interval.unwrap_or(0),
+            Version::V3 if c.clean_start => 0,
+            Version::V3 => u32::MAX,
+        }
+        .min(max_expiry);
+        // A session resumes for the same identity only.
+        let resumable = |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
+        let (mut session, present) = match previous {
+            Some(s) if !c.clean_start && resumable(&s) => (s, true),
+            old => {
+                if let Some(old) = old {
+                    broker.remove_routes(old.id);
+                }
+                let cx = state.context(principal.clone(), true);
+                let herald = match crate::subscription::Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await {
+                    Ok(h) => h,
+                    Err(_) => {
+                        broker.release(&client_id, conn_id, None);
+                        refuse!(ConnectReasonCode::ServerUnavailable);
+                    }
+                };
+                (Session::new(broker.next_id(), herald, cfg.offline_queue, principal.clone()), false)
+            }
+        };
+        session.expiry = expiry;
+        let mut keep_alive = c.keep_alive;
+        let cap = cfg.max_keepalive.as_secs().min(u64::from(u16::MAX)) as u16;
+        let server_keep_alive = (cap > 0 && (keep_alive == 0 || keep_alive > cap)).then(|| {
+            keep_alive = cap;
+            cap
+        });
+        let max_in = state.config.limits.max_payload + PACKET_OVERHEAD;
+        let properties = ConnackProperties {
+            receive_max: Some(cfg.receive_max),
+            topic_alias_max: Some(cfg.topic_alias_max),
+            max_packet_size: Some(max_in as u32),
+            retain_available: Some(true),
+            wildcard_subscription_available: Some(true),
+            subscription_id_available: Some(true),
+            shared_subscription_available: Some(false),
+            assigned_client_id: assigned.map(Into::into),
+            server_keep_alive,
+            ..Default::default()
+        };
+        let connack = v5::Packet::Connack(v5::Connack { session_present: present, reason_code: ConnectReasonCode::Success, properties });
+        let window = match version {
+            Version::V5 => usize::from(c.properties.receive_max.unwrap_or(u16::MAX)),
+            Version::V3 => usize::from(cfg.send_max),
+        }
+        .max(1);
+        let max_out = c.properties.max_packet_size.map_or(usize::MAX, |m| m as usize);
+        let mut conn = Connection {
+            state: state.clone(),
+            version,
+            wr,
+            session: Some(session),
+            client_id,
+            conn_id,
+            keep_alive: Duration::from_secs(u64::from(keep_alive)),
+            will: c.last_will,
+            window,
+            max_out,
+            aliases: HashMap::new(),
+            unacked: Arc::new(AtomicUsize::new(0)),
+            kick,
+        };
+        conn.send(&connack).await.ok()?;
+        // A resumed session first repeats what was in flight.
+        let resend: Vec<(u16, Outgoing)> =
+            conn.session.as_ref().map(|s| s.inflight.iter().map(|(p, o)| (*p, o.clone())).collect()).unwrap_or_default();
+        for (pid, o) in resend {
+            let p = if o.released { codec::pubrel(pid_of(pid)) } else { conn.publish_packet(&o, Some(pid), true) };
+            conn.send(&p).await.ok()?;
+        }
+        conn.wr.flush().await.ok()?;
+        Some(conn)
+    }
+
+    async fn send(&mut self, p: &v5::Packet) -> std::io::Result<()> {
+        if let Some(bytes) = codec::encode(self.version, p) {
+            if bytes.len() > self.max_out {
+                // MQTT 5: a packet over the client's maximum is not sent.
+                return Ok(());
+            }
+            self.wr.write_all(&bytes).await?;
+        }
+        Ok(())
+    }
+
+    fn session(&mut self) -> &mut Session {
+        self.session.as_mut().expect("a running connection has its session")
+    }
+
+    async fn run(&mut self, mut inbound: mpsc::Receiver<Inbound>) -> End {
+        let shutdown = self.state.shutdown.clone();
+        let mut last_heard = Instant::now();
+        loop {
+            if let Err(_) = self.drain_queue().await {
+                return End::Lost;
+            }
+            if self.wr.flush().await.is_err() {
+                return End::Lost;
+            }
+            let deadline = (!self.keep_alive.is_zero()).then(|| last_heard + self.keep_alive * 3 / 2);
+            let open = {
+                let s = self.session.as_ref().expect("session");
+                s.inflight.len() < self.window && s.queue.is_empty()
+            };
+            let session = self.session.as_mut().expect("session");
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
+                kick = self.kick.recv() => {
+                    if let Some(reply) = kick {
+                        let _ = self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await;
+                        let _ = self.wr.flush().await;
+                        let _ = reply.send(self.session.take());
+                        return End::TakenOver;
+                    }
+                }
+                p = inbound.recv() => {
+                    last_heard = Instant::now();
+                    match p {
+                        None => return End::Lost,
+                        Some(Inbound::Failed(code)) => return End::Close(code),
+                        Some(Inbound::Packet(p)) => if let Some(end) = self.handle(p).await { return end },
+                    }
+                }
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    return End::Close(DisconnectReasonCode::KeepAliveTimeout);
+                }
+                d = session.herald.next(), if open => match d {
+                    Ok(Delivery::Message(m)) => {
+                        let s = self.session();
+                        if let Some(o) = s.from_message(&m, now_ms()) { s.queue.push_back(o) }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),
+                },
+                r = session.routed.recv(), if open => if let Some(r) = r {
+                    let s = self.session();
+                    if let Some(o) = s.outgoing(&r.topic, r.payload.clone(), r.meta.qos, Some(r.meta.clone()), now_ms()) {
+                        s.queue.push_back(o);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Sends queued messages while the in-flight window has room.
+    async fn drain_queue(&mut self) -> std::io::Result<()> {
+        loop {
+            let window = self.window;
+            let s = self.session();
+            if s.inflight.len() >= window {
+                return Ok(());
+            }
+            let Some(o) = s.queue.pop_front() else { return Ok(()) };
+            let pid = (o.qos > 0).then(|| {
+                let pid = s.next_pid();
+                s.inflight.insert(pid, o.clone());
+                pid
+            });
+            let p = self.publish_packet(&o, pid, false);
+            self.send(&p).await?;
+            self.state.stats.delivered(1);
+        }
+    }
+
+    fn publish_packet(&self, o: &Outgoing, pid: Option<u16>, dup: bool) -> v5::Packet {
+        let qos_pid = match (o.qos, pid) {
+            (1, Some(p)) => QosPid::Level1(pid_of(p)),
+            (2, Some(p)) => QosPid::Level2(pid_of(p)),
+            _ => QosPid::Level0,
+        };
+        let mut properties = PublishProperties::default();
+        if let Some(m) = &o.meta {
+            properties.payload_is_utf8 = m.payload_utf8;
+            properties.content_type = m.content_type.as_deref().map(Into::into);
+            properties.response_topic = m.response_topic.as_deref().and_then(|t| TopicName::try_from(t).ok());
+            properties.correlation_data = m.correlation_data.clone();
+            properties.user_properties =
+                m.user_properties.iter().map(|(k, v)| UserProperty { name: k.as_str().into(), value: v.as_str().into() }).collect();
+            properties.message_expiry_interval =
+                m.expires_at.map(|at| ((at - now_ms()).max(0) as u64).div_ceil(1000).max(1) as u32);
+        }
+        // mqtt-proto carries one subscription identifier per PUBLISH.
+        properties.subscription_id = o.sub_ids.first().and_then(|id| VarByteInt::try_from(*id).ok());
+        let topic = TopicName::try_from(&*o.topic).unwrap_or_else(|_| TopicName::try_from("invalid").expect("valid"));
+        v5::Packet::Publish(v5::Publish { dup, retain: o.retain, qos_pid, topic_name: topic, payload: o.payload.clone(), properties })
+    }
+
+    /// Handles one inbound packet; `Some` ends the connection.
+    async fn handle(&mut self, p: v5::Packet) -> Option<End> {
+        let io = |r: std::io::Result<()>| r.err().map(|_| End::Lost);
+        match p {
+            v5::Packet::Publish(p) => return self.on_publish(p).await,
+            v5::Packet::Puback(a) => {
+                self.session().inflight.remove(&a.pid.value());
+            }
+            v5::Packet::Pubrec(a) => {
+                let pid = a.pid.value();
+                let failed = (a.reason_code as u8) >= 0x80;
+                let s = self.session();
+                if failed {
+                    s.inflight.remove(&pid);
+                } else {
+                    if let Some(o) = s.inflight.get_mut(&pid) {
+                        o.released = true;
+                    }
+                    return io(self.send(&codec::pubrel(a.pid)).await);
+                }
+            }
+            v5::Packet::Pubrel(a) => {
+                let known = self.session().awaiting_rel.remove(&a.pid.value());
+                if known {
+                    self.unacked.fetch_sub(1, Ordering::AcqRel);
+                }
+                let code = if known { PubcompReasonCode::Success } else { PubcompReasonCode::PacketIdentifierNotFound };
+                return io(self.send(&codec::pubcomp(a.pid, code)).await);
+            }
+            v5::Packet::Pubcomp(a) => {
+                self.session().inflight.remove(&a.pid.value());
+            }
+            v5::Packet::Subscribe(s) => return self.on_subscribe(s).await,
+            v5::Packet::Unsubscribe(u) => {
+                let mut codes = Vec::with_capacity(u.topics.len());
+                for f in &u.topics {
+                    let filter: &str = f;
+                    let s = self.session.as_mut().expect("session");
+                    let existed = s.subs.remove(filter).is_some();
+                    self.state.mqtt.remove_route(s.id, filter);
+                    if let Ok(parsed) = Filter::parse(filter) {
+                        s.herald.remove(&Target::from_filter(parsed));
+                    }
+                    codes.push(if existed { UnsubscribeReasonCode::Success } else { UnsubscribeReasonCode::NoSubscriptionExisted });
+                }
+                let ack = v5::Packet::Unsuback(v5::Unsuback { pid: u.pid, properties: Default::default(), topics: codes });
+                return io(self.send(&ack).await);
+            }
+            v5::Packet::Pingreq => return io(self.send(&v5::Packet::Pingresp).await),
+            v5::Packet::Disconnect(d) => {
+                if let Some(expiry) = d.properties.session_expiry_interval {
+                    if self.session().expiry == 0 && expiry > 0 {
+                        return Some(End::Close(DisconnectReasonCode::ProtocolError));
+                    }
+                    let max = self.state.config.mqtt.session_expiry_max.as_secs().min(u64::from(u32::MAX)) as u32;
+                    self.session().expiry = expiry.min(max);
+                }
+                let with_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                return Some(End::Clean { with_will });
+            }
+            // A second CONNECT, AUTH, or a server-side packet from a client.
+            _ => return Some(End::Close(DisconnectReasonCode::ProtocolError)),
+        }
+        None
+    }
+
+    async fn on_publish(&mut self, mut p: v5::Publish) -> Option<End> {
+        // Topic aliases (MQTT 5): set one, or use one.
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.state.config.mqtt.topic_alias_max {
+                return Some(End::Close(DisconnectReasonCode::TopicAliasInvalid));
+            }
+            if p.topic_name.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => p.topic_name = t.clone(),
+                    None => return Some(End::Close(DisconnectReasonCode::ProtocolError)),
+                }
+            } else {
+                self.aliases.insert(alias, p.topic_name.clone());
+            }
+        } else if p.topic_name.is_empty() {
+            return Some(End::Close(DisconnectReasonCode::ProtocolError));
+        }
+        let qos = p.qos_pid.qos();
+        let pid = p.qos_pid.pid();
+        if let (QoS::Level2, Some(pid)) = (qos, pid)
+            && self.session().awaiting_rel.contains(&pid.value())
+        {
+            // A resent QoS 2 publish we already have: acknowledge again only.
+            self.unacked.fetch_sub(1, Ordering::AcqRel);
+            return self.send(&codec::pubrec(pid, PubrecReasonCode::Success)).await.err().map(|_| End::Lost);
+        }
+        let session_id = self.session().id;
+        let principal = self.session().principal.clone();
+        let meta = Meta {
+            qos: codec::qos_u8(qos),
+            retain: p.retain,
+            user_properties: p.properties.user_properties.iter().map(|u| (u.name.to_string(), u.value.to_string())).collect(),
+            content_type: p.properties.content_type.as_deref().map(String::from),
+            response_topic: p.properties.response_topic.as_deref().map(String::from),
+            correlation_data: p.properties.correlation_data.clone(),
+            payload_utf8: p.properties.payload_is_utf8,
+            expires_at: p.properties.message_expiry_interval.map(|s| now_ms() + i64::from(s) * 1000),
+            origin: Some(session_id),
+        };
+        let outcome = if p.properties.payload_is_utf8 == Some(true) && std::str::from_utf8(&p.payload).is_err() {
+            Err(Refused::PayloadFormat)
+        } else {
+            publish(&self.state, &principal, &p.topic_name, p.payload.clone(), meta).await
+        };
+        let Some(pid) = pid else { return None };
+        match qos {
+            QoS::Level1 => {
+                self.unacked.fetch_sub(1, Ordering::AcqRel);
+                self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success))).await.err().map(|_| End::Lost)
+            }
+            _ => {
+                let code = outcome.map_or_else(Refused::pubrec, |_| PubrecReasonCode::Success);
+                if code == PubrecReasonCode::Success {
+                    self.session().awaiting_rel.insert(pid.value());
+                } else {
+                    self.unacked.fetch_sub(1, Ordering::AcqRel);
+                }
+                self.send(&codec::pubrec(pid, code)).await.err().map(|_| End::Lost)
+            }
+        }
+    }
+
+    async fn on_subscribe(&mut self, sub: v5::Subscribe) -> Option<End> {
+        let sub_id = sub.properties.subscription_id.map(|v| v.value());
+        let mut codes = Vec::with_capacity(sub.topics.len());
+        let mut retained = Vec::new();
+        for (filter, opts) in &sub.topics {
+            let filter: &str = filter;
+            let code = self.subscribe_one(filter, opts, sub_id, &mut retained).await;
+            codes.push(code);
+        }
+        let ack = v5::Packet::Suback(v5::Suback { pid: sub.pid, properties: Default::default(), topics: codes });
+        if self.send(&ack).await.is_err() {
+            return Some(End::Lost);
+        }
+        // Retained messages follow the SUBACK.
+        self.session().queue.extend(retained);
+        None
+    }
+
+    async fn subscribe_one(&mut self, filter: &str, opts: &v5::SubscriptionOptions, sub_id: Option<u32>, retained: &mut Vec<Outgoing>) -> SubscribeReasonCode {
+        let cfg = &self.state.config.mqtt;
+        if super::topic::shared(filter).is_some() {
+            return SubscribeReasonCode::SharedSubscriptionNotSupported;
+        }
+        if cfg.deny_subscribe.iter().any(|d| d == filter) {
+            return SubscribeReasonCode::NotAuthorized;
+        }
+        let s = self.session.as_mut().expect("session");
+        match Filter::parse(filter) {
+            Ok(f) => {
+                let target = Target::from_filter(f);
+                if !s.principal.may_subscribe(&target) {
+                    return SubscribeReasonCode::NotAuthorized;
+                }
+                if !s.subs.contains_key(filter) && s.herald.add(target, Since::Now).await.is_err() {
+                    return SubscribeReasonCode::UnspecifiedError;
+                }
+            }
+            // Topics outside Herald's channel names are for MQTT clients among
+            // themselves; a user's token grants channels only.
+            Err(_) if s.principal.is_admin() => {}
+            Err(_) => return SubscribeReasonCode::NotAuthorized,
+        }
+        let qos = codec::qos_u8(opts.max_qos).min(2);
+        let is_new = s
+            .subs
+            .insert(filter.to_owned(), SubOpts { qos, no_local: opts.no_local, retain_as_published: opts.retain_as_published, sub_id })
+            .is_none();
+        self.state.mqtt.add_route(s.id, filter, s.routed_tx.clone());
+        let send_retained = match opts.retain_handling {
+            RetainHandling::SendAtSubscribe => true,
+            RetainHandling::SendAtSubscribeIfNotExist => is_new,
+            RetainHandling::DoNotSend => false,
+        };
+        if send_retained {
+            for r in self.state.mqtt.retained_matching(filter) {
+                if r.meta.expires_at.is_some_and(|at| at <= now_ms()) {
+                    continue;
+                }
+                retained.push(Outgoing {
+                    topic: r.topic.clone(),
+                    payload: r.payload.clone(),
+                    qos: r.meta.qos.min(qos),
+                    retain: true,
+                    meta: Some(r.meta.clone()),
+                    sub_ids: sub_id.into_iter().collect(),
+                    released: false,
+                });
+            }
+        }
+        match qos {
+            0 => SubscribeReasonCode::GrantedQoS0,
+            1 => SubscribeReasonCode::GrantedQoS1,
+            _ => SubscribeReasonCode::GrantedQoS2,
+        }
+    }
+
+    /// After the loop: tell an MQTT 5 client why, publish the will if due,
+    /// and park or drop the session.
+    async fn finish(mut self, end: End) {
+        if let End::Close(code) = &end {
+            let _ = self.send(&disconnect(*code)).await;
+            let _ = self.wr.flush().await;
+        }
+        let _ = self.wr.shutdown().await;
+        let broker = self.state.mqtt.clone();
+        let Some(session) = self.session.take() else {
+            return; // taken over: the session lives on in the new connection
+        };
+        let will_due = match &end {
+            End::Clean { with_will } => *with_will,
+            End::TakenOver => false,
+            End::Close(DisconnectReasonCode::ServerShuttingDown) => false,
+            _ => true,
+        };
+        if let (true, Some(will)) = (will_due, self.will.take()) {
+            let delay = u64::from(will.properties.delay_interval.unwrap_or(0).min(session.expiry));
+            let state = self.state.clone();
+            let principal = session.principal.clone();
+            let origin = session.id;
+            let token = broker.next_id();
+            broker.schedule_will(&self.client_id, token);
+            let client_id = self.client_id.clone();
+            tokio::spawn(async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_secs(delay)).await;
+                }
+                if state.mqtt.take_will(&client_id, token) {
+                    let meta = Meta {
+                        qos: codec::qos_u8(will.qos),
+                        retain: will.retain,
+                        user_properties: will.properties.user_properties.iter().map(|u| (u.name.to_string(), u.value.to_string())).collect(),
+                        content_type: will.properties.content_type.as_deref().map(String::from),
+                        response_topic: will.properties.response_topic.as_deref().map(String::from),
+                        correlation_data: will.properties.correlation_data.clone(),
+                        payload_utf8: will.properties.payload_is_utf8,
+                        expires_at: will.properties.message_expiry_interval.map(|s| now_ms() + i64::from(s) * 1000),
+                        origin: Some(origin),
+                    };
+                    let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
+                }
+            });
+        }
+        if session.expiry > 0 {
+            let (id, expiry) = (session.id, session.expiry);
+            if broker.release(&self.client_id, self.conn_id, Some(session)) {
+                let client_id = self.client_id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+                    broker.expire(&client_id, id);
+                });
+            }
+        } else {
+            broker.remove_routes(session.id);
+            broker.release(&self.client_id, self.conn_id, None);
+        }
+    }
+}
+
+/// Why an inbound publish was not accepted.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    NotAuthorized,
+    PayloadFormat,
+    Failed,
+}
+
+impl Refused {
+    fn puback(self) -> PubackReasonCode {
+        match self {
+            Refused::NotAuthorized => PubackReasonCode::NotAuthorized,
+            Refused::PayloadFormat => PubackReasonCode::PayloadFormatInvalid,
+            Refused::Failed => PubackReasonCode::UnspecifiedError,
+        }
+    }
+
+    fn pubrec(self) -> PubrecReasonCode {
+        match self {
+            Refused::NotAuthorized => PubrecReasonCode::NotAuthorized,
+            Refused::PayloadFormat => PubrecReasonCode::PayloadFormatInvalid,
+            Refused::Failed => PubrecReasonCode::UnspecifiedError,
+        }
+    }
+}
+
+/// Publishes what an MQTT client (or its will) sent: a channel topic is stored
+/// and fanned out like any publish; another topic is routed among MQTT
+/// sessions. A retained message also replaces the topic's retained one.
+async fn publish(state: &SharedState, principal: &Principal, topic: &str, payload: Bytes, meta: Meta) -> Result<(), Refused> {
+    if topic.starts_with('$') {
+        return Err(Refused::NotAuthorized);
+    }
+    let meta = Arc::new(meta);
+    match Channel::parse(topic) {
+        Ok(channel) => {
+            if !principal.may_publish(&channel) {
+                return Err(Refused::NotAuthorized);
+            }
+            let json_declared = meta.content_type.as_deref().is_some_and(|c| c.starts_with("application/json"));
+            let data = match json_declared.then(|| Data::json(payload.clone())) {
+                Some(Ok(d)) => d,
+                _ => Data::sniff(payload.clone()),
+            };
+            let msg = NewMessage { channel, event: None, data, meta: Some(meta.clone()) };
+            state.store.append(vec![msg]).await.map_err(|_| Refused::Failed)?;
+        }
+        Err(_) if principal.is_admin() => {
+            state.mqtt.route(&Routed { topic: topic.into(), payload: payload.clone(), meta: meta.clone() });
+        }
+        Err(_) => return Err(Refused::NotAuthorized),
+    }
+    if meta.retain {
+        state.mqtt.retain(&Routed { topic: topic.into(), payload, meta });
+    }
+    Ok(())
+}
+
+fn disconnect(code: DisconnectReasonCode) -> v5::Packet {
+    v5::Packet::Disconnect(v5::Disconnect { reason_code: code, properties: Default::default() })
+}
+
+fn pid_of(n: u16) -> Pid {
+    Pid::try_from(n).expect("packet ids are never 0")
+}

@@ -1,0 +1,116 @@
+//! One client's MQTT session: its subscriptions and their options, the
+//! messages in flight each way, and its Herald subscription. A session outlives
+//! its connection when the client asked for persistence: parked in the broker,
+//! its Herald subscription keeps its cursors (and, bounded, its mailbox), so a
+//! returning client gets everything it missed on channel topics from the
+//! history; non-channel topics wait in a bounded queue.
+
+use std::{
+    collections::{BTreeMap, HashSet, VecDeque},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use herald_core::{Message, Meta, Principal};
+use tokio::sync::mpsc;
+
+use super::broker::Routed;
+use crate::subscription::Subscription;
+
+/// Options of one subscription (MQTT 5 names; MQTT 3 uses defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubOpts {
+    pub(crate) qos: u8,
+    pub(crate) no_local: bool,
+    pub(crate) retain_as_published: bool,
+    pub(crate) sub_id: Option<u32>,
+}
+
+/// A message on its way to the client.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) topic: Arc<str>,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: u8,
+    pub(crate) retain: bool,
+    pub(crate) meta: Option<Arc<Meta>>,
+    pub(crate) sub_ids: Vec<u32>,
+    /// QoS 2 only: PUBREC received and PUBREL sent; waiting for PUBCOMP.
+    pub(crate) released: bool,
+}
+
+pub(crate) struct Session {
+    /// Unique per session: the origin mark for no-local.
+    pub(crate) id: u64,
+    pub(crate) subs: BTreeMap<String, SubOpts>,
+    pub(crate) herald: Subscription,
+    pub(crate) routed: mpsc::Receiver<Routed>,
+    pub(crate) routed_tx: mpsc::Sender<Routed>,
+    /// Sent, not yet acknowledged, by packet id.
+    pub(crate) inflight: BTreeMap<u16, Outgoing>,
+    /// Ready to send when the in-flight window allows.
+    pub(crate) queue: VecDeque<Outgoing>,
+    /// Inbound QoS 2 packet ids we answered with PUBREC, awaiting PUBREL.
+    pub(crate) awaiting_rel: HashSet<u16>,
+    next_pid: u16,
+    /// Seconds the session outlives its connection (0: not at all).
+    pub(crate) expiry: u32,
+    pub(crate) principal: Arc<Principal>,
+}
+
+impl Session {
+    pub(crate) fn new(id: u64, herald: Subscription, queue_len: usize, principal: Arc<Principal>) -> Self {
+        let (routed_tx, routed) = mpsc::channel(queue_len.max(1));
+        Session {
+            id,
+            subs: BTreeMap::new(),
+            herald,
+            routed,
+            routed_tx,
+            inflight: BTreeMap::new(),
+            queue: VecDeque::new(),
+            awaiting_rel: HashSet::new(),
+            next_pid: 0,
+            expiry: 0,
+            principal,
+        }
+    }
+
+    /// A packet id not in flight.
+    pub(crate) fn next_pid(&mut self) -> u16 {
+        loop {
+            self.next_pid = self.next_pid.wrapping_add(1).max(1);
+            if !self.inflight.contains_key(&self.next_pid) {
+                return self.next_pid;
+            }
+        }
+    }
+
+    /// The subscriptions matching `topic` decide whether and how a message is
+    /// sent: once, at the highest QoS granted, with every subscription id.
+    pub(crate) fn outgoing(&self, topic: &str, payload: Bytes, msg_qos: u8, meta: Option<Arc<Meta>>, now_ms: i64) -> Option<Outgoing> {
+        if meta.as_ref().and_then(|m| m.expires_at).is_some_and(|at| at <= now_ms) {
+            return None;
+        }
+        let origin = meta.as_ref().and_then(|m| m.origin);
+        let mut qos = None::<u8>;
+        let mut retain = false;
+        let mut sub_ids = Vec::new();
+        for (filter, opts) in &self.subs {
+            if !super::topic::matches(filter, topic) || (opts.no_local && origin == Some(self.id)) {
+                continue;
+            }
+            qos = Some(qos.map_or(opts.qos, |q| q.max(opts.qos)));
+            retain |= opts.retain_as_published && meta.as_ref().is_some_and(|m| m.retain);
+            sub_ids.extend(opts.sub_id);
+        }
+        let qos = qos?.min(msg_qos);
+        Some(Outgoing { topic: topic.into(), payload, qos, retain, meta, sub_ids, released: false })
+    }
+
+    /// A committed Herald message as an MQTT message for this session.
+    pub(crate) fn from_message(&self, m: &Message, now_ms: i64) -> Option<Outgoing> {
+        let qos = m.meta.as_ref().map_or(1, |meta| meta.qos);
+        self.outgoing(m.channel.as_str(), m.data.bytes().clone(), qos, m.meta.clone(), now_ms)
+    }
+}
