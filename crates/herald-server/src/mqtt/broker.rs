@@ -16,17 +16,43 @@ use std::{
 };
 
 use bytes::Bytes;
-use herald_core::Meta;
+use herald_core::{Channel, Filter, Meta, Principal, Since, Target};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{session::Session, topic};
+use crate::{
+    app::SharedState,
+    subscription::{Delivery, Subscription},
+};
 
-/// A message on a non-channel topic, or a retained one.
+/// A message on a non-channel topic, a retained one, or one a shared
+/// subscription hands to this session.
 #[derive(Debug, Clone)]
 pub(crate) struct Routed {
     pub(crate) topic: Arc<str>,
     pub(crate) payload: Bytes,
     pub(crate) meta: Arc<Meta>,
+    /// Set when delivered through a shared subscription: its granted QoS and
+    /// subscription id, which the session's own filters do not know.
+    pub(crate) shared: Option<(u8, Option<u32>)>,
+}
+
+/// One session's membership of a shared subscription.
+pub(crate) struct Member {
+    pub(crate) session: u64,
+    pub(crate) tx: mpsc::Sender<Routed>,
+    pub(crate) qos: u8,
+    pub(crate) sub_id: Option<u32>,
+    pub(crate) principal: Arc<Principal>,
+}
+
+/// `$share/{group}/{filter}`: each message goes to one member, in turn.
+struct SharedGroup {
+    members: Vec<Member>,
+    next: usize,
+    /// The task feeding channel messages to the group, when the filter is a
+    /// channel filter.
+    feeder: Option<tokio::task::AbortHandle>,
 }
 
 struct Route {
@@ -57,6 +83,8 @@ pub struct Broker {
     routes: RwLock<Vec<Route>>,
     /// Client ids with a will waiting out its delay, and the disconnect it belongs to.
     wills: Mutex<HashMap<String, u64>>,
+    /// Shared subscriptions by (group, filter).
+    shared: Mutex<HashMap<(String, String), SharedGroup>>,
     next_id: AtomicU64,
 }
 
@@ -146,9 +174,104 @@ impl Broker {
         self.routes.write().unwrap_or_else(|e| e.into_inner()).retain(|r| r.session != session);
     }
 
+    /// Adds a member to a shared subscription; the first member starts the
+    /// feeder that takes the filter's channel messages from the hub.
+    pub(crate) fn join_shared(&self, state: &SharedState, group: &str, filter: &str, member: Member) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (group.to_owned(), filter.to_owned());
+        let g = shared.entry(key.clone()).or_insert_with(|| SharedGroup { members: Vec::new(), next: 0, feeder: None });
+        g.members.retain(|m| m.session != member.session);
+        g.members.push(member);
+        if g.feeder.is_none()
+            && let Ok(f) = Filter::parse(filter)
+        {
+            let state = state.clone();
+            let task = tokio::spawn(async move {
+                let cx = state.context(Arc::new(Principal::Admin), true);
+                let Ok(mut sub) = Subscription::open(cx, vec![Target::from_filter(f)], Since::Now, &Default::default()).await
+                else {
+                    return;
+                };
+                loop {
+                    let d = tokio::select! {
+                        _ = state.shutdown.cancelled() => return,
+                        d = sub.next() => d,
+                    };
+                    match d {
+                        Ok(Delivery::Message(m)) => {
+                            let meta = m.meta.clone().unwrap_or_else(|| Arc::new(Meta { qos: 1, ..Default::default() }));
+                            let routed = Routed {
+                                topic: m.channel.as_str().into(),
+                                payload: m.data.bytes().clone(),
+                                meta,
+                                shared: None,
+                            };
+                            state.mqtt.deliver_shared(&key, &routed, Some(&m.channel));
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            g.feeder = Some(task.abort_handle());
+        }
+    }
+
+    pub(crate) fn leave_shared(&self, group: &str, filter: &str, session: u64) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (group.to_owned(), filter.to_owned());
+        if let Some(g) = shared.get_mut(&key) {
+            g.members.retain(|m| m.session != session);
+            if g.members.is_empty() {
+                if let Some(f) = g.feeder.take() {
+                    f.abort();
+                }
+                shared.remove(&key);
+            }
+        }
+    }
+
+    pub(crate) fn leave_all_shared(&self, session: u64) {
+        let keys: Vec<(String, String)> = {
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            shared.iter().filter(|(_, g)| g.members.iter().any(|m| m.session == session)).map(|(k, _)| k.clone()).collect()
+        };
+        for (g, f) in keys {
+            self.leave_shared(&g, &f, session);
+        }
+    }
+
+    /// Hands a message to the next member of a shared group who may read it.
+    fn deliver_shared(&self, key: &(String, String), msg: &Routed, channel: Option<&Channel>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(g) = shared.get_mut(key) else { return };
+        let n = g.members.len();
+        for i in 0..n {
+            let idx = (g.next + i) % n;
+            let m = &g.members[idx];
+            if channel.is_some_and(|c| !m.principal.may_read(c)) {
+                continue;
+            }
+            let mut routed = msg.clone();
+            routed.shared = Some((m.qos, m.sub_id));
+            if m.tx.try_send(routed).is_ok() {
+                g.next = idx + 1;
+                return;
+            }
+        }
+    }
+
     /// Delivers a non-channel message to every session with a matching
-    /// filter, once per session (the session applies its own options).
+    /// filter, once per session (the session applies its own options), and
+    /// to one member of each matching shared subscription.
     pub(crate) fn route(&self, msg: &Routed) {
+        let groups: Vec<(String, String)> = {
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            shared.keys().filter(|(_, f)| topic::matches(f, &msg.topic)).cloned().collect()
+        };
+        for key in groups {
+            self.deliver_shared(&key, msg, None);
+        }
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
         let mut sent: Vec<u64> = Vec::new();
         for r in routes.iter() {

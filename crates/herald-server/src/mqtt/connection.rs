@@ -140,6 +140,10 @@ struct Connection<W> {
     /// The client's maximum packet size.
     max_out: usize,
     aliases: HashMap<u16, TopicName>,
+    /// Aliases we assigned for topics we send (MQTT 5), up to the client's
+    /// topic alias maximum.
+    out_aliases: HashMap<Arc<str>, u16>,
+    out_alias_max: u16,
     unacked: Arc<AtomicUsize>,
     kick: mpsc::Receiver<Kick>,
 }
@@ -200,6 +204,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             old => {
                 if let Some(old) = old {
                     broker.remove_routes(old.id);
+                    broker.leave_all_shared(old.id);
                 }
                 let cx = state.context(principal.clone(), true);
                 let herald = match crate::subscription::Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await {
@@ -227,7 +232,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             retain_available: Some(true),
             wildcard_subscription_available: Some(true),
             subscription_id_available: Some(true),
-            shared_subscription_available: Some(false),
+            shared_subscription_available: Some(true),
             assigned_client_id: assigned.map(Into::into),
             server_keep_alive,
             ..Default::default()
@@ -251,6 +256,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             window,
             max_out,
             aliases: HashMap::new(),
+            out_aliases: HashMap::new(),
+            out_alias_max: if version == Version::V5 { c.properties.topic_alias_max.unwrap_or(0) } else { 0 },
             unacked: Arc::new(AtomicUsize::new(0)),
             kick,
         };
@@ -329,7 +336,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 },
                 r = session.routed.recv(), if open => if let Some(r) = r {
                     let s = self.session();
-                    if let Some(o) = s.outgoing(&r.topic, r.payload.clone(), r.meta.qos, Some(r.meta.clone()), now_ms()) {
+                    if let Some(o) = s.from_routed(&r, now_ms()) {
                         s.queue.push_back(o);
                     }
                 },
@@ -351,9 +358,32 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 s.inflight.insert(pid, o.clone());
                 pid
             });
-            let p = self.publish_packet(&o, pid, false);
+            let mut p = self.publish_packet(&o, pid, false);
+            self.alias(&mut p);
             self.send(&p).await?;
             self.state.stats.delivered(1);
+        }
+    }
+
+    /// Replaces the topic with an alias the client already knows, or assigns
+    /// one while there is room (MQTT 5 clients that accept aliases).
+    fn alias(&mut self, p: &mut v5::Packet) {
+        let v5::Packet::Publish(p) = p else { return };
+        if self.out_alias_max == 0 {
+            return;
+        }
+        let topic: Arc<str> = (&*p.topic_name).into();
+        match self.out_aliases.get(&topic) {
+            Some(a) => {
+                p.properties.topic_alias = Some(*a);
+                p.topic_name = TopicName::try_from("").expect("empty topic");
+            }
+            None if self.out_aliases.len() < usize::from(self.out_alias_max) => {
+                let a = self.out_aliases.len() as u16 + 1;
+                self.out_aliases.insert(topic, a);
+                p.properties.topic_alias = Some(a);
+            }
+            None => {}
         }
     }
 
@@ -419,9 +449,13 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     let filter: &str = f;
                     let s = self.session.as_mut().expect("session");
                     let existed = s.subs.remove(filter).is_some();
-                    self.state.mqtt.remove_route(s.id, filter);
-                    if let Ok(parsed) = Filter::parse(filter) {
-                        s.herald.remove(&Target::from_filter(parsed));
+                    if let Some((group, inner)) = super::topic::shared(filter) {
+                        self.state.mqtt.leave_shared(group, inner, s.id);
+                    } else {
+                        self.state.mqtt.remove_route(s.id, filter);
+                        if let Ok(parsed) = Filter::parse(filter) {
+                            s.herald.remove(&Target::from_filter(parsed));
+                        }
                     }
                     codes.push(if existed { UnsubscribeReasonCode::Success } else { UnsubscribeReasonCode::NoSubscriptionExisted });
                 }
@@ -528,11 +562,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
 
     async fn subscribe_one(&mut self, filter: &str, opts: &v5::SubscriptionOptions, sub_id: Option<u32>, retained: &mut Vec<Outgoing>) -> SubscribeReasonCode {
         let cfg = &self.state.config.mqtt;
-        if super::topic::shared(filter).is_some() {
-            return SubscribeReasonCode::SharedSubscriptionNotSupported;
-        }
         if cfg.deny_subscribe.iter().any(|d| d == filter) {
             return SubscribeReasonCode::NotAuthorized;
+        }
+        if let Some((group, inner)) = super::topic::shared(filter) {
+            return self.subscribe_shared(filter, group, inner, opts, sub_id);
         }
         let s = self.session.as_mut().expect("session");
         match Filter::parse(filter) {
@@ -577,6 +611,28 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 });
             }
         }
+        match qos {
+            0 => SubscribeReasonCode::GrantedQoS0,
+            1 => SubscribeReasonCode::GrantedQoS1,
+            _ => SubscribeReasonCode::GrantedQoS2,
+        }
+    }
+
+    /// `$share/{group}/{filter}`: the session joins the group; no retained
+    /// messages are sent for shared subscriptions.
+    fn subscribe_shared(&mut self, full: &str, group: &str, filter: &str, opts: &v5::SubscriptionOptions, sub_id: Option<u32>) -> SubscribeReasonCode {
+        let s = self.session.as_mut().expect("session");
+        let allowed = match Filter::parse(filter) {
+            Ok(f) => s.principal.may_subscribe(&Target::from_filter(f)),
+            Err(_) => s.principal.is_admin() && !filter.contains("$share"),
+        };
+        if !allowed {
+            return SubscribeReasonCode::NotAuthorized;
+        }
+        let qos = codec::qos_u8(opts.max_qos).min(2);
+        s.subs.insert(full.to_owned(), SubOpts { qos, no_local: opts.no_local, retain_as_published: false, sub_id });
+        let member = super::broker::Member { session: s.id, tx: s.routed_tx.clone(), qos, sub_id, principal: s.principal.clone() };
+        self.state.mqtt.join_shared(&self.state, group, filter, member);
         match qos {
             0 => SubscribeReasonCode::GrantedQoS0,
             1 => SubscribeReasonCode::GrantedQoS1,
@@ -641,6 +697,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             }
         } else {
             broker.remove_routes(session.id);
+            broker.leave_all_shared(session.id);
             broker.release(&self.client_id, self.conn_id, None);
         }
     }
@@ -694,12 +751,12 @@ async fn publish(state: &SharedState, principal: &Principal, topic: &str, payloa
             state.store.append(vec![msg]).await.map_err(|_| Refused::Failed)?;
         }
         Err(_) if principal.is_admin() => {
-            state.mqtt.route(&Routed { topic: topic.into(), payload: payload.clone(), meta: meta.clone() });
+            state.mqtt.route(&Routed { topic: topic.into(), payload: payload.clone(), meta: meta.clone(), shared: None });
         }
         Err(_) => return Err(Refused::NotAuthorized),
     }
     if meta.retain {
-        state.mqtt.retain(&Routed { topic: topic.into(), payload, meta });
+        state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None });
     }
     Ok(())
 }

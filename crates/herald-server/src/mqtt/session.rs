@@ -108,6 +108,28 @@ impl Session {
         Some(Outgoing { topic: topic.into(), payload, qos, retain, meta, sub_ids, released: false })
     }
 
+    /// A routed message (non-channel topic, or handed over by a shared
+    /// subscription) as an MQTT message for this session.
+    pub(crate) fn from_routed(&self, r: &super::broker::Routed, now_ms: i64) -> Option<Outgoing> {
+        match r.shared {
+            Some((qos, sub_id)) => {
+                if r.meta.expires_at.is_some_and(|at| at <= now_ms) {
+                    return None;
+                }
+                Some(Outgoing {
+                    topic: r.topic.clone(),
+                    payload: r.payload.clone(),
+                    qos: qos.min(r.meta.qos),
+                    retain: false,
+                    meta: Some(r.meta.clone()),
+                    sub_ids: sub_id.into_iter().collect(),
+                    released: false,
+                })
+            }
+            None => self.outgoing(&r.topic, r.payload.clone(), r.meta.qos, Some(r.meta.clone()), now_ms),
+        }
+    }
+
     /// A committed Herald message as an MQTT message for this session.
     pub(crate) fn from_message(&self, m: &Message, now_ms: i64) -> Option<Outgoing> {
         let qos = m.meta.as_ref().map_or(1, |meta| meta.qos);
