@@ -157,6 +157,14 @@ impl Subscription {
         true
     }
 
+    /// Starts carrying `user`'s unread count (MQTT's `$herald/unread/{user}`).
+    pub async fn follow_unread(&mut self, user: &str) -> Result<(), StoreError> {
+        match herald_core::inbox::user_channel(user) {
+            Some(c) => self.watch_inbox(&c).await,
+            None => Ok(()),
+        }
+    }
+
     /// Starts carrying `channel`'s owner's unread count if it is an inbox (the
     /// first one only: a client follows one inbox per connection).
     async fn watch_inbox(&mut self, channel: &Channel) -> Result<(), StoreError> {

@@ -331,7 +331,20 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         let s = self.session();
                         if let Some(o) = s.from_message(&m, now_ms()) { s.queue.push_back(o) }
                     }
-                    Ok(_) => {}
+                    Ok(Delivery::Unread(n)) => {
+                        let s = self.session();
+                        let counts: Vec<Outgoing> = s.subs.iter().filter(|(f, _)| f.starts_with(UNREAD_PREFIX)).map(|(f, o)| Outgoing {
+                            topic: f.as_str().into(),
+                            payload: Bytes::from(format!("{{\"count\":{n}}}")),
+                            qos: o.qos,
+                            retain: false,
+                            meta: None,
+                            sub_ids: o.sub_id.into_iter().collect(),
+                            released: false,
+                        }).collect();
+                        s.queue.extend(counts);
+                    }
+                    Ok(Delivery::Gap(_)) => {}
                     Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),
                 },
                 r = session.routed.recv(), if open => if let Some(r) = r {
@@ -569,6 +582,18 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             return self.subscribe_shared(filter, group, inner, opts, sub_id);
         }
         let s = self.session.as_mut().expect("session");
+        if let Some(user) = filter.strip_prefix(UNREAD_PREFIX) {
+            // The red dot over MQTT: the count now, then on every change.
+            if herald_core::channel::validate_segment(user).is_err() || !s.principal.may_access_inbox(user) {
+                return SubscribeReasonCode::NotAuthorized;
+            }
+            if s.herald.follow_unread(user).await.is_err() {
+                return SubscribeReasonCode::UnspecifiedError;
+            }
+            let qos = codec::qos_u8(opts.max_qos).min(2);
+            s.subs.insert(filter.to_owned(), SubOpts { qos, no_local: false, retain_as_published: false, sub_id });
+            return granted(qos);
+        }
         match Filter::parse(filter) {
             Ok(f) => {
                 let target = Target::from_filter(f);
@@ -611,11 +636,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 });
             }
         }
-        match qos {
-            0 => SubscribeReasonCode::GrantedQoS0,
-            1 => SubscribeReasonCode::GrantedQoS1,
-            _ => SubscribeReasonCode::GrantedQoS2,
-        }
+        granted(qos)
     }
 
     /// `$share/{group}/{filter}`: the session joins the group; no retained
@@ -633,11 +654,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         s.subs.insert(full.to_owned(), SubOpts { qos, no_local: opts.no_local, retain_as_published: false, sub_id });
         let member = super::broker::Member { session: s.id, tx: s.routed_tx.clone(), qos, sub_id, principal: s.principal.clone() };
         self.state.mqtt.join_shared(&self.state, group, filter, member);
-        match qos {
-            0 => SubscribeReasonCode::GrantedQoS0,
-            1 => SubscribeReasonCode::GrantedQoS1,
-            _ => SubscribeReasonCode::GrantedQoS2,
-        }
+        granted(qos)
     }
 
     /// After the loop: tell an MQTT 5 client why, publish the will if due,
@@ -759,6 +776,17 @@ async fn publish(state: &SharedState, principal: &Principal, topic: &str, payloa
         state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None });
     }
     Ok(())
+}
+
+/// Where a user's unread count is published: `$herald/unread/{user}`.
+pub(crate) const UNREAD_PREFIX: &str = "$herald/unread/";
+
+fn granted(qos: u8) -> SubscribeReasonCode {
+    match qos {
+        0 => SubscribeReasonCode::GrantedQoS0,
+        1 => SubscribeReasonCode::GrantedQoS1,
+        _ => SubscribeReasonCode::GrantedQoS2,
+    }
 }
 
 fn disconnect(code: DisconnectReasonCode) -> v5::Packet {
