@@ -247,14 +247,6 @@ struct Members {
     users: Vec<String>,
 }
 
-async fn members_body(headers: &HeaderMap, body: Body) -> Result<Vec<String>, ApiError> {
-    let m: Members = parse_json(&read_body(headers, body, BULK_BODY).await?)?;
-    if m.users.len() > MAX_USERS {
-        return Err(ApiError::bad_request("invalid_request", format!("at most {MAX_USERS} users per call")));
-    }
-    m.users.iter().map(|u| user_id(u)).collect()
-}
-
 /// `PUT /api/groups/{group}/members` `{"users":[..]}`: adds members.
 pub(crate) async fn add_members(
     State(state): State<SharedState>,
@@ -263,9 +255,7 @@ pub(crate) async fn add_members(
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    admin_only(&state, &headers, &Query::parse(raw.as_deref()))?;
-    let group = group_id(&group)?;
-    let users = members_body(&headers, body).await?;
+    let (group, users) = membership_request(&state, &group, &headers, raw.as_deref(), body).await?;
     Ok(Json(json!({ "added": state.inbox.add_members(&group, users).await? })))
 }
 
@@ -277,10 +267,27 @@ pub(crate) async fn remove_members(
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    admin_only(&state, &headers, &Query::parse(raw.as_deref()))?;
-    let group = group_id(&group)?;
-    let users = members_body(&headers, body).await?;
+    let (group, users) = membership_request(&state, &group, &headers, raw.as_deref(), body).await?;
     Ok(Json(json!({ "removed": state.inbox.remove_members(&group, users).await? })))
+}
+
+/// The checks both membership changes share: an API key, a valid group, and
+/// a body naming valid users.
+async fn membership_request(
+    state: &SharedState,
+    group: &str,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+    body: Body,
+) -> Result<(String, Vec<String>), ApiError> {
+    admin_only(state, headers, &Query::parse(raw))?;
+    let group = group_id(group)?;
+    let m: Members = parse_json(&read_body(headers, body, BULK_BODY).await?)?;
+    if m.users.len() > MAX_USERS {
+        return Err(ApiError::bad_request("invalid_request", format!("at most {MAX_USERS} users per call")));
+    }
+    let users = m.users.iter().map(|u| user_id(u)).collect::<Result<_, _>>()?;
+    Ok((group, users))
 }
 
 /// `GET /api/groups/{group}/members?after=NAME&limit=K`.

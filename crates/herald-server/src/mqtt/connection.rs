@@ -521,17 +521,15 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         }
         let session_id = self.session().id;
         let principal = self.session().principal.clone();
-        let meta = Meta {
-            qos: codec::qos_u8(qos),
-            retain: p.retain,
-            user_properties: p.properties.user_properties.iter().map(|u| (u.name.to_string(), u.value.to_string())).collect(),
-            content_type: p.properties.content_type.as_deref().map(String::from),
-            response_topic: p.properties.response_topic.as_deref().map(String::from),
-            correlation_data: p.properties.correlation_data.clone(),
-            payload_utf8: p.properties.payload_is_utf8,
-            expires_at: p.properties.message_expiry_interval.map(|s| now_ms() + i64::from(s) * 1000),
-            origin: Some(session_id),
-        };
+        let pp = &p.properties;
+        let meta = meta(qos, p.retain, session_id, Props {
+            user: &pp.user_properties,
+            content_type: pp.content_type.as_deref(),
+            response_topic: pp.response_topic.as_deref(),
+            correlation: pp.correlation_data.as_ref(),
+            utf8: pp.payload_is_utf8,
+            expiry: pp.message_expiry_interval,
+        });
         let outcome = if p.properties.payload_is_utf8 == Some(true) && std::str::from_utf8(&p.payload).is_err() {
             Err(Refused::PayloadFormat)
         } else {
@@ -688,17 +686,15 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     tokio::time::sleep(Duration::from_secs(delay)).await;
                 }
                 if state.mqtt.take_will(&client_id, token) {
-                    let meta = Meta {
-                        qos: codec::qos_u8(will.qos),
-                        retain: will.retain,
-                        user_properties: will.properties.user_properties.iter().map(|u| (u.name.to_string(), u.value.to_string())).collect(),
-                        content_type: will.properties.content_type.as_deref().map(String::from),
-                        response_topic: will.properties.response_topic.as_deref().map(String::from),
-                        correlation_data: will.properties.correlation_data.clone(),
-                        payload_utf8: will.properties.payload_is_utf8,
-                        expires_at: will.properties.message_expiry_interval.map(|s| now_ms() + i64::from(s) * 1000),
-                        origin: Some(origin),
-                    };
+                    let wp = &will.properties;
+                    let meta = meta(will.qos, will.retain, origin, Props {
+                        user: &wp.user_properties,
+                        content_type: wp.content_type.as_deref(),
+                        response_topic: wp.response_topic.as_deref(),
+                        correlation: wp.correlation_data.as_ref(),
+                        utf8: wp.payload_is_utf8,
+                        expiry: wp.message_expiry_interval,
+                    });
                     let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
                 }
             });
@@ -776,6 +772,30 @@ async fn publish(state: &SharedState, principal: &Principal, topic: &str, payloa
         state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None });
     }
     Ok(())
+}
+
+/// The v5 properties a PUBLISH and a will share.
+struct Props<'a> {
+    user: &'a [UserProperty],
+    content_type: Option<&'a str>,
+    response_topic: Option<&'a str>,
+    correlation: Option<&'a Bytes>,
+    utf8: Option<bool>,
+    expiry: Option<u32>,
+}
+
+fn meta(qos: QoS, retain: bool, origin: u64, p: Props<'_>) -> Meta {
+    Meta {
+        qos: codec::qos_u8(qos),
+        retain,
+        user_properties: p.user.iter().map(|u| (u.name.to_string(), u.value.to_string())).collect(),
+        content_type: p.content_type.map(String::from),
+        response_topic: p.response_topic.map(String::from),
+        correlation_data: p.correlation.cloned(),
+        payload_utf8: p.utf8,
+        expires_at: p.expiry.map(|s| now_ms() + i64::from(s) * 1000),
+        origin: Some(origin),
+    }
 }
 
 /// Where a user's unread count is published: `$herald/unread/{user}`.
