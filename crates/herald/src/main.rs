@@ -1,6 +1,7 @@
 //! The `herald` binary: parses the command line and hands over to the server
 //! or to one of the small client commands.
 
+mod bench;
 mod publish;
 mod subscribe;
 
@@ -44,6 +45,9 @@ enum Command {
         #[arg(long)]
         allow_open: bool,
     },
+    /// Load generator against a server on loopback (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Mint a user token (JWT, HS256) with the configured [auth] jwt_secret.
     Token {
         /// The user id (`sub`).
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
                 serve(config, Overrides { http, mqtt, data, memory, allow_open }).await
             }
             Command::Token { sub, channels, publish, ttl, config } => token(config, &sub, &channels, &publish, &ttl),
+            Command::Bench(b) => bench::run(b).await,
             Command::Publish { channel, data, event, json, text, server } => {
                 publish::run(&server, &channel, &data, event.as_deref(), publish::Kind::from_flags(json, text)).await
             }
