@@ -127,7 +127,9 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // A closed stderr must not take the server down: write errors are dropped
+    // rather than reported (reporting them panics on a broken pipe).
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false).init();
 }
 
 async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
@@ -139,12 +141,10 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Re
         format!("in {}", config.server.data.display())
     };
     let server = Server::bind(config, shutdown.clone()).await?;
-    // Scripts and tests read this line to learn the port.
-    println!("herald listening on http://{}", server.http_addr());
-    match server.mqtt_addr() {
-        Some(addr) => println!("herald mqtt listening on {addr}"),
-        None => println!("herald mqtt off"),
-    }
+    // Scripts and tests read these lines to learn the ports. A closed stdout
+    // (`herald serve | head -1`) is not an error worth stopping for.
+    let mqtt = server.mqtt_addr().map_or("herald mqtt off".to_string(), |a| format!("herald mqtt listening on {a}"));
+    announce(&format!("herald listening on http://{}\n{mqtt}", server.http_addr()));
     if server.is_open() {
         tracing::warn!(
             "OPEN MODE: no [auth] configured, so anyone who can reach {} may publish, subscribe and read every \
@@ -155,11 +155,18 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Re
     tracing::info!(addr = %server.http_addr(), "serving; messages kept {storage}");
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down: closing streams and finishing writes");
         shutdown.cancel();
+        tracing::info!("shutting down: closing streams and finishing writes");
     });
     server.run().await?;
     Ok(())
+}
+
+fn announce(lines: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{lines}");
+    let _ = out.flush();
 }
 
 async fn wait_for_signal() {
