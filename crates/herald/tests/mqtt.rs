@@ -788,7 +788,6 @@ async fn user_token_reads_its_channels_and_inbox_but_never_another_users_v5() {
 }
 
 #[tokio::test]
-#[ignore = "herald bug: an MQTT 3 SUBACK refusal goes out as 0x03 instead of 0x80 (mqtt-proto 0.4 encodes SubscribeReturnCode::Failure by its enum index), so clients fail to decode it"]
 async fn user_token_reads_its_channels_and_inbox_but_never_another_users_v3() {
     let s = auth_server();
     let token = mint("u", "chat/#");

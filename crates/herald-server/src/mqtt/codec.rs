@@ -101,11 +101,84 @@ pub(crate) fn decode(version: Version, bytes: &[u8]) -> Result<v5::Packet, Decod
 /// Encodes a v5 packet for the connection's version; `None` when the packet
 /// has no v3 form (AUTH) and is not sent.
 pub(crate) fn encode(version: Version, packet: &v5::Packet) -> Option<Vec<u8>> {
-    let bytes = match version {
-        Version::V5 => packet.encode().ok()?.as_ref().to_vec(),
-        Version::V3 => lower(packet)?.encode().ok()?.as_ref().to_vec(),
+    let bytes = match (version, packet) {
+        // mqtt-proto writes a v3 SUBACK failure as 3, not 0x80; write it here.
+        (Version::V3, v5::Packet::Suback(s)) => v3_suback(s),
+        (Version::V5, _) => packet.encode().ok()?.as_ref().to_vec(),
+        (Version::V3, _) => lower(packet)?.encode().ok()?.as_ref().to_vec(),
     };
     Some(bytes)
+}
+
+fn v3_suback(s: &v5::Suback) -> Vec<u8> {
+    let mut body = s.pid.value().to_be_bytes().to_vec();
+    body.extend(s.topics.iter().map(|c| match c {
+        SubscribeReasonCode::GrantedQoS0 => 0x00,
+        SubscribeReasonCode::GrantedQoS1 => 0x01,
+        SubscribeReasonCode::GrantedQoS2 => 0x02,
+        _ => 0x80,
+    }));
+    let mut out = vec![0x90];
+    put_var_int(&mut out, body.len());
+    out.extend(body);
+    out
+}
+
+fn put_var_int(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn var_int(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
+    let mut n = 0usize;
+    for i in 0..4 {
+        let b = *bytes.get(at + i)?;
+        n |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((n, i + 1));
+        }
+    }
+    None
+}
+
+/// Adds subscription identifiers to an encoded MQTT 5 PUBLISH (mqtt-proto
+/// carries one): each becomes property 0x0B at the end of the properties,
+/// and both lengths are rewritten.
+pub(crate) fn add_subscription_ids(packet: Vec<u8>, ids: &[u32]) -> Option<Vec<u8>> {
+    if ids.is_empty() {
+        return Some(packet);
+    }
+    let (_, len_bytes) = var_int(&packet, 1)?;
+    let header_end = 1 + len_bytes;
+    let topic_len = usize::from(u16::from_be_bytes([*packet.get(header_end)?, *packet.get(header_end + 1)?]));
+    let qos = (packet[0] >> 1) & 0b11;
+    let props_at = header_end + 2 + topic_len + if qos > 0 { 2 } else { 0 };
+    let (props_len, props_len_bytes) = var_int(&packet, props_at)?;
+    let props_end = props_at + props_len_bytes + props_len;
+    let mut extra = Vec::new();
+    for id in ids {
+        extra.push(0x0B);
+        put_var_int(&mut extra, *id as usize);
+    }
+    let mut props = packet.get(props_at + props_len_bytes..props_end)?.to_vec();
+    props.extend(extra);
+    let mut body = packet.get(header_end..props_at)?.to_vec();
+    put_var_int(&mut body, props.len());
+    body.extend(props);
+    body.extend_from_slice(packet.get(props_end..)?);
+    let mut out = vec![packet[0]];
+    put_var_int(&mut out, body.len());
+    out.extend(body);
+    Some(out)
 }
 
 fn lift(p: v3::Packet) -> v5::Packet {
@@ -234,6 +307,44 @@ pub(crate) fn pubcomp(pid: mqtt_proto::Pid, code: PubcompReasonCode) -> v5::Pack
 
 pub(crate) fn qos_u8(q: QoS) -> u8 {
     q as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqtt_proto::QosPid;
+
+    #[test]
+    fn v3_suback_refusal_is_0x80() {
+        let s = v5::Suback {
+            pid: mqtt_proto::Pid::try_from(1).unwrap(),
+            properties: Default::default(),
+            topics: vec![SubscribeReasonCode::NotAuthorized, SubscribeReasonCode::GrantedQoS1],
+        };
+        assert_eq!(encode(Version::V3, &v5::Packet::Suback(s)).unwrap(), [0x90, 4, 0, 1, 0x80, 0x01]);
+    }
+
+    #[test]
+    fn extra_subscription_ids_decode() {
+        let mut p = v5::Publish::new(
+            QosPid::Level1(mqtt_proto::Pid::try_from(7).unwrap()),
+            mqtt_proto::TopicName::try_from("a/b").unwrap(),
+            bytes::Bytes::from_static(b"hi"),
+        );
+        p.properties.subscription_id = Some(v5::VarByteInt::try_from(2).unwrap());
+        let bytes = v5::Packet::Publish(p).encode().unwrap().as_ref().to_vec();
+        let more = add_subscription_ids(bytes.clone(), &[300]).unwrap();
+        // (mqtt-proto's own decoder refuses a repeated property, which MQTT 5
+        // allows for this one, so the packet is checked field by field.)
+        let (remaining, n) = var_int(&more, 1).unwrap();
+        assert_eq!(1 + n + remaining, more.len(), "remaining length rewritten");
+        let props_at = 1 + n + 2 + 3 + 2;
+        let (props_len, m) = var_int(&more, props_at).unwrap();
+        let props = &more[props_at + m..props_at + m + props_len];
+        assert_eq!(props, [0x0B, 0x02, 0x0B, 0xAC, 0x02], "both identifiers, 300 as a variable-length integer");
+        assert_eq!(&more[props_at + m + props_len..], b"hi", "the payload follows unchanged");
+        assert!(more.windows(3).any(|w| w == [0x0B, 0xAC, 0x02]), "id 300 as a variable-length integer");
+    }
 }
 
 /// Whether the CONNECT's protocol name and level form one we speak.

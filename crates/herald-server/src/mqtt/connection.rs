@@ -117,13 +117,22 @@ where
             };
             let stop = matches!(inbound, Inbound::Failed(_));
             if tx.send(inbound).await.is_err() || stop {
+                // Keep reading (and dropping) until the client closes: closing a
+                // socket with unread data resets it, and the client would lose
+                // the DISCONNECT telling it why.
+                let _ = tokio::io::copy(&mut rd, &mut tokio::io::sink()).await;
                 return;
             }
         }
     });
     let end = conn.run(rx).await;
-    reader.abort();
+    let closing = matches!(end, End::Close(_));
     conn.finish(end).await;
+    if closing {
+        let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    } else {
+        reader.abort();
+    }
 }
 
 struct Connection<W> {
@@ -267,14 +276,26 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             conn.session.as_ref().map(|s| s.inflight.iter().map(|(p, o)| (*p, o.clone())).collect()).unwrap_or_default();
         for (pid, o) in resend {
             let p = if o.released { codec::pubrel(pid_of(pid)) } else { conn.publish_packet(&o, Some(pid), true) };
-            conn.send(&p).await.ok()?;
+            let more = if o.released { &[][..] } else { o.sub_ids.get(1..).unwrap_or_default() };
+            conn.send_with_ids(&p, more).await.ok()?;
         }
         conn.wr.flush().await.ok()?;
         Some(conn)
     }
 
     async fn send(&mut self, p: &v5::Packet) -> std::io::Result<()> {
-        if let Some(bytes) = codec::encode(self.version, p) {
+        self.send_with_ids(p, &[]).await
+    }
+
+    /// Sends a packet; `more_ids` are subscription identifiers beyond the one
+    /// the PUBLISH carries (MQTT 5).
+    async fn send_with_ids(&mut self, p: &v5::Packet, more_ids: &[u32]) -> std::io::Result<()> {
+        let encoded = codec::encode(self.version, p);
+        let encoded = match (self.version, more_ids.is_empty()) {
+            (Version::V5, false) => encoded.and_then(|b| codec::add_subscription_ids(b, more_ids)),
+            _ => encoded,
+        };
+        if let Some(bytes) = encoded {
             if bytes.len() > self.max_out {
                 // MQTT 5: a packet over the client's maximum is not sent.
                 return Ok(());
@@ -373,7 +394,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             });
             let mut p = self.publish_packet(&o, pid, false);
             self.alias(&mut p);
-            self.send(&p).await?;
+            self.send_with_ids(&p, o.sub_ids.get(1..).unwrap_or_default()).await?;
             self.state.stats.delivered(1);
         }
     }
@@ -417,7 +438,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             properties.message_expiry_interval =
                 m.expires_at.map(|at| ((at - now_ms()).max(0) as u64).div_ceil(1000).max(1) as u32);
         }
-        // mqtt-proto carries one subscription identifier per PUBLISH.
+        // mqtt-proto carries one subscription identifier; the others are
+        // added to the encoded packet (`send_with_ids`).
         properties.subscription_id = o.sub_ids.first().and_then(|id| VarByteInt::try_from(*id).ok());
         let topic = TopicName::try_from(&*o.topic).unwrap_or_else(|_| TopicName::try_from("invalid").expect("valid"));
         v5::Packet::Publish(v5::Publish { dup, retain: o.retain, qos_pid, topic_name: topic, payload: o.payload.clone(), properties })
@@ -574,7 +596,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     async fn subscribe_one(&mut self, filter: &str, opts: &v5::SubscriptionOptions, sub_id: Option<u32>, retained: &mut Vec<Outgoing>) -> SubscribeReasonCode {
         let cfg = &self.state.config.mqtt;
         if cfg.deny_subscribe.iter().any(|d| d == filter) {
-            return SubscribeReasonCode::NotAuthorized;
+            // 0x80, as MQTT 3 can say it too (and as the Paho suite expects).
+            return SubscribeReasonCode::UnspecifiedError;
         }
         if let Some((group, inner)) = super::topic::shared(filter) {
             return self.subscribe_shared(filter, group, inner, opts, sub_id);
