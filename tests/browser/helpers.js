@@ -12,7 +12,7 @@ import { chromium } from 'playwright-core';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const BIN = process.env.HERALD_BIN || path.join(ROOT, 'target/debug/herald');
 export const ASSETS = path.join(ROOT, 'crates/herald-server/assets');
-export const TRANSPORTS = ['ws', 'sse', 'longpoll', 'poll', 'iframe'];
+export const TRANSPORTS = ['ws', 'sse', 'longpoll', 'poll', 'iframe', 'mqtt'];
 /** Every test's time limit: a hang fails with its name instead of stalling the run. */
 export const LIMIT = { timeout: 90_000 };
 
@@ -23,16 +23,16 @@ export function tempDir(prefix = 'herald-browser-') {
 }
 
 /**
- * Starts `herald serve` on 127.0.0.1 (port 0 unless given), without MQTT, in memory unless
- * `data` names a directory, with `env` added to a copy of the environment that
- * has no other HERALD_ settings. Resolves once the server has printed its
+ * Starts `herald serve` on 127.0.0.1 (port 0 unless given), without the MQTT
+ * TCP listener, in memory unless `data` names a directory, with `env` added to
+ * a copy of the environment that has no other HERALD_ settings. Resolves once the server has printed its
  * address. The process runs in a temporary directory so no ./herald.toml is read.
  */
 export async function startServer({ data = null, env = {}, port = 0 } = {}) {
   const cwd = tempDir('herald-cwd-');
   const cleanEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
-  // No MQTT listener: these tests do not use it, and a fixed port (1883) would
-  // collide with any other server on the machine.
+  // No MQTT TCP listener: a fixed port (1883) would collide with any other
+  // server on the machine. MQTT over WebSocket (/mqtt) is on the HTTP port.
   const args = ['serve', '--http', `127.0.0.1:${port}`, '--mqtt', 'off', ...(data ? ['--data', data] : ['--memory'])];
   const proc = spawn(BIN, args, { cwd: cwd.dir, env: { ...cleanEnv, HERALD_LOG: 'warn', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
@@ -115,6 +115,8 @@ export async function probe(url) {
   const iframe = await fetch(`${url}/api/channels/probe/iframe?callback=cb&since=now`, { signal: ctrl.signal });
   missing.iframe = iframe.status === 404 ? 'the server has no hidden-iframe endpoint (GET /api/channels/{c}/iframe answers 404)' : null;
   ctrl.abort();
+  const mqtt = await fetch(`${url}/mqtt`);
+  missing.mqtt = mqtt.status === 404 ? 'the server has no MQTT-over-WebSocket endpoint (GET /mqtt answers 404)' : null;
   return missing;
 }
 
@@ -128,7 +130,10 @@ export async function checkAssetsFresh(url) {
 }
 
 /** The demo pages by URL path, as pages.rs serves them. */
-const PAGES = { '/': 'index.html', '/chat': 'chat.html', '/bell': 'bell.html', '/admin': 'admin.html', '/style.css': 'style.css', '/herald.js': 'herald.js' };
+const PAGES = {
+  '/': 'index.html', '/chat': 'chat.html', '/bell': 'bell.html', '/admin': 'admin.html', '/style.css': 'style.css',
+  '/herald.js': 'herald.js', '/vendor/mqtt.min.js': 'vendor/mqtt.min.js',
+};
 const TYPES = { html: 'text/html; charset=utf-8', css: 'text/css; charset=utf-8', js: 'text/javascript; charset=utf-8' };
 
 /**

@@ -22,9 +22,11 @@
  * `ctx` (opened, message, gap, unread, error, closed) and returns an object with
  * `close()` and, when it can change its channels in place, `add(key)` and
  * `remove(key)`; the WebSocket one also has `publish(frame)`. Filters such as
- * `chat/room/+` work over 'ws' and 'sse' (the multiplexed transports); 'longpoll',
- * 'poll' and 'iframe' follow named channels only. 'iframe' needs the page to be
- * on the same origin as the server. 'mqtt' is reserved for the MQTT transport.
+ * `chat/room/+` work over 'ws', 'sse' and 'mqtt' (the multiplexed transports);
+ * 'longpoll', 'poll' and 'iframe' follow named channels only. 'iframe' needs the
+ * page to be on the same origin as the server. 'mqtt' is MQTT over WebSocket
+ * through MQTT.js, which the server serves next to this file
+ * (`/vendor/mqtt.min.js`) and which is loaded only when that transport is used.
  */
 
 /** An error the server (or the client) reports with a stable code. */
@@ -46,6 +48,7 @@ const DEFAULTS = {
   connectTimeout: 10000, // ms a transport may take to open before it counts as failed
   publishTimeout: 10000, // ms to wait for a WebSocket publish acknowledgement
   iframeStallTimeout: 45000, // ms of silence after which an iframe stream counts as dead
+  mqttModule: null,      // URL of the MQTT.js ES module (default: vendor/mqtt.min.js next to this file)
 };
 
 export class Herald {
@@ -617,8 +620,189 @@ function connectIframe(h, ctx) {
   return { add, remove, close: () => { for (const key of [...frames.keys()]) remove(key); } };
 }
 
-function connectMqtt() {
-  throw new HeraldError('unsupported', 'the MQTT transport is not available in this version of herald.js');
+/**
+ * MQTT over WebSocket (`ws(s)://host/mqtt`, subprotocol `mqtt`) with MQTT.js,
+ * loaded on first use. The password carries the token; every channel or filter
+ * is one subscription at QoS 1, and an inbox `user/{id}` also subscribes
+ * `$herald/unread/{id}` (payload `{"count":N}`: the red dot).
+ *
+ * MQTT carries no Herald id, and a message's id is what resuming and
+ * de-duplication rest on. So an MQTT PUBLISH is taken as a doorbell, not as
+ * the message: it makes the client ask `GET /api/channels/{topic}/messages
+ * ?since=<last id>` (a short poll) and hand over what that answers, with ids,
+ * events and times exactly as every other transport has them. The cursor rule
+ * ("nothing at or below the last id") makes a repeated or coalesced poll
+ * harmless, and one poll at a time per channel (another one queued when a
+ * PUBLISH comes in meanwhile) keeps the order. On every (re)connection the
+ * client first subscribes, then polls each channel it has a cursor for, and
+ * only then reports the connection open: what was published while it was
+ * away is fetched by id, and what is published from then on rings the bell.
+ * Publishing goes over HTTP (`POST /api/publish`), as on every transport but
+ * 'ws'. MQTT.js's own reconnecting is off: the client reconnects, falls back
+ * and resumes as it does for every transport.
+ */
+const mqttLoads = new Map(); // module URL -> Promise of the MQTT.js module
+function loadMqtt(h) {
+  const url = h.options.mqttModule || new URL('./vendor/mqtt.min.js', import.meta.url).href;
+  if (!mqttLoads.has(url)) {
+    const p = import(url).then(m => {
+      const lib = m.default?.connect ? m.default : m;
+      if (typeof lib.connect !== 'function') throw new Error('the module has no connect()');
+      return lib;
+    });
+    p.catch(() => mqttLoads.delete(url)); // let a later attempt try again
+    mqttLoads.set(url, p);
+  }
+  return mqttLoads.get(url);
+}
+
+const UNREAD_TOPIC = '$herald/unread/';
+/** The user whose inbox `key` is, or null. */
+const inboxOf = key => /^user\/([^/]+)$/.exec(key)?.[1] ?? null;
+
+function connectMqtt(h, ctx) {
+  let client = null;
+  let closed = false;
+  let connected = false;
+  let reason = '';
+  const ctrl = new AbortController(); // aborts the polls when the connection ends
+  const pulls = new Map();            // channel -> { running: Promise|null, again: bool }
+  const fail = err => { if (!closed) ctx.closed(err); };
+
+  /** One short poll of `channel` after its cursor, repeated while more is waiting. */
+  const pollOnce = async channel => {
+    const cursor = h._cursors.get(channel);
+    let since = typeof cursor === 'number' || cursor === 'now' ? cursor : null;
+    if (since === null) {
+      // A channel first seen through a filter: start where the filter says.
+      // ('now': from the message that rang, i.e. after the head minus one.)
+      const filter = [...h._subs].find(([k, sub]) => sub.filter && matches(k, channel))?.[1];
+      since = filter && filter.since !== 'now' ? filter.since : null;
+      if (since === null) {
+        const head = await h._fetchJson(`/api/channels/${channelPath(channel)}/messages?since=now&limit=1`, { signal: ctrl.signal });
+        since = Math.max(0, head.next - 1);
+      }
+    }
+    const body = await h._fetchJson(`/api/channels/${channelPath(channel)}/messages?since=${since}&limit=100`, { signal: ctrl.signal });
+    if (closed) return false;
+    if (body.missed) ctx.gap(body.missed);
+    for (const m of body.messages) ctx.message({ channel, ...m });
+    if (typeof h._cursors.get(channel) !== 'number' && h._wants(channel)) h._cursors.set(channel, body.next);
+    if (Number.isSafeInteger(body.unread)) ctx.unread(body.unread);
+    return body.messages.length >= 100; // more is waiting
+  };
+
+  /** Polls `channel` now, or once more after the poll in flight; resolves when caught up. */
+  const pull = channel => {
+    let p = pulls.get(channel);
+    if (!p) pulls.set(channel, p = { running: null, again: false });
+    if (p.running) { p.again = true; return p.running; }
+    p.running = (async () => {
+      try {
+        do { p.again = false; if (await pollOnce(channel)) p.again = true; } while (p.again && !closed);
+      } finally {
+        p.running = null;
+      }
+    })();
+    return p.running;
+  };
+
+  /** Every channel to catch up on: the named ones followed, and those seen through a filter. */
+  const resumable = () => {
+    const chans = new Set([...h._subs].filter(([, sub]) => !sub.filter).map(([k]) => k));
+    for (const [ch, id] of h._cursors) if (typeof id === 'number' && h._wants(ch)) chans.add(ch);
+    return [...chans];
+  };
+
+  /**
+   * SUBSCRIBE (QoS 1) `key` and, for an inbox, its unread count. Resolves to
+   * whether the server granted `key`; a refusal is reported as an 'error' and
+   * the connection carries on (as a refused WebSocket subscribe does).
+   */
+  const subscribe = key => new Promise((resolve, reject) => {
+    const user = inboxOf(key);
+    const topics = user ? [key, UNREAD_TOPIC + user] : [key];
+    client.subscribe(topics, { qos: 1 }, (err, granted) => {
+      if (err) return reject(new HeraldError('mqtt_error', `MQTT subscribe failed: ${err.message}`));
+      for (const g of granted || []) {
+        if (g.qos < 0x80) continue;
+        const code = g.qos === 0x87 ? 'forbidden' : 'mqtt_refused';
+        if (!closed) ctx.error(new HeraldError(code, `the server refused the subscription to '${g.topic}' (MQTT reason ${g.qos})`, 403));
+      }
+      resolve(!(granted || []).some(g => g.topic === key && g.qos >= 0x80));
+    });
+  });
+
+  const add = key => {
+    if (!connected) return; // the 'connect' handler subscribes whatever is followed by then
+    subscribe(key).then(ok => { if (ok && !isFilter(key)) return pull(key); })
+      .catch(err => { if (err?.name !== 'AbortError' && !closed) ctx.error(err); });
+  };
+
+  const remove = key => {
+    pulls.delete(key);
+    if (!connected) return;
+    const user = inboxOf(key);
+    client.unsubscribe(user ? [key, UNREAD_TOPIC + user] : [key]);
+  };
+
+  loadMqtt(h).then(mqtt => {
+    if (closed) return;
+    const url = `${h.url.replace(/^http/, 'ws')}/mqtt`;
+    client = mqtt.connect(url, {
+      protocolVersion: 5,
+      clean: true,
+      clientId: `herald-js-${Math.random().toString(36).slice(2, 12)}`,
+      // The server ignores the username; the password is the token.
+      ...(h.token ? { username: 'herald', password: h.token } : {}),
+      keepalive: 30,
+      reconnectPeriod: 0, // Herald reconnects (and falls back) itself
+      connectTimeout: h.options.connectTimeout,
+      resubscribe: false,
+    });
+    client.on('connect', async () => {
+      connected = true;
+      try {
+        // Subscribe first, then fetch what was missed: nothing falls in between.
+        const keys = [...h._subs.keys()];
+        const granted = await Promise.all(keys.map(subscribe));
+        const refused = new Set(keys.filter((k, i) => !granted[i]));
+        await Promise.all(resumable().filter(ch => !refused.has(ch)).map(pull));
+      } catch (e) {
+        if (e?.name === 'AbortError') return;
+        return fail(e instanceof HeraldError ? e : new HeraldError('mqtt_error', e.message));
+      }
+      if (!closed) ctx.opened();
+    });
+    client.on('message', (topic, payload) => {
+      if (closed) return;
+      if (topic.startsWith(UNREAD_TOPIC)) {
+        try { ctx.unread(JSON.parse(new TextDecoder().decode(payload)).count); } catch { /* not a count */ }
+        return;
+      }
+      if (!h._wants(topic)) return;
+      pull(topic).catch(e => {
+        if (e?.name !== 'AbortError' && !closed) fail(e instanceof HeraldError ? e : new HeraldError('poll_failed', e.message));
+      });
+    });
+    client.on('disconnect', packet => { reason = `server sent DISCONNECT (reason ${packet?.reasonCode ?? '?'})`; });
+    client.on('error', err => {
+      // A refused CONNECT: 0x86/0x87 (v5), 4/5 (v3.1.1) mean the token.
+      const auth = [0x86, 0x87, 4, 5].includes(err?.code);
+      fail(new HeraldError(auth ? 'unauthorized' : 'mqtt_error', `MQTT: ${err?.message || err}`, auth ? 401 : 0));
+    });
+    client.on('close', () => fail(new HeraldError('mqtt_closed', `the MQTT connection closed${reason ? ` (${reason})` : ''}`)));
+  }, err => fail(new HeraldError('unsupported', `could not load MQTT.js: ${err.message}`)));
+
+  return {
+    close() {
+      closed = true; // every handler above is inert from now on
+      ctrl.abort();
+      client?.end(true);
+    },
+    add,
+    remove,
+  };
 }
 
 const TRANSPORTS = {

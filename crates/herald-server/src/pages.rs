@@ -16,6 +16,9 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ("/admin", include_str!("../assets/admin.html"), "text/html; charset=utf-8"),
     ("/style.css", include_str!("../assets/style.css"), "text/css; charset=utf-8"),
     ("/herald.js", include_str!("../assets/herald.js"), "text/javascript; charset=utf-8"),
+    // MQTT.js (MIT; see assets/vendor/mqtt.LICENSE.txt), loaded by herald.js
+    // only when the 'mqtt' transport is used.
+    ("/vendor/mqtt.min.js", include_str!("../assets/vendor/mqtt.min.js"), "text/javascript; charset=utf-8"),
 ];
 
 /// Serves an asset by path, or the JSON 404 every unknown route gets.
