@@ -349,8 +349,18 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
                 d = session.herald.next(), if open => match d {
                     Ok(Delivery::Message(m)) => {
+                        let window = self.window;
                         let s = self.session();
                         if let Some(o) = s.from_message(&m, now_ms()) { s.queue.push_back(o) }
+                        // Take what else is already here, so a burst is written
+                        // with one flush rather than one per message.
+                        while s.queue.len() < window.max(64) {
+                            match s.herald.try_next() {
+                                Some(Delivery::Message(m)) => if let Some(o) = s.from_message(&m, now_ms()) { s.queue.push_back(o) },
+                                Some(_) => {}
+                                None => break,
+                            }
+                        }
                     }
                     Ok(Delivery::Unread(n)) => {
                         let s = self.session();

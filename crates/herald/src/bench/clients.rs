@@ -30,8 +30,23 @@ pub(super) async fn subscribe_all(
 ) -> anyhow::Result<usize> {
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(1024);
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+    // At most this many connections are being set up at once: a burst of
+    // thousands of connects would overflow the server's accept backlog.
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
     for tally in tallies {
-        let (tally, hist, ready) = (tally.clone(), hist.clone(), ready_tx.clone());
+        let (tally, hist, ready_all) = (tally.clone(), hist.clone(), ready_tx.clone());
+        let permit = gate.clone().acquire_owned().await?;
+        let (ready, mut signal) = mpsc::channel::<anyhow::Result<()>>(1);
+        tokio::spawn(async move {
+            // The first signal (subscribed, or failed) releases the gate.
+            if let Some(r) = signal.recv().await {
+                drop(permit);
+                let _ = ready_all.send(r).await;
+            }
+            while let Some(r) = signal.recv().await {
+                let _ = ready_all.send(r).await;
+            }
+        });
         let (server, mqtt_addr, channel, http) = (target.server.clone(), target.mqtt.clone(), channel.to_owned(), http.clone());
         tokio::spawn(async move {
             let r = match transport {
@@ -130,7 +145,7 @@ async fn longpoll(
 async fn mqtt(addr: &str, channel: &str, qos: QoS, tally: Arc<Mutex<Tally>>, hist: Hist, ready: &mpsc::Sender<anyhow::Result<()>>) -> anyhow::Result<()> {
     let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let connect = v3::Packet::Connect(v3::Connect::new(format!("bench-{}", super::now_us()).into(), 0));
+    let connect = v3::Packet::Connect(v3::Connect::new(client_id("bench").into(), 0));
     tcp.write_all(connect.encode()?.as_ref()).await?;
     let filter = TopicFilter::try_from(channel).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let sub = v3::Packet::Subscribe(v3::Subscribe::new(Pid::try_from(1)?, vec![(filter, qos)]));
@@ -169,6 +184,13 @@ async fn mqtt(addr: &str, channel: &str, qos: QoS, tally: Arc<Mutex<Tally>>, his
     }
 }
 
+/// A client id unique in this run (two clients with one id would take each
+/// other's session over).
+fn client_id(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
 /// The length of the first whole MQTT packet in `buf`, if it is all there.
 fn whole_packet(buf: &[u8]) -> Option<usize> {
     let mut remaining = 0usize;
@@ -183,9 +205,14 @@ fn whole_packet(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// Publishes `messages` payloads over HTTP, one after another (so sequence
-/// order is id order), in a burst or at `rate` per second.
-pub(super) async fn publish(target: &Target, channel: &str, messages: usize, rate: u32) -> anyhow::Result<()> {
+/// Publishes `messages` payloads one after another (so sequence order is id
+/// order), in a burst or at `rate` per second: over HTTP, or over MQTT QoS 1
+/// (waiting for each PUBACK) when `via_mqtt`, which also works against any
+/// MQTT broker for side-by-side runs.
+pub(super) async fn publish(target: &Target, channel: &str, messages: usize, rate: u32, via_mqtt: bool) -> anyhow::Result<()> {
+    if via_mqtt {
+        return publish_mqtt(&target.mqtt, channel, messages, rate).await;
+    }
     let http = reqwest::Client::new();
     let url = format!("{}/api/channels/{channel}", target.server);
     let start = Instant::now();
@@ -196,6 +223,41 @@ pub(super) async fn publish(target: &Target, channel: &str, messages: usize, rat
         let res = http.post(&url).header("content-type", "application/json").body(super::payload(seq)).send().await?;
         if !res.status().is_success() {
             bail!("publish {seq}: {}", res.status());
+        }
+    }
+    Ok(())
+}
+
+async fn publish_mqtt(addr: &str, channel: &str, messages: usize, rate: u32) -> anyhow::Result<()> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let connect = v3::Packet::Connect(v3::Connect::new(client_id("bench-pub").into(), 0));
+    tcp.write_all(connect.encode()?.as_ref()).await?;
+    let topic = mqtt_proto::TopicName::try_from(channel).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    let start = Instant::now();
+    for seq in 0..messages {
+        if rate > 0 {
+            tokio::time::sleep_until((start + Duration::from_secs_f64(seq as f64 / f64::from(rate))).into()).await;
+        }
+        let pid = Pid::try_from((seq % 65_535 + 1) as u16)?;
+        let p = v3::Packet::Publish(v3::Publish::new(QosPid::Level1(pid), topic.clone(), super::payload(seq).into()));
+        tcp.write_all(p.encode()?.as_ref()).await?;
+        // Wait for this publish's PUBACK (the CONNACK comes first).
+        'acked: loop {
+            while let Some(len) = whole_packet(&buf) {
+                let packet = v3::Packet::decode(&buf[..len]).ok().flatten();
+                buf.drain(..len);
+                if matches!(packet, Some(v3::Packet::Puback(p)) if p == pid) {
+                    break 'acked;
+                }
+            }
+            let n = tcp.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("the broker closed the publishing connection");
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
     }
     Ok(())

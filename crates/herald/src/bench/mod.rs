@@ -8,6 +8,10 @@
 //!   second, server CPU µs per delivery, latency p50/p99/max, and the lost,
 //!   duplicated and out-of-order counts.
 //! - `idle`: N connections that just stay; server memory per connection.
+//!
+//! MQTT runs publish over MQTT (QoS 1, one at a time), so the same command
+//! measures any MQTT broker side by side (`--mqtt ADDR --pid ITS_PID`). Each
+//! connection is a file: raise the soft limit first (`ulimit -n 20000`).
 
 mod clients;
 mod proc_stat;
@@ -172,7 +176,8 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let server_before = a.target.pid.map(ProcStat::read).transpose()?;
     let tool_before = ProcStat::read_self()?;
     let start = Instant::now();
-    clients::publish(&a.target, &channel, a.messages, a.rate).await?;
+    let via_mqtt = matches!(a.transport, Transport::Mqtt0 | Transport::Mqtt1);
+    clients::publish(&a.target, &channel, a.messages, a.rate, via_mqtt).await?;
     let publish_time = start.elapsed();
     let expected = (a.messages * a.subscribers) as u64;
     let deadline = start + Duration::from_secs(a.timeout);
