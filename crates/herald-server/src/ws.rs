@@ -52,7 +52,10 @@ pub(crate) async fn upgrade(
     let principal = state.auth.authenticate(&headers, &Query::parse(raw.as_deref()))?;
     let ws = ws.map_err(|e| ApiError::new(e.status(), "websocket_expected", e.body_text()))?;
     let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
-    Ok(ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| session(state, principal, socket)))
+    // tungstenite's default read buffer is 128 KiB per connection, held for
+    // the connection's life; frames here are small, and it grows when needed.
+    let ws = ws.read_buffer_size(4 * 1024).write_buffer_size(16 * 1024).max_message_size(limit).max_frame_size(limit);
+    Ok(ws.on_upgrade(move |socket| session(state, principal, socket)))
 }
 
 /// Every client frame, flat: the `type` decides which fields are required.

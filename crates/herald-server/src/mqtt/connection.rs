@@ -54,8 +54,10 @@ enum End {
     TakenOver,
 }
 
+/// Boxed: a channel allocates room for 32 of these up front, and a bare
+/// packet is large.
 enum Inbound {
-    Packet(v5::Packet),
+    Packet(Box<v5::Packet>),
     Failed(DisconnectReasonCode),
 }
 
@@ -66,7 +68,8 @@ where
     let _connection = state.stats.connect(Transport::Mqtt);
     let max_in = state.config.limits.max_payload + PACKET_OVERHEAD;
     let (mut rd, wr) = tokio::io::split(stream);
-    let mut wr = BufWriter::new(wr);
+    // Small: most writes are a few packets; a burst just flushes more often.
+    let mut wr = BufWriter::with_capacity(2048, wr);
     let first = match tokio::time::timeout(Duration::from_secs(10), codec::read_packet(&mut rd, max_in)).await {
         Ok(Ok(p)) => p,
         _ => return,
@@ -92,7 +95,7 @@ where
 
     // The reader frames packets; it counts unacknowledged inbound QoS 1/2
     // publishes so a client exceeding our receive maximum is caught.
-    let (tx, rx) = mpsc::channel::<Inbound>(64);
+    let (tx, rx) = mpsc::channel::<Inbound>(16);
     let unacked = conn.unacked.clone();
     let receive_max = usize::from(conn.state.config.mqtt.receive_max);
     let reader = tokio::spawn(async move {
@@ -106,7 +109,7 @@ where
                         {
                             Inbound::Failed(DisconnectReasonCode::ReceiveMaximumExceeded)
                         } else {
-                            Inbound::Packet(p)
+                            Inbound::Packet(Box::new(p))
                         }
                     }
                     Err(_) => Inbound::Failed(DisconnectReasonCode::MalformedPacket),
@@ -341,7 +344,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     match p {
                         None => return End::Lost,
                         Some(Inbound::Failed(code)) => return End::Close(code),
-                        Some(Inbound::Packet(p)) => if let Some(end) = self.handle(p).await { return end },
+                        Some(Inbound::Packet(p)) => if let Some(end) = self.handle(*p).await { return end },
                     }
                 }
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
