@@ -311,7 +311,13 @@ mod tests {
     #[test]
     fn json_object_keeps_json_and_quotes_text() {
         let ch = Channel::parse("a/b").unwrap();
-        let m = Message::new(ch.clone(), 7, Some(EventName::parse("chat").unwrap()), Data::json(Bytes::from_static(b"{\"x\": [1,2]}")).unwrap(), 0);
+        let m = Message::new(
+            ch.clone(),
+            7,
+            Some(EventName::parse("chat").unwrap()),
+            Data::json(Bytes::from_static(b"{\"x\": [1,2]}")).unwrap(),
+            0,
+        );
         assert_eq!(
             std::str::from_utf8(&m.json()).unwrap(),
             r#"{"channel":"a/b","id":7,"event":"chat","data":{"x": [1,2]},"time":"1970-01-01T00:00:00.000Z"}"#

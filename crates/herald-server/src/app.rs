@@ -124,14 +124,11 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
     };
-    CorsLayer::new()
-        .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([
-            axum::http::header::CONTENT_TYPE,
-            axum::http::header::AUTHORIZATION,
-            axum::http::HeaderName::from_static("last-event-id"),
-        ])
+    CorsLayer::new().allow_origin(allow).allow_methods([Method::GET, Method::POST]).allow_headers([
+        axum::http::header::CONTENT_TYPE,
+        axum::http::header::AUTHORIZATION,
+        axum::http::HeaderName::from_static("last-event-id"),
+    ])
 }
 
 /// `GET /api/channels/{channel}/{resource}`: the last segment names the

@@ -99,7 +99,9 @@ impl Auth {
         let key = match (header.alg, &self.secret, &self.public_key) {
             (Algorithm::HS256, Some(secret), _) => DecodingKey::from_secret(secret),
             (alg, _, Some((key, expected))) if alg == *expected => key.clone(),
-            (alg, _, _) => return Err(unauthorized("invalid_token", format!("algorithm {alg:?} is not accepted here"))),
+            (alg, _, _) => {
+                return Err(unauthorized("invalid_token", format!("algorithm {alg:?} is not accepted here")));
+            }
         };
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
@@ -113,12 +115,18 @@ impl Auth {
             _ => unauthorized("invalid_token", format!("the token is not valid: {e}")),
         })?;
         let claims = data.claims;
-        let sub = claims.sub.as_str().filter(|s| validate_segment(s).is_ok()).ok_or_else(|| {
-            unauthorized("invalid_token", "'sub' must be a string that is one channel segment (not '.' or '..')")
-        })?;
+        let sub = claims
+            .sub
+            .as_str()
+            .filter(|s| validate_segment(s).is_ok() && herald_core::inbox::user_channel(s).is_some())
+            .ok_or_else(|| {
+                unauthorized("invalid_token", "'sub' must be a string that is one channel segment (not '.' or '..')")
+            })?;
         let filters = |list: &[String], what: &str| {
             list.iter()
-                .map(|p| Filter::parse(p).map_err(|e| unauthorized("invalid_token", format!("'{what}' pattern '{p}': {e}"))))
+                .map(|p| {
+                    Filter::parse(p).map_err(|e| unauthorized("invalid_token", format!("'{what}' pattern '{p}': {e}")))
+                })
                 .collect::<Result<Vec<_>, _>>()
         };
         Ok(Grant {
@@ -140,7 +148,13 @@ impl Auth {
 }
 
 /// Signs a user token with an HS256 secret.
-pub fn mint(secret: &[u8], sub: &str, channels: &[String], publish: &[String], ttl: Duration) -> Result<String, ApiError> {
+pub fn mint(
+    secret: &[u8],
+    sub: &str,
+    channels: &[String],
+    publish: &[String],
+    ttl: Duration,
+) -> Result<String, ApiError> {
     validate_segment(sub).map_err(|e| ApiError::bad_request("invalid_user", format!("sub: {e}")))?;
     for p in channels.iter().chain(publish) {
         Filter::parse(p)?;

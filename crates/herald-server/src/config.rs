@@ -305,8 +305,10 @@ impl Config {
 
     /// Parses TOML text alone (no environment), as the sample-config test does.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config =
-            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).extract().map_err(Box::new)?;
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(Box::new)?;
         config.validate()?;
         Ok(config)
     }
@@ -333,16 +335,13 @@ impl Config {
 
     /// The history settings as the core's retention rules.
     pub fn retention(&self) -> Result<RetentionRules, ConfigError> {
-        let ttl = |d: Duration| (!d.is_zero()).then(|| d.as_millis() as u64);
+        let ttl = |d: Duration| (!d.is_zero()).then_some(d.as_millis() as u64);
         let default = Retention { size: self.history.size, ttl_ms: ttl(self.history.ttl) };
         let mut rules = Vec::new();
         for rule in &self.history.rules {
             let filter = Filter::parse(&rule.pattern)
                 .map_err(|e| ConfigError::Pattern { pattern: rule.pattern.clone(), reason: e.to_string() })?;
-            let r = Retention {
-                size: rule.size.unwrap_or(default.size),
-                ttl_ms: rule.ttl.map_or(default.ttl_ms, ttl),
-            };
+            let r = Retention { size: rule.size.unwrap_or(default.size), ttl_ms: rule.ttl.map_or(default.ttl_ms, ttl) };
             rules.push((filter, r));
         }
         Ok(RetentionRules { default, rules })

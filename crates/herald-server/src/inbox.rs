@@ -148,7 +148,9 @@ impl Inbox {
                     users.insert(owner.to_owned());
                 }
             } else if let Some(group) = m.channel.as_str().strip_prefix("$group/") {
-                users.extend(watched.iter().filter(|(_, w)| w.groups.iter().any(|(g, _)| g == group)).map(|(u, _)| u.clone()));
+                users.extend(
+                    watched.iter().filter(|(_, w)| w.groups.iter().any(|(g, _)| g == group)).map(|(u, _)| u.clone()),
+                );
             }
         }
         let mut windows = Windows::default();
@@ -287,7 +289,9 @@ impl Inbox {
                 }
             }
         }
-        items.sort_by(|(a, _), (b, _)| b.time.cmp(&a.time).then_with(|| a.channel.cmp(&b.channel)).then(b.id.cmp(&a.id)));
+        items.sort_by(|(a, _), (b, _)| {
+            b.time.cmp(&a.time).then_with(|| a.channel.cmp(&b.channel)).then(b.id.cmp(&a.id))
+        });
         Ok(items)
     }
 }

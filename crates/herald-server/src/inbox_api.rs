@@ -21,14 +21,7 @@ use herald_core::{
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
-use crate::{
-    app::SharedState,
-    auth::forbidden,
-    error::ApiError,
-    inbox::Mark,
-    publish::read_body,
-    query::Query,
-};
+use crate::{app::SharedState, auth::forbidden, error::ApiError, inbox::Mark, publish::read_body, query::Query};
 
 /// Most users one call may name (a notification, or a membership change).
 const MAX_USERS: usize = 100_000;
@@ -43,13 +36,21 @@ fn admin_only(state: &SharedState, headers: &HeaderMap, query: &Query) -> Result
     }
 }
 
+/// A user id: one channel segment, short enough that `user/{id}` is a channel.
 fn user_id(s: &str) -> Result<String, ApiError> {
     validate_segment(s).map_err(|e| ApiError::bad_request("invalid_user", format!("user '{s}': {e}")))?;
+    if inbox::user_channel(s).is_none() {
+        return Err(ApiError::bad_request("invalid_user", "user id is too long"));
+    }
     Ok(s.to_owned())
 }
 
+/// A group id: one channel segment, short enough that `$group/{id}` is a channel.
 fn group_id(s: &str) -> Result<String, ApiError> {
     validate_segment(s).map_err(|e| ApiError::bad_request("invalid_group", format!("group '{s}': {e}")))?;
+    if inbox::group_channel(s).is_none() {
+        return Err(ApiError::bad_request("invalid_group", "group id is too long"));
+    }
     Ok(s.to_owned())
 }
 
@@ -109,8 +110,10 @@ pub(crate) async fn notify(
     }
     let data = herald_core::Data::json(payload).expect("serialised JSON");
     let event = EventName::from_trusted(NOTIFICATION_EVENT);
-    let batch: Vec<NewMessage> =
-        channels.into_iter().map(|channel| NewMessage { channel, event: Some(event.clone()), data: data.clone(), meta: None }).collect();
+    let batch: Vec<NewMessage> = channels
+        .into_iter()
+        .map(|channel| NewMessage { channel, event: Some(event.clone()), data: data.clone(), meta: None })
+        .collect();
     let stored = state.store.append(batch).await?;
     let results: Vec<Value> = stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect();
     Ok(Json(if results.len() == 1 { results[0].clone() } else { json!({ "results": results }) }))
@@ -118,11 +121,7 @@ pub(crate) async fn notify(
 
 fn check_inbox_access(state: &SharedState, headers: &HeaderMap, query: &Query, user: &str) -> Result<(), ApiError> {
     let principal = state.auth.authenticate(headers, query)?;
-    if principal.may_access_inbox(user) {
-        Ok(())
-    } else {
-        Err(forbidden("a token may only access its own inbox"))
-    }
+    if principal.may_access_inbox(user) { Ok(()) } else { Err(forbidden("a token may only access its own inbox")) }
 }
 
 /// `GET /api/users/{user}/unread`: `{"count":N}`.
@@ -175,7 +174,9 @@ pub(crate) async fn list(
 
 /// A listing position: `{time}:{notification id}`.
 fn parse_position(s: &str) -> Result<(i64, Channel, u64), ApiError> {
-    let bad = || ApiError::bad_request("invalid_cursor", format!("'before' must be a 'next' value from a listing, got '{s}'"));
+    let bad = || {
+        ApiError::bad_request("invalid_cursor", format!("'before' must be a 'next' value from a listing, got '{s}'"))
+    };
     let (time, id) = s.split_once(':').ok_or_else(bad)?;
     let (channel, id) = inbox::parse_notification_id(id).ok_or_else(bad)?;
     Ok((time.parse().map_err(|_| bad())?, channel, id))
@@ -191,9 +192,11 @@ fn comes_after(before: &(i64, Channel, u64), m: &herald_core::Message) -> bool {
 fn item(m: &herald_core::Message, read: bool) -> Value {
     let data = serde_json::from_slice::<Value>(&m.json()).expect("message JSON")["data"].take();
     let (title, body, payload) = match (&m.event, data) {
-        (Some(e), Value::Object(mut o)) if e.as_str() == NOTIFICATION_EVENT => {
-            (o.remove("title").unwrap_or(Value::Null), o.remove("body").unwrap_or(Value::Null), o.remove("data").unwrap_or(Value::Null))
-        }
+        (Some(e), Value::Object(mut o)) if e.as_str() == NOTIFICATION_EVENT => (
+            o.remove("title").unwrap_or(Value::Null),
+            o.remove("body").unwrap_or(Value::Null),
+            o.remove("data").unwrap_or(Value::Null),
+        ),
         (_, other) => (Value::Null, Value::Null, other),
     };
     json!({
@@ -230,7 +233,10 @@ pub(crate) async fn mark_read(
             ids.iter()
                 .map(|id| {
                     inbox::parse_notification_id(id).ok_or_else(|| {
-                        ApiError::bad_request("invalid_id", format!("'{id}' is not a notification id from the inbox listing"))
+                        ApiError::bad_request(
+                            "invalid_id",
+                            format!("'{id}' is not a notification id from the inbox listing"),
+                        )
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -308,7 +314,10 @@ pub(crate) async fn list_members(
 
 /// `GET /api/dev/token?sub=USER&channels=P,..&publish=P,..&ttl=1h` — open mode
 /// only: a user token signed with the per-process secret, for the demos.
-pub(crate) async fn dev_token(State(state): State<SharedState>, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn dev_token(
+    State(state): State<SharedState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
     if !state.auth.is_open() {
         return Err(ApiError::not_found());
     }

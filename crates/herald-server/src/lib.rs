@@ -17,8 +17,8 @@ mod publish;
 mod query;
 pub mod server;
 mod sse;
-mod stream;
 pub mod stats;
+mod stream;
 pub mod subscription;
 mod ws;
 

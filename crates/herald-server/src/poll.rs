@@ -13,14 +13,7 @@ use axum::{
 };
 use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
-use crate::{
-    app::SharedState,
-    error::ApiError,
-    query::Query,
-    stats::Transport,
-    stream,
-    subscription::Delivery,
-};
+use crate::{app::SharedState, error::ApiError, query::Query, stats::Transport, stream, subscription::Delivery};
 
 /// Messages per answer when the client does not say.
 const DEFAULT_LIMIT: usize = 100;
@@ -80,11 +73,9 @@ pub(crate) async fn messages(
 }
 
 fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    s.parse::<f64>()
-        .ok()
-        .filter(|w| w.is_finite() && *w >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("'wait' must be a number of seconds, got '{s}'")))
+    s.parse::<f64>().ok().filter(|w| w.is_finite() && *w >= 0.0).map(Duration::from_secs_f64).ok_or_else(|| {
+        ApiError::bad_request("invalid_parameter", format!("'wait' must be a number of seconds, got '{s}'"))
+    })
 }
 
 fn not_modified() -> Response {

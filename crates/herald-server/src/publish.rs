@@ -34,7 +34,10 @@ pub(crate) async fn publish_body(
         Data::json(bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?
     } else {
         Data::text_bytes(bytes).map_err(|_| {
-            ApiError::bad_request("invalid_text", "body is not UTF-8 text; send JSON with Content-Type: application/json")
+            ApiError::bad_request(
+                "invalid_text",
+                "body is not UTF-8 text; send JSON with Content-Type: application/json",
+            )
         })?
     };
     let ids = append(&state, principal, vec![channel], event, data).await?;
@@ -62,7 +65,12 @@ pub(crate) async fn publish_envelope(
     }
 }
 
-async fn envelope(state: SharedState, headers: &HeaderMap, query: &Query, body: Body) -> Result<serde_json::Value, ApiError> {
+async fn envelope(
+    state: SharedState,
+    headers: &HeaderMap,
+    query: &Query,
+    body: Body,
+) -> Result<serde_json::Value, ApiError> {
     let principal = state.auth.authenticate(headers, query)?;
     let limit = state.config.limits.max_payload;
     let bytes = read_body(headers, body, limit + ENVELOPE_OVERHEAD).await?;
@@ -119,11 +127,17 @@ pub(crate) async fn append(
         return Err(ApiError::bad_request("reserved_channel", format!("'{c}' is reserved for the server ($ prefix)")));
     }
     if let Some(c) = channels.iter().find(|c| !principal.may_publish(c)) {
-        let why = if c.inbox_owner().is_some() { "only API keys write to inboxes" } else { "the token's publish patterns do not cover it" };
+        let why = if c.inbox_owner().is_some() {
+            "only API keys write to inboxes"
+        } else {
+            "the token's publish patterns do not cover it"
+        };
         return Err(forbidden(format!("not allowed to publish to '{c}': {why}")));
     }
-    let batch =
-        channels.into_iter().map(|channel| NewMessage { channel, event: event.clone(), data: data.clone(), meta: None }).collect();
+    let batch = channels
+        .into_iter()
+        .map(|channel| NewMessage { channel, event: event.clone(), data: data.clone(), meta: None })
+        .collect();
     let stored = state.store.append(batch).await?;
     Ok(stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect())
 }
@@ -139,7 +153,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// Reads a body of at most `limit` bytes; larger ones are refused with 413,
 /// before reading when `Content-Length` already says so.
 pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{AppState, app},
     auth::Auth,
-    inbox::Inbox,
     config::{Config, ConfigError, SyncSetting},
+    inbox::Inbox,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +83,9 @@ impl Server {
         let mqtt = match state.config.server.mqtt.trim() {
             "" | "off" => None,
             addr => {
-                let parsed: SocketAddr =
-                    addr.parse().map_err(|_| ConfigError::Invalid(format!("[server] mqtt: '{addr}' is not an address")))?;
+                let parsed: SocketAddr = addr
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid(format!("[server] mqtt: '{addr}' is not an address")))?;
                 if state.auth.is_open() && !parsed.ip().is_loopback() && !state.config.auth.allow_open {
                     return Err(ServerError::OpenOnNetwork(parsed));
                 }
@@ -122,7 +123,8 @@ impl Server {
         let shutdown = state.shutdown.clone();
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);
-        let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let serve =
+            axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let overdue = async {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;

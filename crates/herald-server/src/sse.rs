@@ -197,7 +197,7 @@ fn put_data(buf: &mut BytesMut, data: &str) {
     loop {
         let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
         buf.put_slice(b"data: ");
-        buf.put_slice(rest[..end].as_bytes());
+        buf.put_slice(&rest.as_bytes()[..end]);
         buf.put_u8(b'\n');
         if end == rest.len() {
             break;

@@ -137,6 +137,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The instant at wall-clock time `ms` (since the epoch).
 pub(crate) fn instant_of(ms: i64) -> Instant {
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
     Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms).max(0) as u64)
 }

@@ -86,7 +86,12 @@ const PAGE: usize = 256;
 impl Subscription {
     /// Opens a subscription to `targets`. Each channel starts from its entry in
     /// `token` if it has one, else from `since`.
-    pub async fn open(cx: Context, targets: Vec<Target>, since: Since, token: &CursorToken) -> Result<Self, StoreError> {
+    pub async fn open(
+        cx: Context,
+        targets: Vec<Target>,
+        since: Since,
+        token: &CursorToken,
+    ) -> Result<Self, StoreError> {
         let mut s = Subscription {
             store: cx.store,
             principal: cx.principal,
@@ -176,7 +181,12 @@ impl Subscription {
     }
 
     /// Starts a target; returns the channels whose replay it scheduled.
-    async fn start(&mut self, target: Target, since: Since, token: &CursorToken) -> Result<Vec<(Channel, u64)>, StoreError> {
+    async fn start(
+        &mut self,
+        target: Target,
+        since: Since,
+        token: &CursorToken,
+    ) -> Result<Vec<(Channel, u64)>, StoreError> {
         let mut scheduled = Vec::new();
         match target {
             Target::Channel(ch) => {
@@ -421,7 +431,12 @@ mod tests {
 
     async fn publish(store: &Arc<dyn Store>, ch: &str, n: usize) {
         for i in 0..n {
-            let m = NewMessage { channel: Channel::parse(ch).unwrap(), event: None, data: Data::text(i.to_string()), meta: None };
+            let m = NewMessage {
+                channel: Channel::parse(ch).unwrap(),
+                event: None,
+                data: Data::text(i.to_string()),
+                meta: None,
+            };
             store.append(vec![m]).await.unwrap();
         }
     }
@@ -430,7 +445,7 @@ mod tests {
         ds.iter()
             .map(|d| match d {
                 Delivery::Message(m) => format!("{}:{}", m.channel, m.id),
-                    Delivery::Gap(g) => format!("gap {}:{}-{}", g.channel, g.from, g.to),
+                Delivery::Gap(g) => format!("gap {}:{}-{}", g.channel, g.from, g.to),
                 Delivery::Unread(n) => format!("unread {n}"),
             })
             .collect()
@@ -449,7 +464,8 @@ mod tests {
         let (store, hub) = setup(64, RetentionRules::default());
         publish(&store, "c", 3).await;
         let t = vec![Target::Channel(Channel::parse("c").unwrap())];
-        let mut s = Subscription::open(cx(&store, Some(&hub)), t, Since::After(1), &CursorToken::default()).await.unwrap();
+        let mut s =
+            Subscription::open(cx(&store, Some(&hub)), t, Since::After(1), &CursorToken::default()).await.unwrap();
         publish(&store, "c", 2).await; // lands in the mailbox and in the store
         assert_eq!(ids(&drain(&mut s).await), ["c:2", "c:3", "c:4", "c:5"]);
         publish(&store, "c", 1).await;
@@ -458,13 +474,16 @@ mod tests {
 
     #[tokio::test]
     async fn since_now_skips_history_and_gap_reports_trimmed_ids() {
-        let (store, hub) = setup(64, RetentionRules { default: herald_core::Retention { size: 2, ttl_ms: None }, rules: vec![] });
+        let (store, hub) =
+            setup(64, RetentionRules { default: herald_core::Retention { size: 2, ttl_ms: None }, rules: vec![] });
         publish(&store, "c", 5).await;
         let t = || vec![Target::Channel(Channel::parse("c").unwrap())];
-        let mut now = Subscription::open(cx(&store, Some(&hub)), t(), Since::Now, &CursorToken::default()).await.unwrap();
+        let mut now =
+            Subscription::open(cx(&store, Some(&hub)), t(), Since::Now, &CursorToken::default()).await.unwrap();
         assert!(drain(&mut now).await.is_empty());
         assert_eq!(now.cursors()[&Channel::parse("c").unwrap()], 5);
-        let mut old = Subscription::open(cx(&store, None), t(), Since::After(1), &CursorToken::default()).await.unwrap();
+        let mut old =
+            Subscription::open(cx(&store, None), t(), Since::After(1), &CursorToken::default()).await.unwrap();
         assert_eq!(ids(&drain(&mut old).await), ["gap c:2-3", "c:4", "c:5"]);
     }
 
@@ -472,7 +491,8 @@ mod tests {
     async fn lagging_subscriber_catches_up_from_the_store() {
         let (store, hub) = setup(2, RetentionRules::default());
         let t = vec![Target::Filter(Filter::parse("room/+").unwrap())];
-        let mut s = Subscription::open(cx(&store, Some(&hub)), t, Since::After(0), &CursorToken::default()).await.unwrap();
+        let mut s =
+            Subscription::open(cx(&store, Some(&hub)), t, Since::After(0), &CursorToken::default()).await.unwrap();
         publish(&store, "room/a", 5).await;
         publish(&store, "room/b", 3).await;
         let got = ids(&drain(&mut s).await);

@@ -296,7 +296,12 @@ impl Session {
         Ok(json!({ "type": "unsubscribed", "channel": channel }))
     }
 
-    async fn publish(&mut self, channel: &str, event: Option<&str>, data: Option<Box<RawValue>>) -> Result<Value, ApiError> {
+    async fn publish(
+        &mut self,
+        channel: &str,
+        event: Option<&str>,
+        data: Option<Box<RawValue>>,
+    ) -> Result<Value, ApiError> {
         let channel = herald_core::Channel::parse(channel)?;
         let event = event.map(EventName::parse).transpose()?;
         let raw = data.ok_or_else(|| ApiError::bad_request("invalid_frame", "'data' is required"))?;

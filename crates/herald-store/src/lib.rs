@@ -46,10 +46,7 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 pub fn system_clock() -> Clock {
     Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
     })
 }
 
@@ -94,7 +91,12 @@ pub trait InboxStore: Send + Sync + 'static {
 
     /// Adds users to a group, joining after `joined_after`; users already in it
     /// keep their original join. Returns how many were new.
-    fn add_members(&self, group: String, users: Vec<String>, joined_after: u64) -> BoxFuture<'_, Result<usize, StoreError>>;
+    fn add_members(
+        &self,
+        group: String,
+        users: Vec<String>,
+        joined_after: u64,
+    ) -> BoxFuture<'_, Result<usize, StoreError>>;
 
     /// Removes users from a group; returns how many were members.
     fn remove_members(&self, group: String, users: Vec<String>) -> BoxFuture<'_, Result<usize, StoreError>>;
@@ -106,7 +108,8 @@ pub trait InboxStore: Send + Sync + 'static {
     fn read_state(&self, user: String) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>>;
 
     /// Replaces `user`'s read state for the given channels.
-    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>)
+    -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
 /// Keeps time monotonic per store, so ids and times order the same way even if

@@ -33,7 +33,9 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(config: StoreConfig) -> Self {
-        MemoryStore { config, state: Mutex::new(State {
+        MemoryStore {
+            config,
+            state: Mutex::new(State {
                 logs: BTreeMap::new(),
                 last_time: 0,
                 closed: false,
@@ -111,7 +113,12 @@ impl InboxStore for MemoryStore {
         })
     }
 
-    fn add_members(&self, group: String, users: Vec<String>, joined_after: u64) -> BoxFuture<'_, Result<usize, StoreError>> {
+    fn add_members(
+        &self,
+        group: String,
+        users: Vec<String>,
+        joined_after: u64,
+    ) -> BoxFuture<'_, Result<usize, StoreError>> {
         Box::pin(async move {
             let mut st = self.lock();
             let members = st.groups.entry(group).or_default();
@@ -134,9 +141,10 @@ impl InboxStore for MemoryStore {
     fn members(&self, group: String, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         Box::pin(async move {
             let st = self.lock();
-            Ok(st.groups.get(&group).map_or_else(Vec::new, |m| {
-                m.keys().filter(|u| **u > after).take(limit).cloned().collect()
-            }))
+            Ok(st
+                .groups
+                .get(&group)
+                .map_or_else(Vec::new, |m| m.keys().filter(|u| **u > after).take(limit).cloned().collect()))
         })
     }
 
@@ -144,7 +152,11 @@ impl InboxStore for MemoryStore {
         Box::pin(async move { Ok(self.lock().reads.get(&user).cloned().unwrap_or_default()) })
     }
 
-    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn save_read_state(
+        &self,
+        user: String,
+        states: Vec<(Channel, ReadState)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             self.lock().reads.entry(user).or_default().extend(states);
             Ok(())

@@ -358,15 +358,17 @@ impl Writer {
                 self.heads.insert(m.channel.clone(), (cid, id));
                 let size = self.config.retention.for_channel(&m.channel).size;
                 touched.insert(cid, (id, size));
-                tx.prepare_cached("INSERT INTO messages (cid, id, event, kind, data, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
-                    .execute(params![
-                        cid,
-                        id as i64,
-                        m.event.as_ref().map(EventName::as_str),
-                        m.data.kind() as u8,
-                        &m.data.bytes()[..],
-                        now
-                    ])?;
+                tx.prepare_cached(
+                    "INSERT INTO messages (cid, id, event, kind, data, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    cid,
+                    id as i64,
+                    m.event.as_ref().map(EventName::as_str),
+                    m.data.kind() as u8,
+                    &m.data.bytes()[..],
+                    now
+                ])?;
                 msgs.push(Arc::new(Message::new(m.channel, id, m.event, m.data, now).with_meta(m.meta)));
             }
             out.push(msgs);
@@ -415,13 +417,19 @@ impl Writer {
 impl InboxStore for SqliteStore {
     fn groups_of(&self, user: String) -> BoxFuture<'_, Result<Vec<(String, u64)>, StoreError>> {
         Box::pin(self.with_reader(move |conn| {
-            let mut stmt = conn.prepare_cached("SELECT grp, joined_after FROM group_members WHERE user = ?1 ORDER BY grp")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT grp, joined_after FROM group_members WHERE user = ?1 ORDER BY grp")?;
             let rows = stmt.query_map([&user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
         }))
     }
 
-    fn add_members(&self, group: String, users: Vec<String>, joined_after: u64) -> BoxFuture<'_, Result<usize, StoreError>> {
+    fn add_members(
+        &self,
+        group: String,
+        users: Vec<String>,
+        joined_after: u64,
+    ) -> BoxFuture<'_, Result<usize, StoreError>> {
         Box::pin(self.with_inbox_writer(move |tx| {
             let mut stmt =
                 tx.prepare_cached("INSERT OR IGNORE INTO group_members (grp, user, joined_after) VALUES (?1, ?2, ?3)")?;
@@ -446,8 +454,8 @@ impl InboxStore for SqliteStore {
 
     fn members(&self, group: String, after: String, limit: usize) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
         Box::pin(self.with_reader(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT user FROM group_members WHERE grp = ?1 AND user > ?2 ORDER BY user LIMIT ?3")?;
+            let mut stmt = conn
+                .prepare_cached("SELECT user FROM group_members WHERE grp = ?1 AND user > ?2 ORDER BY user LIMIT ?3")?;
             let rows = stmt.query_map(params![group, after, limit as i64], |r| r.get::<_, String>(0))?;
             rows.collect()
         }))
@@ -468,7 +476,11 @@ impl InboxStore for SqliteStore {
         }))
     }
 
-    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn save_read_state(
+        &self,
+        user: String,
+        states: Vec<(Channel, ReadState)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.with_inbox_writer(move |tx| {
             let mut stmt =
                 tx.prepare_cached("INSERT OR REPLACE INTO read_state (user, channel, state) VALUES (?1, ?2, ?3)")?;

@@ -5,8 +5,8 @@ use std::sync::{
     atomic::{AtomicI64, Ordering},
 };
 
-use herald_core::{Channel, Data, Filter, Message, NewMessage, Retention, RetentionRules};
 use herald_core::inbox::ReadState;
+use herald_core::{Channel, Data, Filter, Message, NewMessage, Retention, RetentionRules};
 use herald_store::{CommitSink, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig};
 
 /// Records what the store handed to its sink.
@@ -85,7 +85,11 @@ async fn group_membership(make: fn(RetentionRules) -> Fixture) {
     assert_eq!(f.inbox.add_members("staff".into(), users.clone(), 3).await.unwrap(), 5);
     assert_eq!(f.inbox.add_members("staff".into(), vec!["u1".into(), "u9".into()], 7).await.unwrap(), 1);
     f.inbox.add_members("ops".into(), vec!["u1".into()], 0).await.unwrap();
-    assert_eq!(f.inbox.groups_of("u1".into()).await.unwrap(), [("ops".to_string(), 0), ("staff".to_string(), 3)], "a re-add keeps the first join");
+    assert_eq!(
+        f.inbox.groups_of("u1".into()).await.unwrap(),
+        [("ops".to_string(), 0), ("staff".to_string(), 3)],
+        "a re-add keeps the first join"
+    );
     assert_eq!(f.inbox.groups_of("u9".into()).await.unwrap(), [("staff".to_string(), 7)]);
     assert_eq!(f.inbox.members("staff".into(), "u1".into(), 2).await.unwrap(), ["u2", "u3"]);
     assert_eq!(f.inbox.remove_members("staff".into(), vec!["u1".into(), "nobody".into()]).await.unwrap(), 1);
@@ -164,12 +168,21 @@ async fn age_retention_drops_old_messages(make: fn(RetentionRules) -> Fixture) {
 async fn channels_by_filter(make: fn(RetentionRules) -> Fixture) {
     let f = make(RetentionRules::default());
     f.store
-        .append(vec![new("chat", "x"), new("chat/a", "x"), new("chat/a", "y"), new("chat/b/c", "x"), new("chatty", "x")])
+        .append(vec![
+            new("chat", "x"),
+            new("chat/a", "x"),
+            new("chat/a", "y"),
+            new("chat/b/c", "x"),
+            new("chatty", "x"),
+        ])
         .await
         .unwrap();
     let names = |v: Vec<(Channel, u64)>| v.into_iter().map(|(c, h)| format!("{c}={h}")).collect::<Vec<_>>();
     assert_eq!(names(f.store.channels(Filter::parse("chat/+").unwrap()).await.unwrap()), ["chat/a=2"]);
-    assert_eq!(names(f.store.channels(Filter::parse("chat/#").unwrap()).await.unwrap()), ["chat=1", "chat/a=2", "chat/b/c=1"]);
+    assert_eq!(
+        names(f.store.channels(Filter::parse("chat/#").unwrap()).await.unwrap()),
+        ["chat=1", "chat/a=2", "chat/b/c=1"]
+    );
     assert_eq!(names(f.store.channels(Filter::parse("#").unwrap()).await.unwrap()).len(), 4);
 }
 
@@ -200,7 +213,10 @@ async fn payload_kind_and_event_survive(make: fn(RetentionRules) -> Fixture) {
     let f = make(RetentionRules::default());
     let json = Data::json(bytes::Bytes::from_static(b"{\"a\": 1}")).unwrap();
     let ev = herald_core::EventName::parse("chat").unwrap();
-    f.store.append(vec![NewMessage { channel: ch("c"), event: Some(ev.clone()), data: json.clone(), meta: None }]).await.unwrap();
+    f.store
+        .append(vec![NewMessage { channel: ch("c"), event: Some(ev.clone()), data: json.clone(), meta: None }])
+        .await
+        .unwrap();
     let page = f.store.read(ch("c"), 0, 10).await.unwrap();
     assert_eq!(page.messages[0].data, json);
     assert_eq!(page.messages[0].event, Some(ev));

@@ -21,7 +21,13 @@ impl Kind {
     }
 }
 
-pub(crate) async fn run(server: &str, channel: &str, data: &str, event: Option<&str>, kind: Kind) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    server: &str,
+    channel: &str,
+    data: &str,
+    event: Option<&str>,
+    kind: Kind,
+) -> anyhow::Result<()> {
     let data = if data == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).context("reading standard input")?;

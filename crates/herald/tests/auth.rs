@@ -102,7 +102,9 @@ async fn wildcards_never_deliver_another_users_inbox() {
     // SSE with every wildcard form that covers user/a. After A's notification,
     // something B may see is published; it must be the first thing B gets.
     for (filter, visible) in [("user/%2B", "user/b"), ("%23", "user/b"), ("%2B/a", "x/a"), ("%2B/%2B", "user/b")] {
-        let mut ev = sse(&s, &format!("/api/events?channel={filter}&since=now"), &[("authorization", &format!("Bearer {b}"))]).await;
+        let mut ev =
+            sse(&s, &format!("/api/events?channel={filter}&since=now"), &[("authorization", &format!("Bearer {b}"))])
+                .await;
         notify(&s, json!({"users":["a"],"title":"secret"})).await;
         if visible == "x/a" {
             let (st, _) = status(&s, "POST", "/api/channels/x/a", Some(KEY), Some(json!("visible"))).await;
@@ -118,7 +120,10 @@ async fn wildcards_never_deliver_another_users_inbox() {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}?token={b}", s.ws_url())).await.unwrap();
     ws.send(Ws::text(r#"{"type":"subscribe","channel":"user/a","ref":1}"#)).await.unwrap();
     let v: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
-    assert_eq!((v["type"].as_str(), v["code"].as_str(), v["ref"].as_i64()), (Some("error"), Some("forbidden"), Some(1)));
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str(), v["ref"].as_i64()),
+        (Some("error"), Some("forbidden"), Some(1))
+    );
     ws.send(Ws::text(r#"{"type":"subscribe","channel":"user/+","since":"now"}"#)).await.unwrap();
     let v: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(v["type"], "subscribed");
@@ -160,7 +165,9 @@ async fn bad_tokens_are_refused_everywhere() {
     ];
     for (name, tok, code) in &cases {
         for (method, path) in routes {
-            let (st, v) = status(&s, method, path, Some(tok), (method == "POST").then(|| json!({"channel":"news","data":1}))).await;
+            let (st, v) =
+                status(&s, method, path, Some(tok), (method == "POST").then(|| json!({"channel":"news","data":1})))
+                    .await;
             assert_eq!((st, v["code"].as_str()), (401, Some(*code)), "{name}: {method} {path}: {v}");
         }
     }
@@ -180,7 +187,8 @@ async fn publish_patterns_hold() {
     assert_eq!(status(&s, "POST", "/api/channels/chat/room/x", Some(&u), None).await.0, 200);
     let (st, v) = status(&s, "POST", "/api/channels/news", Some(&u), None).await;
     assert_eq!((st, v["code"].as_str()), (403, Some("forbidden")));
-    let (st, _) = status(&s, "POST", "/api/publish", Some(&u), Some(json!({"channels":["chat/room/a","news"],"data":1}))).await;
+    let (st, _) =
+        status(&s, "POST", "/api/publish", Some(&u), Some(json!({"channels":["chat/room/a","news"],"data":1}))).await;
     assert_eq!(st, 403, "one forbidden channel refuses the whole publish");
     let (_, page) = status(&s, "GET", "/api/channels/chat/room/a/messages", Some(&u), None).await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 0, "nothing was published");

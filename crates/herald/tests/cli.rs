@@ -20,7 +20,10 @@ fn herald() -> Command {
 #[tokio::test]
 async fn publish_prints_the_id_and_reports_errors() {
     let s = Server::start();
-    let out = herald().args(["publish", "news", r#"{"t":"hello"}"#, "--event", "headline", "--server", &s.url]).output().unwrap();
+    let out = herald()
+        .args(["publish", "news", r#"{"t":"hello"}"#, "--event", "headline", "--server", &s.url])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, json!({"channel":"news","id":1}));

@@ -18,7 +18,13 @@ async fn post(s: &Server, path: &str, content_type: Option<&str>, body: impl Int
 #[tokio::test]
 async fn publish_keeps_json_as_json_and_text_as_text() {
     let s = Server::start();
-    let (st, v) = post(&s, "/api/channels/chat/room/Default?event=chat", Some("application/json"), r#"{"from":"bob","msg":"Hi"}"#).await;
+    let (st, v) = post(
+        &s,
+        "/api/channels/chat/room/Default?event=chat",
+        Some("application/json"),
+        r#"{"from":"bob","msg":"Hi"}"#,
+    )
+    .await;
     assert_eq!((st, v), (200, json!({"channel":"chat/room/Default","id":1})));
     let (st, v) = post(&s, "/api/channels/chat/room/Default", Some("text/plain"), "just text").await;
     assert_eq!((st, v["id"].clone()), (200, json!(2)));
@@ -60,7 +66,14 @@ async fn bad_input_gets_a_precise_error() {
         ("POST", "/api/publish", None, r#"{"data":1}"#.into(), 400, "invalid_request"),
         ("POST", "/api/publish", None, r#"{"channel":"a","channels":["b"],"data":1}"#.into(), 400, "invalid_request"),
         ("POST", "/api/publish", None, r#"{"channel":"a","data":1,"extra":true}"#.into(), 400, "invalid_request"),
-        ("POST", "/api/publish", None, format!(r#"{{"channel":"a","data":"{}"}}"#, "z".repeat(1100)), 413, "payload_too_large"),
+        (
+            "POST",
+            "/api/publish",
+            None,
+            format!(r#"{{"channel":"a","data":"{}"}}"#, "z".repeat(1100)),
+            413,
+            "payload_too_large",
+        ),
         ("GET", "/api/channels/a/messages?since=abc", None, String::new(), 400, "invalid_cursor"),
         ("GET", "/api/channels/a/messages?since=-1", None, String::new(), 400, "invalid_cursor"),
         ("GET", "/api/channels/a/messages?limit=0", None, String::new(), 400, "invalid_parameter"),
@@ -93,7 +106,8 @@ async fn bad_input_gets_a_precise_error() {
 #[tokio::test]
 async fn oversize_body_without_length_is_refused() {
     let s = Server::start_with(&[("HERALD_LIMITS_MAX_PAYLOAD", "1KiB")]);
-    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..4).map(|_| Ok(bytes::Bytes::from(vec![b'x'; 512]))).collect();
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+        (0..4).map(|_| Ok(bytes::Bytes::from(vec![b'x'; 512]))).collect();
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
     let (st, v) = post(&s, "/api/channels/a", None, body).await;
     assert_eq!((st, v["code"].as_str()), (413, Some("payload_too_large")));

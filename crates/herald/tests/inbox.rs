@@ -40,7 +40,8 @@ async fn call(s: &Server, method: &str, path: &str, auth: &str, body: Option<Val
 }
 
 async fn ws_next(ws: &mut (impl StreamExt<Item = Result<Ws, tokio_tungstenite::tungstenite::Error>> + Unpin)) -> Value {
-    let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame within 10s").unwrap().unwrap();
+    let frame =
+        tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame within 10s").unwrap().unwrap();
     serde_json::from_str(frame.to_text().unwrap()).unwrap()
 }
 
@@ -53,7 +54,9 @@ async fn next_unread(ev: &mut (impl futures_util::Stream<Item = eventsource_stre
     }
 }
 
-async fn next_ws_unread(ws: &mut (impl StreamExt<Item = Result<Ws, tokio_tungstenite::tungstenite::Error>> + Unpin)) -> u64 {
+async fn next_ws_unread(
+    ws: &mut (impl StreamExt<Item = Result<Ws, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> u64 {
     loop {
         let v = ws_next(ws).await;
         if v["type"] == "unread" {
@@ -114,7 +117,9 @@ async fn inbox_listing_marks_and_audiences() {
     call(&s, "POST", "/api/notifications", KEY, Some(json!({"group":"ops","title":"before ann joined"}))).await;
     call(&s, "PUT", "/api/groups/ops/members", KEY, Some(json!({"users":["ann"]}))).await;
     call(&s, "POST", "/api/notifications", KEY, Some(json!({"group":"ops","title":"pager","data":{"sev":2}}))).await;
-    let v = call(&s, "POST", "/api/notifications", KEY, Some(json!({"users":["ann","bob"],"title":"direct","body":"hi"}))).await;
+    let v =
+        call(&s, "POST", "/api/notifications", KEY, Some(json!({"users":["ann","bob"],"title":"direct","body":"hi"})))
+            .await;
     assert_eq!(v["results"].as_array().unwrap().len(), 2, "one message per named user");
 
     let list = call(&s, "GET", "/api/users/ann/notifications", &t, None).await;
@@ -160,7 +165,13 @@ async fn inbox_listing_marks_and_audiences() {
 
 fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -190,13 +201,22 @@ async fn notification_input_is_validated() {
         (json!({"users":["a"],"group":"g","title":"x"}), "invalid_request"),
         (json!({"users":[],"title":"x"}), "invalid_request"),
         (json!({"users":["a/b"],"title":"x"}), "invalid_user"),
+        (json!({"users":["u".repeat(300)],"title":"x"}), "invalid_user"),
+        (json!({"group":"g".repeat(300),"title":"x"}), "invalid_group"),
         (json!({"group":"..","title":"x"}), "invalid_group"),
         (json!({"all":true}), "invalid_request"),
     ] {
-        let res = client().post(format!("{}/api/notifications", s.url)).bearer_auth(KEY).json(&body).send().await.unwrap();
+        let res =
+            client().post(format!("{}/api/notifications", s.url)).bearer_auth(KEY).json(&body).send().await.unwrap();
         assert_eq!(res.status(), 400, "{body}");
         assert_eq!(res.json::<Value>().await.unwrap()["code"], code, "{body}");
     }
-    let res = client().post(format!("{}/api/users/a/read", s.url)).bearer_auth(KEY).json(&json!({"ids":["nope"]})).send().await.unwrap();
+    let res = client()
+        .post(format!("{}/api/users/a/read", s.url))
+        .bearer_auth(KEY)
+        .json(&json!({"ids":["nope"]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.json::<Value>().await.unwrap()["code"], "invalid_id");
 }

@@ -43,8 +43,8 @@ fn host_port(addr: &str) -> (String, u16) {
 mod v3 {
     use super::*;
     pub(crate) use rumqttc::{
-        AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, Publish,
-        QoS, SubscribeReasonCode,
+        AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet,
+        Publish, QoS, SubscribeReasonCode,
     };
 
     pub(crate) fn opts(s: &Server, id: &str) -> MqttOptions {
@@ -165,7 +165,8 @@ mod v3 {
         pub(crate) async fn disconnect(mut self) {
             self.client.disconnect().await.expect("queue DISCONNECT");
             loop {
-                match tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("closed within 10s of DISCONNECT") {
+                match tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("closed within 10s of DISCONNECT")
+                {
                     Some(Err(_)) | None => return,
                     Some(Ok(_)) => {}
                 }
@@ -291,7 +292,13 @@ mod v5 {
 
         /// Publishes and waits until the exchange is complete; the PUBACK's
         /// reason for QoS 1.
-        pub(crate) async fn publish(&mut self, t: &str, qos: QoS, retain: bool, payload: impl Into<bytes::Bytes>) -> Option<PubAckReason> {
+        pub(crate) async fn publish(
+            &mut self,
+            t: &str,
+            qos: QoS,
+            retain: bool,
+            payload: impl Into<bytes::Bytes>,
+        ) -> Option<PubAckReason> {
             self.client.publish(t, qos, retain, payload).await.expect("queue PUBLISH");
             self.until(|e| match (qos, e) {
                 (QoS::AtMostOnce, Event::Outgoing(Outgoing::Publish(_))) => Some(None),
@@ -305,7 +312,8 @@ mod v5 {
         pub(crate) async fn disconnect(mut self) {
             self.client.disconnect().await.expect("queue DISCONNECT");
             loop {
-                match tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("closed within 10s of DISCONNECT") {
+                match tokio::time::timeout(PATIENCE, self.events.recv()).await.expect("closed within 10s of DISCONNECT")
+                {
                     Some(Err(_)) | None => return,
                     Some(Ok(_)) => {}
                 }
@@ -428,7 +436,10 @@ async fn qos_0_1_2_round_trip_over_mqtt_3_1_1() {
     let s = Server::start();
     let (mut sub, ack) = v3::Client::connect(v3::opts(&s, "rt3-sub")).await;
     assert!(!ack.session_present);
-    assert_eq!(sub.subscribe("rt/v3", v3::QoS::ExactlyOnce).await, v3::SubscribeReasonCode::Success(v3::QoS::ExactlyOnce));
+    assert_eq!(
+        sub.subscribe("rt/v3", v3::QoS::ExactlyOnce).await,
+        v3::SubscribeReasonCode::Success(v3::QoS::ExactlyOnce)
+    );
     let (mut publ, _) = v3::Client::connect(v3::opts(&s, "rt3-pub")).await;
     let qoss = [v3::QoS::AtMostOnce, v3::QoS::AtLeastOnce, v3::QoS::ExactlyOnce];
     for (i, q) in qoss.iter().enumerate() {
@@ -436,11 +447,17 @@ async fn qos_0_1_2_round_trip_over_mqtt_3_1_1() {
     }
     for (i, q) in qoss.iter().enumerate() {
         let m = sub.message().await;
-        assert_eq!((m.topic.as_str(), m.payload.as_ref(), m.qos, m.retain), ("rt/v3", format!("q{i}").as_bytes(), *q, false));
+        assert_eq!(
+            (m.topic.as_str(), m.payload.as_ref(), m.qos, m.retain),
+            ("rt/v3", format!("q{i}").as_bytes(), *q, false)
+        );
     }
     // A subscription granted at QoS 1 caps the QoS 2 publish at 1.
     let (mut low, _) = v3::Client::connect(v3::opts(&s, "rt3-low")).await;
-    assert_eq!(low.subscribe("rt/v3", v3::QoS::AtLeastOnce).await, v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce));
+    assert_eq!(
+        low.subscribe("rt/v3", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce)
+    );
     publ.publish("rt/v3", v3::QoS::ExactlyOnce, false, "capped").await;
     let m = low.message().await;
     assert_eq!((m.payload.as_ref(), m.qos), (&b"capped"[..], v3::QoS::AtLeastOnce));
@@ -455,7 +472,10 @@ async fn qos_0_1_2_round_trip_over_mqtt_5() {
     let s = Server::start();
     let (mut sub, ack) = v5::Client::connect(v5::opts(&s, "rt5-sub")).await;
     assert_eq!(ack.code, v5::ConnectReturnCode::Success);
-    assert_eq!(sub.subscribe("rt/v5", v5::QoS::ExactlyOnce).await, v5::SubscribeReasonCode::Success(v5::QoS::ExactlyOnce));
+    assert_eq!(
+        sub.subscribe("rt/v5", v5::QoS::ExactlyOnce).await,
+        v5::SubscribeReasonCode::Success(v5::QoS::ExactlyOnce)
+    );
     let (mut publ, _) = v5::Client::connect(v5::opts(&s, "rt5-pub")).await;
     let qoss = [v5::QoS::AtMostOnce, v5::QoS::AtLeastOnce, v5::QoS::ExactlyOnce];
     for (i, q) in qoss.iter().enumerate() {
@@ -470,7 +490,10 @@ async fn qos_0_1_2_round_trip_over_mqtt_5() {
     }
     // Topics that are not channel names ("/a", as the Paho suite uses) are
     // routed among MQTT clients only, at every QoS as well.
-    assert_eq!(sub.subscribe("/only/+", v5::QoS::ExactlyOnce).await, v5::SubscribeReasonCode::Success(v5::QoS::ExactlyOnce));
+    assert_eq!(
+        sub.subscribe("/only/+", v5::QoS::ExactlyOnce).await,
+        v5::SubscribeReasonCode::Success(v5::QoS::ExactlyOnce)
+    );
     for (i, q) in qoss.iter().enumerate() {
         publ.publish("/only/mqtt", *q, false, format!("r{i}")).await;
     }
@@ -555,7 +578,10 @@ async fn persistent_session_gets_every_message_published_while_away_v3() {
     o.set_clean_session(false);
     let (mut c, ack) = v3::Client::connect(o.clone()).await;
     assert!(!ack.session_present);
-    assert_eq!(c.subscribe("away/room", v3::QoS::AtLeastOnce).await, v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce));
+    assert_eq!(
+        c.subscribe("away/room", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce)
+    );
     c.disconnect().await;
 
     // More than the in-flight window towards an MQTT 3 client (send_max 100).
@@ -568,7 +594,10 @@ async fn persistent_session_gets_every_message_published_while_away_v3() {
     assert!(ack.session_present, "the session was kept");
     for i in 1..=N {
         let m = c.message().await;
-        assert_eq!((m.topic.as_str(), m.payload.as_ref(), m.qos), ("away/room", format!("m{i}").as_bytes(), v3::QoS::AtLeastOnce));
+        assert_eq!(
+            (m.topic.as_str(), m.payload.as_ref(), m.qos),
+            ("away/room", format!("m{i}").as_bytes(), v3::QoS::AtLeastOnce)
+        );
     }
     // And live messages follow, without a new SUBSCRIBE.
     publish(&s, "away/room", "live").await;
@@ -665,7 +694,12 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     wild.subscribe("#", v5::QoS::AtLeastOnce).await;
     wild.subscribe("+/unread/+", v5::QoS::AtLeastOnce).await;
 
-    let res = client().post(format!("{}/api/notifications", s.url)).json(&json!({"users": ["u1"], "title": "hi"})).send().await.unwrap();
+    let res = client()
+        .post(format!("{}/api/notifications", s.url))
+        .json(&json!({"users": ["u1"], "title": "hi"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     loop {
         let m = direct.message().await;
@@ -734,18 +768,24 @@ async fn bad_or_missing_credentials_are_refused_at_connect() {
     let mut o = v3::opts(&s, "bad3");
     o.set_credentials("anyone", "not-a-token");
     match v3::Client::try_connect(o).await {
-        Err(v3::ConnectionError::ConnectionRefused(code)) => assert_eq!(code, v3::ConnectReturnCode::BadUserNamePassword),
+        Err(v3::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, v3::ConnectReturnCode::BadUserNamePassword)
+        }
         other => panic!("expected a refusal, got {:?}", other.map(|(_, a)| a)),
     }
     match v3::Client::try_connect(v3::opts(&s, "anon3")).await {
-        Err(v3::ConnectionError::ConnectionRefused(code)) => assert_eq!(code, v3::ConnectReturnCode::BadUserNamePassword),
+        Err(v3::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, v3::ConnectReturnCode::BadUserNamePassword)
+        }
         other => panic!("anonymous must be refused, got {:?}", other.map(|(_, a)| a)),
     }
     let mut o = v5::opts(&s, "bad5");
     // Signed with another secret.
     o.set_credentials("anyone", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.c2lnbmF0dXJl");
     match v5::Client::try_connect(o).await {
-        Err(v5::ConnectionError::ConnectionRefused(code)) => assert_eq!(code, v5::ConnectReturnCode::BadUserNamePassword),
+        Err(v5::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, v5::ConnectReturnCode::BadUserNamePassword)
+        }
         other => panic!("expected a refusal, got {:?}", other.map(|(_, a)| a)),
     }
     // The API key is accepted as a password.
@@ -762,8 +802,14 @@ async fn user_token_reads_its_channels_and_inbox_but_never_another_users_v5() {
     let mut o = v5::opts(&s, "user-u5");
     o.set_credentials("u", token);
     let (mut c, _) = v5::Client::connect(o).await;
-    assert_eq!(c.subscribe("chat/#", v5::QoS::AtLeastOnce).await, v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce));
-    assert_eq!(c.subscribe("user/u", v5::QoS::AtLeastOnce).await, v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce));
+    assert_eq!(
+        c.subscribe("chat/#", v5::QoS::AtLeastOnce).await,
+        v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce)
+    );
+    assert_eq!(
+        c.subscribe("user/u", v5::QoS::AtLeastOnce).await,
+        v5::SubscribeReasonCode::Success(v5::QoS::AtLeastOnce)
+    );
     assert_eq!(c.subscribe("user/other", v5::QoS::AtLeastOnce).await, v5::SubscribeReasonCode::NotAuthorized, "0x87");
     // Whatever these are answered, they must not open user/other.
     c.subscribe("#", v5::QoS::AtLeastOnce).await;
@@ -794,8 +840,14 @@ async fn user_token_reads_its_channels_and_inbox_but_never_another_users_v3() {
     let mut o = v3::opts(&s, "user-u3");
     o.set_credentials("u", token);
     let (mut c, _) = v3::Client::connect(o).await;
-    assert_eq!(c.subscribe("chat/#", v3::QoS::AtLeastOnce).await, v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce));
-    assert_eq!(c.subscribe("user/u", v3::QoS::AtLeastOnce).await, v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce));
+    assert_eq!(
+        c.subscribe("chat/#", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce)
+    );
+    assert_eq!(
+        c.subscribe("user/u", v3::QoS::AtLeastOnce).await,
+        v3::SubscribeReasonCode::Success(v3::QoS::AtLeastOnce)
+    );
     assert_eq!(c.subscribe("user/other", v3::QoS::AtLeastOnce).await, v3::SubscribeReasonCode::Failure, "0x80");
     c.subscribe("#", v3::QoS::AtLeastOnce).await;
     c.subscribe("user/+", v3::QoS::AtLeastOnce).await;
@@ -813,7 +865,12 @@ async fn user_token_reads_its_channels_and_inbox_but_never_another_users_v3() {
 }
 
 async fn poll_with_key(s: &Server, channel: &str) -> Vec<String> {
-    let res = client().get(format!("{}/api/channels/{channel}/messages?since=0", s.url)).bearer_auth(KEY).send().await.unwrap();
+    let res = client()
+        .get(format!("{}/api/channels/{channel}/messages?since=0", s.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let v: Value = res.json().await.unwrap();
     v["messages"].as_array().unwrap().iter().map(|m| m["data"].as_str().unwrap_or_default().to_string()).collect()
@@ -858,7 +915,10 @@ async fn malformed_and_oversize_packets_close_only_that_connection() {
     header.extend(remaining_length(1_000_000));
     t.write_all(&header).await.unwrap();
     let got = closed_by_server(&mut t).await;
-    assert!(got.len() >= 3 && got[0] == 0xe0 && got[2] == 0x95, "DISCONNECT 0x95 (packet too large) expected, got {got:x?}");
+    assert!(
+        got.len() >= 3 && got[0] == 0xe0 && got[2] == 0x95,
+        "DISCONNECT 0x95 (packet too large) expected, got {got:x?}"
+    );
     // And MQTT 3.1.1, which has no server DISCONNECT.
     let mut t = raw_connected(&s, 4, "too-big3", 0).await;
     t.write_all(&header).await.unwrap();
@@ -886,9 +946,12 @@ async fn silent_client_is_disconnected_after_its_keep_alive() {
 // ========================================== mosquitto_pub / mosquitto_sub
 
 fn mosquitto_available() -> bool {
-    let ok = ["mosquitto_pub", "mosquitto_sub", "stdbuf"].iter().all(|b| Command::new(b).arg("--help").output().is_ok());
+    let ok =
+        ["mosquitto_pub", "mosquitto_sub", "stdbuf"].iter().all(|b| Command::new(b).arg("--help").output().is_ok());
     if !ok {
-        eprintln!("SKIPPED: mosquitto_pub/mosquitto_sub (Debian mosquitto-clients) or stdbuf (coreutils) not installed");
+        eprintln!(
+            "SKIPPED: mosquitto_pub/mosquitto_sub (Debian mosquitto-clients) or stdbuf (coreutils) not installed"
+        );
     }
     ok
 }
@@ -984,7 +1047,10 @@ async fn mosquitto_clients_round_trip_qos_0_1_2_over_3_1_1_and_5() {
     let s = Server::start();
     for version in ["mqttv311", "mqttv5"] {
         let topic = format!("mosq/{version}");
-        let mut sub = MosquittoSub::start(&s, &["-V", version, "-t", &topic, "-q", "2", "-v", "-C", "4", "-i", &format!("sub-{version}")]);
+        let mut sub = MosquittoSub::start(
+            &s,
+            &["-V", version, "-t", &topic, "-q", "2", "-v", "-C", "4", "-i", &format!("sub-{version}")],
+        );
         for q in ["0", "1", "2"] {
             mosquitto_pub(&s, &["-V", version, "-q", q, "-t", &topic, "-m", &format!("q{q}")]);
         }
@@ -1032,7 +1098,18 @@ async fn mosquitto_sub_killed_sends_its_will() {
     watcher.subscribe("mwill/+", v5::QoS::AtLeastOnce).await;
     let mut victim = MosquittoSub::start(
         &s,
-        &["-t", "mwill/ignored", "--will-topic", "mwill/gone", "--will-payload", "bye", "--will-qos", "1", "-i", "victim"],
+        &[
+            "-t",
+            "mwill/ignored",
+            "--will-topic",
+            "mwill/gone",
+            "--will-payload",
+            "bye",
+            "--will-qos",
+            "1",
+            "-i",
+            "victim",
+        ],
     );
     victim.child.kill().expect("kill -9 mosquitto_sub");
     let m = watcher.message().await;

@@ -18,7 +18,11 @@ async fn replays_history_then_goes_live() {
     assert_eq!((e.id.as_str(), e.event.as_str()), ("1", "chat"));
     assert_eq!(serde_json::from_str::<Value>(&e.data).unwrap(), json!({"from":"bob","msg":"one"}));
     let e = next_event(&mut ev).await.unwrap();
-    assert_eq!((e.id.as_str(), e.event.as_str(), e.data.as_str()), ("2", "message", "two"), "no event: line when unnamed");
+    assert_eq!(
+        (e.id.as_str(), e.event.as_str(), e.data.as_str()),
+        ("2", "message", "two"),
+        "no event: line when unnamed"
+    );
     assert_eq!(e.retry, None);
     publish(&s, "chat/room/Default", "three").await;
     let e = next_event(&mut ev).await.unwrap();
@@ -153,7 +157,8 @@ async fn multi_channel_stream_with_filters_and_token_resume() {
     }
     seen.sort();
     assert_eq!(seen, ["a2", "c1"], "only what was missed, including a channel born meanwhile");
-    let bad = client().get(format!("{}/api/events?channel=x", s.url)).header("last-event-id", "x=1,=").send().await.unwrap();
+    let bad =
+        client().get(format!("{}/api/events?channel=x", s.url)).header("last-event-id", "x=1,=").send().await.unwrap();
     assert_eq!(bad.status(), 400);
 }
 

@@ -189,8 +189,7 @@ async fn publish_with_ref_is_acknowledged_and_reaches_sse_and_ws_subscribers() {
     let ack = ws.recv().await;
     assert_eq!(ack, json!({ "type": "published", "ref": "r1", "channel": "pub/x", "id": 1 }));
 
-    ws.send_json(json!({ "type": "publish", "channel": "pub/x", "event": "chat", "data": "hi there", "ref": 7 }))
-        .await;
+    ws.send_json(json!({ "type": "publish", "channel": "pub/x", "event": "chat", "data": "hi there", "ref": 7 })).await;
     let ack = ws.recv().await;
     assert_eq!(ack, json!({ "type": "published", "ref": 7, "channel": "pub/x", "id": 2 }));
 

@@ -167,7 +167,10 @@ impl Broker {
     }
 
     pub(crate) fn remove_route(&self, session: u64, filter: &str) {
-        self.routes.write().unwrap_or_else(|e| e.into_inner()).retain(|r| !(r.session == session && r.filter == filter));
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| !(r.session == session && r.filter == filter));
     }
 
     pub(crate) fn remove_routes(&self, session: u64) {
@@ -188,7 +191,8 @@ impl Broker {
             let state = state.clone();
             let task = tokio::spawn(async move {
                 let cx = state.context(Arc::new(Principal::Admin), true);
-                let Ok(mut sub) = Subscription::open(cx, vec![Target::from_filter(f)], Since::Now, &Default::default()).await
+                let Ok(mut sub) =
+                    Subscription::open(cx, vec![Target::from_filter(f)], Since::Now, &Default::default()).await
                 else {
                     return;
                 };
@@ -199,7 +203,8 @@ impl Broker {
                     };
                     match d {
                         Ok(Delivery::Message(m)) => {
-                            let meta = m.meta.clone().unwrap_or_else(|| Arc::new(Meta { qos: 1, ..Default::default() }));
+                            let meta =
+                                m.meta.clone().unwrap_or_else(|| Arc::new(Meta { qos: 1, ..Default::default() }));
                             let routed = Routed {
                                 topic: m.channel.as_str().into(),
                                 payload: m.data.bytes().clone(),
@@ -234,7 +239,11 @@ impl Broker {
     pub(crate) fn leave_all_shared(&self, session: u64) {
         let keys: Vec<(String, String)> = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            shared.iter().filter(|(_, g)| g.members.iter().any(|m| m.session == session)).map(|(k, _)| k.clone()).collect()
+            shared
+                .iter()
+                .filter(|(_, g)| g.members.iter().any(|m| m.session == session))
+                .map(|(k, _)| k.clone())
+                .collect()
         };
         for (g, f) in keys {
             self.leave_shared(&g, &f, session);

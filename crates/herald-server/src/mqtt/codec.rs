@@ -234,9 +234,10 @@ fn lift(p: v3::Packet) -> v5::Packet {
         }
         v3::Packet::Pingreq => P5::Pingreq,
         v3::Packet::Pingresp => P5::Pingresp,
-        v3::Packet::Disconnect => {
-            P5::Disconnect(v5::Disconnect { reason_code: DisconnectReasonCode::NormalDisconnect, properties: Default::default() })
-        }
+        v3::Packet::Disconnect => P5::Disconnect(v5::Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnect,
+            properties: Default::default(),
+        }),
         // Server-to-client packets arriving from a client: a protocol error
         // the session reports; lifted into something it will refuse.
         v3::Packet::Connack(_) | v3::Packet::Suback(_) | v3::Packet::Unsuback(_) => P5::Pingresp,
@@ -309,6 +310,11 @@ pub(crate) fn qos_u8(q: QoS) -> u8 {
     q as u8
 }
 
+/// Whether the CONNECT's protocol name and level form one we speak.
+pub(crate) fn supported(p: Protocol) -> bool {
+    matches!(p, Protocol::V310 | Protocol::V311 | Protocol::V500)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,9 +351,4 @@ mod tests {
         assert_eq!(&more[props_at + m + props_len..], b"hi", "the payload follows unchanged");
         assert!(more.windows(3).any(|w| w == [0x0B, 0xAC, 0x02]), "id 300 as a variable-length integer");
     }
-}
-
-/// Whether the CONNECT's protocol name and level form one we speak.
-pub(crate) fn supported(p: Protocol) -> bool {
-    matches!(p, Protocol::V310 | Protocol::V311 | Protocol::V500)
 }

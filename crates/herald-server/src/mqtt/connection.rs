@@ -18,7 +18,7 @@ use mqtt_proto::{
     Pid, QoS, QosPid, TopicName,
     v5::{
         self, ConnackProperties, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode, PubcompReasonCode,
-        PubrecReasonCode, PublishProperties, RetainHandling, SubscribeReasonCode, UnsubscribeReasonCode, UserProperty,
+        PublishProperties, PubrecReasonCode, RetainHandling, SubscribeReasonCode, UnsubscribeReasonCode, UserProperty,
         VarByteInt,
     },
 };
@@ -165,7 +165,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // Refusals are answered with a CONNACK and nothing else.
         macro_rules! refuse {
             ($code:expr) => {{
-                let p = v5::Packet::Connack(v5::Connack { session_present: false, reason_code: $code, properties: Default::default() });
+                let p = v5::Packet::Connack(v5::Connack {
+                    session_present: false,
+                    reason_code: $code,
+                    properties: Default::default(),
+                });
                 if let Some(b) = codec::encode(version, &p) {
                     let _ = wr.write_all(&b).await;
                     let _ = wr.flush().await;
@@ -210,7 +214,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         }
         .min(max_expiry);
         // A session resumes for the same identity only.
-        let resumable = |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
+        let resumable =
+            |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
         let (mut session, present) = match previous {
             Some(s) if !c.clean_start && resumable(&s) => (s, true),
             old => {
@@ -219,13 +224,16 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     broker.leave_all_shared(old.id);
                 }
                 let cx = state.context(principal.clone(), true);
-                let herald = match crate::subscription::Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await {
-                    Ok(h) => h,
-                    Err(_) => {
-                        broker.release(&client_id, conn_id, None);
-                        refuse!(ConnectReasonCode::ServerUnavailable);
-                    }
-                };
+                let herald =
+                    match crate::subscription::Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default())
+                        .await
+                    {
+                        Ok(h) => h,
+                        Err(_) => {
+                            broker.release(&client_id, conn_id, None);
+                            refuse!(ConnectReasonCode::ServerUnavailable);
+                        }
+                    };
                 (Session::new(broker.next_id(), herald, cfg.offline_queue, principal.clone()), false)
             }
         };
@@ -249,7 +257,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             server_keep_alive,
             ..Default::default()
         };
-        let connack = v5::Packet::Connack(v5::Connack { session_present: present, reason_code: ConnectReasonCode::Success, properties });
+        let connack = v5::Packet::Connack(v5::Connack {
+            session_present: present,
+            reason_code: ConnectReasonCode::Success,
+            properties,
+        });
         let window = match version {
             Version::V5 => usize::from(c.properties.receive_max.unwrap_or(u16::MAX)),
             Version::V3 => usize::from(cfg.send_max),
@@ -275,8 +287,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         };
         conn.send(&connack).await.ok()?;
         // A resumed session first repeats what was in flight.
-        let resend: Vec<(u16, Outgoing)> =
-            conn.session.as_ref().map(|s| s.inflight.iter().map(|(p, o)| (*p, o.clone())).collect()).unwrap_or_default();
+        let resend: Vec<(u16, Outgoing)> = conn
+            .session
+            .as_ref()
+            .map(|s| s.inflight.iter().map(|(p, o)| (*p, o.clone())).collect())
+            .unwrap_or_default();
         for (pid, o) in resend {
             let p = if o.released { codec::pubrel(pid_of(pid)) } else { conn.publish_packet(&o, Some(pid), true) };
             let more = if o.released { &[][..] } else { o.sub_ids.get(1..).unwrap_or_default() };
@@ -316,7 +331,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let shutdown = self.state.shutdown.clone();
         let mut last_heard = Instant::now();
         loop {
-            if let Err(_) = self.drain_queue().await {
+            if self.drain_queue().await.is_err() {
                 return End::Lost;
             }
             if self.wr.flush().await.is_err() {
@@ -354,12 +369,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     Ok(Delivery::Message(m)) => {
                         let window = self.window;
                         let s = self.session();
-                        if let Some(o) = s.from_message(&m, now_ms()) { s.queue.push_back(o) }
+                        if let Some(o) = s.message_outgoing(&m, now_ms()) { s.queue.push_back(o) }
                         // Take what else is already here, so a burst is written
                         // with one flush rather than one per message.
                         while s.queue.len() < window.max(64) {
                             match s.herald.try_next() {
-                                Some(Delivery::Message(m)) => if let Some(o) = s.from_message(&m, now_ms()) { s.queue.push_back(o) },
+                                Some(Delivery::Message(m)) => if let Some(o) = s.message_outgoing(&m, now_ms()) { s.queue.push_back(o) },
                                 Some(_) => {}
                                 None => break,
                             }
@@ -383,7 +398,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 },
                 r = session.routed.recv(), if open => if let Some(r) = r {
                     let s = self.session();
-                    if let Some(o) = s.from_routed(&r, now_ms()) {
+                    if let Some(o) = s.routed_outgoing(&r, now_ms()) {
                         s.queue.push_back(o);
                     }
                 },
@@ -446,8 +461,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             properties.content_type = m.content_type.as_deref().map(Into::into);
             properties.response_topic = m.response_topic.as_deref().and_then(|t| TopicName::try_from(t).ok());
             properties.correlation_data = m.correlation_data.clone();
-            properties.user_properties =
-                m.user_properties.iter().map(|(k, v)| UserProperty { name: k.as_str().into(), value: v.as_str().into() }).collect();
+            properties.user_properties = m
+                .user_properties
+                .iter()
+                .map(|(k, v)| UserProperty { name: k.as_str().into(), value: v.as_str().into() })
+                .collect();
             properties.message_expiry_interval =
                 m.expires_at.map(|at| ((at - now_ms()).max(0) as u64).div_ceil(1000).max(1) as u32);
         }
@@ -455,7 +473,14 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // added to the encoded packet (`send_with_ids`).
         properties.subscription_id = o.sub_ids.first().and_then(|id| VarByteInt::try_from(*id).ok());
         let topic = TopicName::try_from(&*o.topic).unwrap_or_else(|_| TopicName::try_from("invalid").expect("valid"));
-        v5::Packet::Publish(v5::Publish { dup, retain: o.retain, qos_pid, topic_name: topic, payload: o.payload.clone(), properties })
+        v5::Packet::Publish(v5::Publish {
+            dup,
+            retain: o.retain,
+            qos_pid,
+            topic_name: topic,
+            payload: o.payload.clone(),
+            properties,
+        })
     }
 
     /// Handles one inbound packet; `Some` ends the connection.
@@ -505,9 +530,14 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                             s.herald.remove(&Target::from_filter(parsed));
                         }
                     }
-                    codes.push(if existed { UnsubscribeReasonCode::Success } else { UnsubscribeReasonCode::NoSubscriptionExisted });
+                    codes.push(if existed {
+                        UnsubscribeReasonCode::Success
+                    } else {
+                        UnsubscribeReasonCode::NoSubscriptionExisted
+                    });
                 }
-                let ack = v5::Packet::Unsuback(v5::Unsuback { pid: u.pid, properties: Default::default(), topics: codes });
+                let ack =
+                    v5::Packet::Unsuback(v5::Unsuback { pid: u.pid, properties: Default::default(), topics: codes });
                 return io(self.send(&ack).await);
             }
             v5::Packet::Pingreq => return io(self.send(&v5::Packet::Pingresp).await),
@@ -557,24 +587,32 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let session_id = self.session().id;
         let principal = self.session().principal.clone();
         let pp = &p.properties;
-        let meta = meta(qos, p.retain, session_id, Props {
-            user: &pp.user_properties,
-            content_type: pp.content_type.as_deref(),
-            response_topic: pp.response_topic.as_deref(),
-            correlation: pp.correlation_data.as_ref(),
-            utf8: pp.payload_is_utf8,
-            expiry: pp.message_expiry_interval,
-        });
+        let meta = meta(
+            qos,
+            p.retain,
+            session_id,
+            Props {
+                user: &pp.user_properties,
+                content_type: pp.content_type.as_deref(),
+                response_topic: pp.response_topic.as_deref(),
+                correlation: pp.correlation_data.as_ref(),
+                utf8: pp.payload_is_utf8,
+                expiry: pp.message_expiry_interval,
+            },
+        );
         let outcome = if p.properties.payload_is_utf8 == Some(true) && std::str::from_utf8(&p.payload).is_err() {
             Err(Refused::PayloadFormat)
         } else {
             publish(&self.state, &principal, &p.topic_name, p.payload.clone(), meta).await
         };
-        let Some(pid) = pid else { return None };
+        let pid = pid?;
         match qos {
             QoS::Level1 => {
                 self.unacked.fetch_sub(1, Ordering::AcqRel);
-                self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success))).await.err().map(|_| End::Lost)
+                self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success)))
+                    .await
+                    .err()
+                    .map(|_| End::Lost)
             }
             _ => {
                 let code = outcome.map_or_else(Refused::pubrec, |_| PubrecReasonCode::Success);
@@ -606,7 +644,13 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         None
     }
 
-    async fn subscribe_one(&mut self, filter: &str, opts: &v5::SubscriptionOptions, sub_id: Option<u32>, retained: &mut Vec<Outgoing>) -> SubscribeReasonCode {
+    async fn subscribe_one(
+        &mut self,
+        filter: &str,
+        opts: &v5::SubscriptionOptions,
+        sub_id: Option<u32>,
+        retained: &mut Vec<Outgoing>,
+    ) -> SubscribeReasonCode {
         let cfg = &self.state.config.mqtt;
         if cfg.deny_subscribe.iter().any(|d| d == filter) {
             // 0x80, as MQTT 3 can say it too (and as the Paho suite expects).
@@ -646,7 +690,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let qos = codec::qos_u8(opts.max_qos).min(2);
         let is_new = s
             .subs
-            .insert(filter.to_owned(), SubOpts { qos, no_local: opts.no_local, retain_as_published: opts.retain_as_published, sub_id })
+            .insert(
+                filter.to_owned(),
+                SubOpts { qos, no_local: opts.no_local, retain_as_published: opts.retain_as_published, sub_id },
+            )
             .is_none();
         self.state.mqtt.add_route(s.id, filter, s.routed_tx.clone());
         let send_retained = match opts.retain_handling {
@@ -675,7 +722,14 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
 
     /// `$share/{group}/{filter}`: the session joins the group; no retained
     /// messages are sent for shared subscriptions.
-    fn subscribe_shared(&mut self, full: &str, group: &str, filter: &str, opts: &v5::SubscriptionOptions, sub_id: Option<u32>) -> SubscribeReasonCode {
+    fn subscribe_shared(
+        &mut self,
+        full: &str,
+        group: &str,
+        filter: &str,
+        opts: &v5::SubscriptionOptions,
+        sub_id: Option<u32>,
+    ) -> SubscribeReasonCode {
         let s = self.session.as_mut().expect("session");
         let allowed = match Filter::parse(filter) {
             Ok(f) => s.principal.may_subscribe(&Target::from_filter(f)),
@@ -686,7 +740,13 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         }
         let qos = codec::qos_u8(opts.max_qos).min(2);
         s.subs.insert(full.to_owned(), SubOpts { qos, no_local: opts.no_local, retain_as_published: false, sub_id });
-        let member = super::broker::Member { session: s.id, tx: s.routed_tx.clone(), qos, sub_id, principal: s.principal.clone() };
+        let member = super::broker::Member {
+            session: s.id,
+            tx: s.routed_tx.clone(),
+            qos,
+            sub_id,
+            principal: s.principal.clone(),
+        };
         self.state.mqtt.join_shared(&self.state, group, filter, member);
         granted(qos)
     }
@@ -723,14 +783,19 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
                 if state.mqtt.take_will(&client_id, token) {
                     let wp = &will.properties;
-                    let meta = meta(will.qos, will.retain, origin, Props {
-                        user: &wp.user_properties,
-                        content_type: wp.content_type.as_deref(),
-                        response_topic: wp.response_topic.as_deref(),
-                        correlation: wp.correlation_data.as_ref(),
-                        utf8: wp.payload_is_utf8,
-                        expiry: wp.message_expiry_interval,
-                    });
+                    let meta = meta(
+                        will.qos,
+                        will.retain,
+                        origin,
+                        Props {
+                            user: &wp.user_properties,
+                            content_type: wp.content_type.as_deref(),
+                            response_topic: wp.response_topic.as_deref(),
+                            correlation: wp.correlation_data.as_ref(),
+                            utf8: wp.payload_is_utf8,
+                            expiry: wp.message_expiry_interval,
+                        },
+                    );
                     let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
                 }
             });
@@ -781,7 +846,13 @@ impl Refused {
 /// Publishes what an MQTT client (or its will) sent: a channel topic is stored
 /// and fanned out like any publish; another topic is routed among MQTT
 /// sessions. A retained message also replaces the topic's retained one.
-async fn publish(state: &SharedState, principal: &Principal, topic: &str, payload: Bytes, meta: Meta) -> Result<(), Refused> {
+async fn publish(
+    state: &SharedState,
+    principal: &Principal,
+    topic: &str,
+    payload: Bytes,
+    meta: Meta,
+) -> Result<(), Refused> {
     if topic.starts_with('$') {
         return Err(Refused::NotAuthorized);
     }
@@ -800,7 +871,12 @@ async fn publish(state: &SharedState, principal: &Principal, topic: &str, payloa
             state.store.append(vec![msg]).await.map_err(|_| Refused::Failed)?;
         }
         Err(_) if principal.is_admin() => {
-            state.mqtt.route(&Routed { topic: topic.into(), payload: payload.clone(), meta: meta.clone(), shared: None });
+            state.mqtt.route(&Routed {
+                topic: topic.into(),
+                payload: payload.clone(),
+                meta: meta.clone(),
+                shared: None,
+            });
         }
         Err(_) => return Err(Refused::NotAuthorized),
     }

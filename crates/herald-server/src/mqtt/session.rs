@@ -88,7 +88,14 @@ impl Session {
 
     /// The subscriptions matching `topic` decide whether and how a message is
     /// sent: once, at the highest QoS granted, with every subscription id.
-    pub(crate) fn outgoing(&self, topic: &str, payload: Bytes, msg_qos: u8, meta: Option<Arc<Meta>>, now_ms: i64) -> Option<Outgoing> {
+    pub(crate) fn outgoing(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        msg_qos: u8,
+        meta: Option<Arc<Meta>>,
+        now_ms: i64,
+    ) -> Option<Outgoing> {
         if meta.as_ref().and_then(|m| m.expires_at).is_some_and(|at| at <= now_ms) {
             return None;
         }
@@ -110,7 +117,7 @@ impl Session {
 
     /// A routed message (non-channel topic, or handed over by a shared
     /// subscription) as an MQTT message for this session.
-    pub(crate) fn from_routed(&self, r: &super::broker::Routed, now_ms: i64) -> Option<Outgoing> {
+    pub(crate) fn routed_outgoing(&self, r: &super::broker::Routed, now_ms: i64) -> Option<Outgoing> {
         match r.shared {
             Some((qos, sub_id)) => {
                 if r.meta.expires_at.is_some_and(|at| at <= now_ms) {
@@ -131,7 +138,7 @@ impl Session {
     }
 
     /// A committed Herald message as an MQTT message for this session.
-    pub(crate) fn from_message(&self, m: &Message, now_ms: i64) -> Option<Outgoing> {
+    pub(crate) fn message_outgoing(&self, m: &Message, now_ms: i64) -> Option<Outgoing> {
         let qos = m.meta.as_ref().map_or(1, |meta| meta.qos);
         self.outgoing(m.channel.as_str(), m.data.bytes().clone(), qos, m.meta.clone(), now_ms)
     }

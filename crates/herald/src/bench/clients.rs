@@ -47,7 +47,8 @@ pub(super) async fn subscribe_all(
                 let _ = ready_all.send(r).await;
             }
         });
-        let (server, mqtt_addr, channel, http) = (target.server.clone(), target.mqtt.clone(), channel.to_owned(), http.clone());
+        let (server, mqtt_addr, channel, http) =
+            (target.server.clone(), target.mqtt.clone(), channel.to_owned(), http.clone());
         tokio::spawn(async move {
             let r = match transport {
                 Transport::Sse => sse(&http, &server, &channel, tally, hist, &ready).await,
@@ -99,7 +100,13 @@ async fn sse(
     Ok(())
 }
 
-async fn ws(server: &str, channel: &str, tally: Arc<Mutex<Tally>>, hist: Hist, ready: &mpsc::Sender<anyhow::Result<()>>) -> anyhow::Result<()> {
+async fn ws(
+    server: &str,
+    channel: &str,
+    tally: Arc<Mutex<Tally>>,
+    hist: Hist,
+    ready: &mpsc::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     let url = format!("{}/api/ws", server.replacen("http://", "ws://", 1));
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
     let sub = format!("{{\"type\":\"subscribe\",\"channel\":\"{channel}\",\"since\":\"now\"}}");
@@ -142,7 +149,14 @@ async fn longpoll(
     }
 }
 
-async fn mqtt(addr: &str, channel: &str, qos: QoS, tally: Arc<Mutex<Tally>>, hist: Hist, ready: &mpsc::Sender<anyhow::Result<()>>) -> anyhow::Result<()> {
+async fn mqtt(
+    addr: &str,
+    channel: &str,
+    qos: QoS,
+    tally: Arc<Mutex<Tally>>,
+    hist: Hist,
+    ready: &mpsc::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let connect = v3::Packet::Connect(v3::Connect::new(client_id("bench").into(), 0));
@@ -209,7 +223,13 @@ fn whole_packet(buf: &[u8]) -> Option<usize> {
 /// order), in a burst or at `rate` per second: over HTTP, or over MQTT QoS 1
 /// (waiting for each PUBACK) when `via_mqtt`, which also works against any
 /// MQTT broker for side-by-side runs.
-pub(super) async fn publish(target: &Target, channel: &str, messages: usize, rate: u32, via_mqtt: bool) -> anyhow::Result<()> {
+pub(super) async fn publish(
+    target: &Target,
+    channel: &str,
+    messages: usize,
+    rate: u32,
+    via_mqtt: bool,
+) -> anyhow::Result<()> {
     if via_mqtt {
         return publish_mqtt(&target.mqtt, channel, messages, rate).await;
     }

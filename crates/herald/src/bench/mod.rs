@@ -167,9 +167,11 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     check_loopback(&a.target)?;
     let channel = format!("bench/fanout/{}", now_us());
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")));
-    let tallies: Vec<Arc<Mutex<Tally>>> = (0..a.subscribers).map(|_| Arc::new(Mutex::new(Tally::new(a.messages)))).collect();
+    let tallies: Vec<Arc<Mutex<Tally>>> =
+        (0..a.subscribers).map(|_| Arc::new(Mutex::new(Tally::new(a.messages)))).collect();
     let connect_start = Instant::now();
-    let ready = clients::subscribe_all(a.transport, &a.target, &channel, &tallies, &hist).await.context("subscribing")?;
+    let ready =
+        clients::subscribe_all(a.transport, &a.target, &channel, &tallies, &hist).await.context("subscribing")?;
     let connect_time = connect_start.elapsed();
     eprintln!("{} subscribers connected in {:.2}s", ready, connect_time.as_secs_f64());
 
@@ -205,9 +207,17 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let ms = |v: u64| v as f64 / 1000.0;
     println!("transport        {:?}", a.transport);
     println!("subscribers      {}", a.subscribers);
-    println!("messages         {} ({})", a.messages, if a.rate == 0 { "burst".to_string() } else { format!("{}/s", a.rate) });
+    println!(
+        "messages         {} ({})",
+        a.messages,
+        if a.rate == 0 { "burst".to_string() } else { format!("{}/s", a.rate) }
+    );
     println!("publish time     {:.3} s", publish_time.as_secs_f64());
-    println!("deliveries       {unique} of {expected} in {:.3} s: {:.0}/s", elapsed.as_secs_f64(), unique as f64 / elapsed.as_secs_f64());
+    println!(
+        "deliveries       {unique} of {expected} in {:.3} s: {:.0}/s",
+        elapsed.as_secs_f64(),
+        unique as f64 / elapsed.as_secs_f64()
+    );
     println!("lost             {}", expected - unique.min(expected));
     println!("duplicated       {dup}");
     println!("out of order     {ooo}");
@@ -216,7 +226,11 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     println!("latency max      {:.2} ms", ms(hist.max()));
     if let (Some(b), Some(a)) = (server_before, server_after) {
         let cpu = a.cpu_us - b.cpu_us;
-        println!("server cpu       {:.3} s, {:.2} µs per delivery", cpu as f64 / 1e6, cpu as f64 / unique.max(1) as f64);
+        println!(
+            "server cpu       {:.3} s, {:.2} µs per delivery",
+            cpu as f64 / 1e6,
+            cpu as f64 / unique.max(1) as f64
+        );
         println!("server rss       {:.1} MB", a.rss_kb as f64 / 1024.0);
     }
     let tool_cpu = tool_after.cpu_us - tool_before.cpu_us;

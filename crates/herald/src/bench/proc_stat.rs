@@ -24,7 +24,8 @@ impl ProcStat {
         let after = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
         let fields: Vec<&str> = after.split_whitespace().collect();
         // utime and stime are fields 14 and 15 (1-based) of the whole line.
-        let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
+        let ticks: u64 =
+            fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
         let status = std::fs::read_to_string(format!("{dir}/status"))?;
         let rss_kb = status
             .lines()

@@ -72,7 +72,8 @@ impl Ws {
         loop {
             match self.next_frame().await {
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str()).unwrap_or_else(|e| panic!("non-JSON text frame {t:?}: {e}"));
+                    return serde_json::from_str(t.as_str())
+                        .unwrap_or_else(|e| panic!("non-JSON text frame {t:?}: {e}"));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a JSON text frame, got {other:?}"),
@@ -300,8 +301,9 @@ impl Iframe {
     fn classify(&self, line: &str) -> Item {
         let prefix = format!("<script>parent.{}(", self.callback);
         if let Some(rest) = line.strip_prefix(&prefix) {
-            let arg =
-                rest.strip_suffix(");</script>").unwrap_or_else(|| panic!("script line does not end the call: {line:?}"));
+            let arg = rest
+                .strip_suffix(");</script>")
+                .unwrap_or_else(|| panic!("script line does not end the call: {line:?}"));
             // Nothing inside may end the script, open a comment or break the parse.
             for bad in ["<", ">", "&", "\u{2028}", "\u{2029}"] {
                 assert!(!arg.contains(bad), "raw {bad:?} inside a script call: {line:?}");

@@ -64,7 +64,10 @@ impl Server {
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line).expect("read the listening line");
-        let url = line.trim().strip_prefix("herald listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let url = line
+            .trim()
+            .strip_prefix("herald listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         self.url = url.to_string();
         self.addr = url.trim_start_matches("http://").to_string();
         let mut line = String::new();
@@ -136,11 +139,7 @@ pub async fn publish_json(s: &Server, channel: &str, event: Option<&str>, data: 
 }
 
 /// Opens an SSE stream at `path` (with extra headers) and returns its events.
-pub async fn sse(
-    s: &Server,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> impl Stream<Item = Event> + Unpin + use<> {
+pub async fn sse(s: &Server, path: &str, headers: &[(&str, &str)]) -> impl Stream<Item = Event> + Unpin + use<> {
     let mut req = client().get(format!("{}{path}", s.url)).header("accept", "text/event-stream");
     for (k, v) in headers {
         req = req.header(*k, *v);
