@@ -75,8 +75,11 @@ describe('demo pages', () => {
     await notify('before');
     const phone = await newPage(browser, server.url);
     const laptop = await newPage(browser, server.url);
-    await phone.goto(`${server.url}/bell?user=bella`);
-    await laptop.goto(`${server.url}/bell?user=bella`);
+    for (const p of [phone, laptop]) {
+      await p.goto(`${server.url}/bell?user=bella`);
+      assert.equal(await p.inputValue('#user'), 'bella', 'the login form is prefilled');
+      await p.click('#login');
+    }
     await Promise.all([phone, laptop].map(p => p.waitForSelector('#badge:text-is("1")')));
     await notify('after');
     await Promise.all([phone, laptop].map(p => p.waitForSelector('#badge:text-is("2")')));

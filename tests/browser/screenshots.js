@@ -39,6 +39,24 @@ try {
   await page.waitForSelector('#badge', { state: 'hidden' });
   await shot(page, 'bell-open');
 
+  // A user's inbox: log in, a notification to them, one to their group, one read.
+  await page.goto(`${server.url}/bell?user=alice`);
+  await shot(page, 'bell-login');
+  const post = (p, body, method = 'POST') => fetch(`${server.url}${p}`, { method, headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+  await post('/api/groups/staff/members', { users: ['alice'] }, 'PUT');
+  await post('/api/notifications', { users: ['alice'], title: 'Welcome, Alice', body: 'Your account is ready.' });
+  await post('/api/users/alice/read', { all: true });
+  await post('/api/notifications', { group: 'staff', title: 'Stand-up in 5', body: 'Room 2' });
+  await post('/api/notifications', { users: ['alice'], title: 'Review requested', body: 'bob asked you to review #42' });
+  await page.click('#login');
+  await page.waitForSelector('#badge:text-is("2")');
+  await shot(page, 'bell-inbox');
+  await page.click('#bell');
+  await page.waitForSelector('#badge', { state: 'hidden' });
+  await post('/api/notifications', { all: true, title: 'Maintenance tonight', body: '22:00–23:00 UTC' });
+  await page.waitForSelector('#list .item.unread');
+  await shot(page, 'bell-inbox-open');
+
   await page.goto(`${server.url}/admin`);
   for (let i = 0; i < 6; i++) {
     await Promise.all(Array.from({ length: 5 * i }, (_, k) => publish(server.url, 'chat/room/Default', { from: 'load', msg: String(k) }, 'chat')));
