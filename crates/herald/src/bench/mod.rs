@@ -8,6 +8,8 @@
 //!   second, server CPU µs per delivery, latency p50/p99/max, and the lost,
 //!   duplicated and out-of-order counts.
 //! - `idle`: N connections that just stay; server memory per connection.
+//! - `publish`: acknowledged, durable publishes per second with C concurrent
+//!   publishers over HTTP.
 //!
 //! MQTT runs publish over MQTT (QoS 1, one at a time), so the same command
 //! measures any MQTT broker side by side (`--mqtt ADDR --pid ITS_PID`). Each
@@ -33,6 +35,23 @@ pub(crate) enum Bench {
     Fanout(FanoutArgs),
     /// N idle connections; server memory per connection.
     Idle(IdleArgs),
+    /// Acknowledged (durable) publishes per second with C concurrent publishers.
+    Publish(PublishArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct PublishArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Concurrent publishers, each on its own keep-alive HTTP connection.
+    #[arg(long, default_value_t = 64)]
+    publishers: usize,
+    /// Publishes in all.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Channels the publishes are spread over.
+    #[arg(long, default_value_t = 64)]
+    channels: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -89,6 +108,7 @@ pub(crate) async fn run(b: Bench) -> anyhow::Result<()> {
     match b {
         Bench::Fanout(a) => fanout(a).await,
         Bench::Idle(a) => idle(a).await,
+        Bench::Publish(a) => publish(a).await,
     }
 }
 
@@ -257,5 +277,57 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     println!("connect rate     {:.0}/s", n as f64 / connect.as_secs_f64());
     println!("server rss       {:.1} MB -> {:.1} MB", before.rss_kb as f64 / 1024.0, after.rss_kb as f64 / 1024.0);
     println!("memory per conn  {:.2} KB", per / 1024.0);
+    Ok(())
+}
+
+async fn publish(a: PublishArgs) -> anyhow::Result<()> {
+    check_loopback(&a.target)?;
+    let prefix = format!("bench/publish/{}", now_us());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")));
+    let server_before = a.target.pid.map(ProcStat::read).transpose()?;
+    let tool_before = ProcStat::read_self()?;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.publishers.max(1) {
+        let (next, hist, prefix, server) = (next.clone(), hist.clone(), prefix.clone(), a.target.server.clone());
+        let (total, channels) = (a.messages, a.channels.max(1));
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seq >= total {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let sent = Instant::now();
+                let res = http
+                    .post(format!("{server}/api/channels/{prefix}/{}", seq % channels))
+                    .header("content-type", "application/json")
+                    .body(payload(seq))
+                    .send()
+                    .await?;
+                if !res.status().is_success() {
+                    bail!("publish {seq}: {}", res.status());
+                }
+                let _ = hist.lock().unwrap_or_else(|e| e.into_inner()).record(sent.elapsed().as_micros().max(1) as u64);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed();
+    let server_after = a.target.pid.map(ProcStat::read).transpose()?;
+    let hist = hist.lock().unwrap_or_else(|e| e.into_inner());
+    println!("publishers       {}", a.publishers);
+    println!("acknowledged     {} in {:.3} s: {:.0}/s", a.messages, elapsed.as_secs_f64(), a.messages as f64 / elapsed.as_secs_f64());
+    println!("ack latency p50  {:.2} ms", hist.value_at_quantile(0.5) as f64 / 1000.0);
+    println!("ack latency p99  {:.2} ms", hist.value_at_quantile(0.99) as f64 / 1000.0);
+    if let (Some(b), Some(a2)) = (server_before, server_after) {
+        let cpu = a2.cpu_us - b.cpu_us;
+        println!("server cpu       {:.3} s, {:.2} µs per publish", cpu as f64 / 1e6, cpu as f64 / a.messages as f64);
+    }
+    let tool = ProcStat::read_self()?.cpu_us - tool_before.cpu_us;
+    println!("bench tool cpu   {:.3} s", tool as f64 / 1e6);
     Ok(())
 }
