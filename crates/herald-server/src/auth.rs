@@ -159,7 +159,7 @@ pub fn mint(
     for p in channels.iter().chain(publish) {
         Filter::parse(p)?;
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let now = herald_store::now_ms() / 1000;
     let claims = Claims {
         sub: sub.into(),
         exp: now + ttl.as_secs().max(1) as i64,

@@ -128,7 +128,8 @@ impl<E: Encoder> Streamer<E> {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+/// Sleeps until `at`, or forever when there is no deadline.
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -137,7 +138,5 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The instant at wall-clock time `ms` (since the epoch).
 pub(crate) fn instant_of(ms: i64) -> Instant {
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
-    Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms).max(0) as u64)
+    Instant::now() + Duration::from_millis(ms.saturating_sub(herald_store::now_ms()).max(0) as u64)
 }

@@ -131,7 +131,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(1012, "server restarting; reconnect and resume".into()),
-                _ = async { match expires { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                _ = stream::sleep_until(expires) => {
                     return End::Close(4001, "token_expired: reconnect with a new token".into());
                 }
                 frame = self.socket.recv() => {

@@ -44,10 +44,13 @@ impl CommitSink for Hub {
 /// waiting.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
+/// The wall clock: milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-    })
+    Arc::new(now_ms)
 }
 
 /// What every store is built with.

@@ -33,14 +33,12 @@ use super::{
     codec::{self, ReadError, Version},
     session::{Outgoing, Session, SubOpts},
 };
-use crate::{app::SharedState, stats::Transport, subscription::Delivery};
+use herald_store::now_ms;
+
+use crate::{app::SharedState, stats::Transport, stream::sleep_until, subscription::Delivery};
 
 /// Bytes a packet may have beyond the payload limit (topic, properties).
 const PACKET_OVERHEAD: usize = 16 * 1024;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64
-}
 
 /// Why a connection ends.
 enum End {
@@ -362,7 +360,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         Some(Inbound::Packet(p)) => if let Some(end) = self.handle(*p).await { return end },
                     }
                 }
-                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                _ = sleep_until(deadline) => {
                     return End::Close(DisconnectReasonCode::KeepAliveTimeout);
                 }
                 d = session.herald.next(), if open => match d {

@@ -320,7 +320,12 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
     let server_after = a.target.pid.map(ProcStat::read).transpose()?;
     let hist = hist.lock().unwrap_or_else(|e| e.into_inner());
     println!("publishers       {}", a.publishers);
-    println!("acknowledged     {} in {:.3} s: {:.0}/s", a.messages, elapsed.as_secs_f64(), a.messages as f64 / elapsed.as_secs_f64());
+    println!(
+        "acknowledged     {} in {:.3} s: {:.0}/s",
+        a.messages,
+        elapsed.as_secs_f64(),
+        a.messages as f64 / elapsed.as_secs_f64()
+    );
     println!("ack latency p50  {:.2} ms", hist.value_at_quantile(0.5) as f64 / 1000.0);
     println!("ack latency p99  {:.2} ms", hist.value_at_quantile(0.99) as f64 / 1000.0);
     if let (Some(b), Some(a2)) = (server_before, server_after) {
