@@ -72,7 +72,9 @@ impl AppState {
         Context {
             store: self.store.clone(),
             hub: live.then(|| self.hub.clone()),
-            inbox: Some(self.inbox.clone()),
+            // Live subscriptions carry the unread count of an inbox they
+            // include; a one-shot read has no use for a live count.
+            inbox: live.then(|| self.inbox.clone()),
             principal,
         }
     }

@@ -60,9 +60,7 @@ pub(crate) async fn messages(
             }
         }
     }
-    if answer.unread.is_some()
-        && let Some(owner) = channel.inbox_owner()
-    {
+    if let Some(owner) = channel.inbox_owner() {
         // The count as of now: a message can reach this poll before the count
         // it raises has been pushed to watchers.
         answer.unread = Some(state.inbox.count(owner).await?);
