@@ -688,7 +688,10 @@ function connectMqtt(h, ctx) {
     if (body.missed) ctx.gap(body.missed);
     for (const m of body.messages) ctx.message({ channel, ...m });
     if (typeof h._cursors.get(channel) !== 'number' && h._wants(channel)) h._cursors.set(channel, body.next);
-    if (Number.isSafeInteger(body.unread)) ctx.unread(body.unread);
+    // The count comes from `$herald/unread/{id}` only (first on subscribe, then
+    // each change, in order). The poll's `unread` is left alone: a poll answered
+    // before a change can arrive after the topic has announced it, and would
+    // set the dot back to a stale count.
     return body.messages.length >= 100; // more is waiting
   };
 
