@@ -1,4 +1,5 @@
-//! One real client per transport, each recording what it receives.
+//! One real client per transport, each recording what it receives; the
+//! HTTP transports speak Herald's routes or Nchan's (see `peer`).
 
 use std::{
     sync::{Arc, Mutex},
@@ -8,7 +9,6 @@ use std::{
 use anyhow::{Context, bail};
 use eventsource_stream::Eventsource;
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use mqtt_proto::{Pid, QoS, QosPid, TopicFilter, v3};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -16,27 +16,81 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Tally, Target, Transport, parse_payload};
+use super::{
+    Target, Transport,
+    peer::{Peer, http_date},
+    tally::{Recorder, Tally, now_us, parse_payload, payload},
+};
 
-type Hist = Arc<Mutex<Histogram<u64>>>;
+/// One subscriber: where it listens, what it records, and how it says
+/// "subscribed" (or that it failed).
+struct Sub {
+    channel: String,
+    tally: Arc<Mutex<Tally>>,
+    rec: Arc<Recorder>,
+    ready: mpsc::Sender<anyhow::Result<()>>,
+}
 
-/// Starts one subscriber per tally and returns once all are subscribed.
+impl Sub {
+    fn record(&self, text: &str) {
+        if let Some((seq, t)) = parse_payload(text) {
+            self.tally.lock().unwrap_or_else(|e| e.into_inner()).record(seq, t, &self.rec);
+        }
+    }
+
+    async fn ready(&self) -> anyhow::Result<()> {
+        self.ready.send(Ok(())).await.context("nobody waits for subscribers")
+    }
+}
+
+/// What the subscribers of a run share.
+struct Ctx {
+    peer: Peer,
+    server: String,
+    mqtt: String,
+    /// For streams, which hold their connection for good: nothing to pool.
+    streams: reqwest::Client,
+    /// For polls, on keep-alive connections as a browser would: Nchan answers
+    /// one message per request, and a new connection for each would run the
+    /// machine out of loopback ports during a burst.
+    polls: reqwest::Client,
+    /// Where Nchan long pollers start (If-Modified-Since; tag 0): a second
+    /// before the channel's primer (see `prime_nchan`), so their first poll
+    /// is answered at once with the primer, which says "connected", and from
+    /// then on their cursor names a message that exists.
+    nchan_since: String,
+}
+
+/// Starts one subscriber per tally, spread round-robin over `transports`, and
+/// returns once all are subscribed.
 pub(super) async fn subscribe_all(
-    transport: Transport,
+    transports: &[Transport],
     target: &Target,
     channel: &str,
     tallies: &[Arc<Mutex<Tally>>],
-    hist: &Hist,
+    rec: &Arc<Recorder>,
 ) -> anyhow::Result<usize> {
+    let nchan_since = http_date(now_us() / 1_000_000 - 1);
+    if target.peer == Peer::Nchan && transports.contains(&Transport::Longpoll) && !tallies.is_empty() {
+        prime_nchan(target, channel).await?;
+    }
+    let ctx = Arc::new(Ctx {
+        peer: target.peer,
+        server: target.server.clone(),
+        mqtt: target.mqtt.clone(),
+        streams: reqwest::Client::builder().pool_max_idle_per_host(0).build()?,
+        polls: reqwest::Client::new(),
+        nchan_since,
+    });
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(1024);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
     // At most this many connections are being set up at once: a burst of
-    // thousands of connects would overflow the server's accept backlog.
-    let gate = Arc::new(tokio::sync::Semaphore::new(256));
-    for tally in tallies {
-        let (tally, hist, ready_all) = (tally.clone(), hist.clone(), ready_tx.clone());
+    // thousands of connects would overflow the server's accept backlog
+    // (see `--connect-concurrency`).
+    let gate = Arc::new(tokio::sync::Semaphore::new(target.connect_concurrency.max(1)));
+    for (i, tally) in tallies.iter().enumerate() {
         let permit = gate.clone().acquire_owned().await?;
         let (ready, mut signal) = mpsc::channel::<anyhow::Result<()>>(1);
+        let ready_all = ready_tx.clone();
         tokio::spawn(async move {
             // The first signal (subscribed, or failed) releases the gate.
             if let Some(r) = signal.recv().await {
@@ -47,18 +101,12 @@ pub(super) async fn subscribe_all(
                 let _ = ready_all.send(r).await;
             }
         });
-        let (server, mqtt_addr, channel, http) =
-            (target.server.clone(), target.mqtt.clone(), channel.to_owned(), http.clone());
+        let sub = Sub { channel: channel.to_owned(), tally: tally.clone(), rec: rec.clone(), ready };
+        let transport = transports[i % transports.len()];
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            let r = match transport {
-                Transport::Sse => sse(&http, &server, &channel, tally, hist, &ready).await,
-                Transport::Ws => ws(&server, &channel, tally, hist, &ready).await,
-                Transport::Longpoll => longpoll(&http, &server, &channel, tally, hist, &ready).await,
-                Transport::Mqtt0 => mqtt(&mqtt_addr, &channel, QoS::Level0, tally, hist, &ready).await,
-                Transport::Mqtt1 => mqtt(&mqtt_addr, &channel, QoS::Level1, tally, hist, &ready).await,
-            };
-            if let Err(e) = r {
-                let _ = ready.send(Err(e)).await;
+            if let Err(e) = run_one(transport, &ctx, &sub).await {
+                let _ = sub.ready.send(Err(e.context(format!("{transport:?}")))).await;
             }
         });
     }
@@ -74,68 +122,71 @@ pub(super) async fn subscribe_all(
     Ok(ok)
 }
 
-fn record(text: &str, tally: &Mutex<Tally>, hist: &Hist) {
-    if let Some((seq, t)) = parse_payload(text) {
-        tally.lock().unwrap_or_else(|e| e.into_inner()).record(seq, t, hist);
+async fn run_one(transport: Transport, ctx: &Ctx, sub: &Sub) -> anyhow::Result<()> {
+    let (peer, server, channel) = (ctx.peer, ctx.server.as_str(), sub.channel.as_str());
+    match (transport, peer) {
+        (Transport::Sse, _) => sse(&ctx.streams, &peer.sse_url(server, channel), sub).await,
+        (Transport::Ws, Peer::Herald) => ws_herald(&peer.ws_url(server, channel), sub).await,
+        (Transport::Ws, Peer::Nchan) => ws_nchan(&peer.ws_url(server, channel), sub).await,
+        (Transport::Longpoll, Peer::Herald) => {
+            longpoll_herald(&ctx.polls, &peer.longpoll_url(server, channel), sub).await
+        }
+        (Transport::Longpoll, Peer::Nchan) => {
+            longpoll_nchan(&ctx.polls, &peer.longpoll_url(server, channel), &ctx.nchan_since, sub).await
+        }
+        (Transport::Mqtt0, _) => mqtt(&ctx.mqtt, QoS::Level0, sub).await,
+        (Transport::Mqtt1, _) => mqtt(&ctx.mqtt, QoS::Level1, sub).await,
     }
 }
 
-async fn sse(
-    http: &reqwest::Client,
-    server: &str,
-    channel: &str,
-    tally: Arc<Mutex<Tally>>,
-    hist: Hist,
-    ready: &mpsc::Sender<anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let res = http.get(format!("{server}/api/channels/{channel}/events?since=now")).send().await?;
+/// Both servers send the response head once the subscription is in place.
+async fn sse(http: &reqwest::Client, url: &str, sub: &Sub) -> anyhow::Result<()> {
+    let res = http.get(url).header("accept", "text/event-stream").send().await?;
     if !res.status().is_success() {
         bail!("SSE: {}", res.status());
     }
-    ready.send(Ok(())).await?;
+    sub.ready().await?;
     let mut events = res.bytes_stream().eventsource();
     while let Some(Ok(e)) = events.next().await {
-        record(&e.data, &tally, &hist);
+        sub.record(&e.data);
     }
     Ok(())
 }
 
-async fn ws(
-    server: &str,
-    channel: &str,
-    tally: Arc<Mutex<Tally>>,
-    hist: Hist,
-    ready: &mpsc::Sender<anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let url = format!("{}/api/ws", server.replacen("http://", "ws://", 1));
+async fn ws_herald(url: &str, sub: &Sub) -> anyhow::Result<()> {
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
-    let sub = format!("{{\"type\":\"subscribe\",\"channel\":\"{channel}\",\"since\":\"now\"}}");
-    socket.send(tokio_tungstenite::tungstenite::Message::text(sub)).await?;
+    let subscribe = format!("{{\"type\":\"subscribe\",\"channel\":\"{}\",\"since\":\"now\"}}", sub.channel);
+    socket.send(tokio_tungstenite::tungstenite::Message::text(subscribe)).await?;
     let mut subscribed = false;
     while let Some(Ok(frame)) = socket.next().await {
         let Ok(text) = frame.to_text() else { continue };
         if !subscribed && text.contains("\"subscribed\"") {
             subscribed = true;
-            ready.send(Ok(())).await?;
+            sub.ready().await?;
         } else if text.starts_with("{\"type\":\"message\"") {
-            record(text, &tally, &hist);
+            sub.record(text);
         }
     }
     Ok(())
 }
 
-async fn longpoll(
-    http: &reqwest::Client,
-    server: &str,
-    channel: &str,
-    tally: Arc<Mutex<Tally>>,
-    hist: Hist,
-    ready: &mpsc::Sender<anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let base = format!("{server}/api/channels/{channel}/messages");
+/// Nchan subscribes the socket during the upgrade and sends each message as
+/// one text frame holding just the published body.
+async fn ws_nchan(url: &str, sub: &Sub) -> anyhow::Result<()> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+    sub.ready().await?;
+    while let Some(Ok(frame)) = socket.next().await {
+        if let Ok(text) = frame.to_text() {
+            sub.record(text);
+        }
+    }
+    Ok(())
+}
+
+async fn longpoll_herald(http: &reqwest::Client, base: &str, sub: &Sub) -> anyhow::Result<()> {
     let first: serde_json::Value = http.get(format!("{base}?since=now")).send().await?.json().await?;
     let mut next = first["next"].as_u64().context("next")?;
-    ready.send(Ok(())).await?;
+    sub.ready().await?;
     loop {
         let res = http.get(format!("{base}?since={next}&wait=30&limit=1000")).send().await?;
         if res.status() == 304 {
@@ -143,27 +194,60 @@ async fn longpoll(
         }
         let page: serde_json::Value = res.json().await?;
         for m in page["messages"].as_array().into_iter().flatten() {
-            record(&m["data"].to_string(), &tally, &hist);
+            sub.record(&m["data"].to_string());
         }
         next = page["next"].as_u64().unwrap_or(next);
     }
 }
 
-async fn mqtt(
-    addr: &str,
-    channel: &str,
-    qos: QoS,
-    tally: Arc<Mutex<Tally>>,
-    hist: Hist,
-    ready: &mpsc::Sender<anyhow::Result<()>>,
-) -> anyhow::Result<()> {
+/// Nchan's long poll answers one message per request. Its cursor is the
+/// message's time (Last-Modified, in seconds) and its tag within that second
+/// (Etag), sent back as If-Modified-Since and If-None-Match.
+async fn longpoll_nchan(http: &reqwest::Client, url: &str, since: &str, sub: &Sub) -> anyhow::Result<()> {
+    let (mut since, mut tag) = (since.to_owned(), "0".to_string());
+    let mut ready = false;
+    loop {
+        let res = http.get(url).header("if-modified-since", &since).header("if-none-match", &tag).send().await?;
+        match res.status().as_u16() {
+            200 => {
+                let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                since = header("last-modified").context("Nchan answer without Last-Modified")?;
+                tag = header("etag").context("Nchan answer without Etag")?;
+                sub.record(&res.text().await?);
+                if !ready {
+                    ready = true;
+                    sub.ready().await?;
+                }
+            }
+            // Nothing new before nchan_subscriber_timeout: ask again.
+            304 | 408 => {}
+            s => bail!("Nchan long poll: {s}"),
+        }
+    }
+}
+
+/// Publishes one message that is not a bench payload before Nchan long
+/// pollers subscribe (their first answer). Nchan 1.3.6 aborts (spool.c:479, `spool->msg_status ==
+/// MSG_INVALID`; nchan issues #534, #720) when many long polls ask for a
+/// message after a cursor on a channel that has none; with the primer there
+/// is always one.
+async fn prime_nchan(target: &Target, channel: &str) -> anyhow::Result<()> {
+    let res =
+        reqwest::Client::new().post(Peer::Nchan.publish_url(&target.server, channel)).body("primer").send().await?;
+    if !res.status().is_success() {
+        bail!("priming the Nchan channel: {}", res.status());
+    }
+    Ok(())
+}
+
+async fn mqtt(addr: &str, qos: QoS, sub: &Sub) -> anyhow::Result<()> {
     let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let connect = v3::Packet::Connect(v3::Connect::new(client_id("bench").into(), 0));
     tcp.write_all(connect.encode()?.as_ref()).await?;
-    let filter = TopicFilter::try_from(channel).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let sub = v3::Packet::Subscribe(v3::Subscribe::new(Pid::try_from(1)?, vec![(filter, qos)]));
-    tcp.write_all(sub.encode()?.as_ref()).await?;
+    let filter = TopicFilter::try_from(sub.channel.as_str()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let subscribe = v3::Packet::Subscribe(v3::Subscribe::new(Pid::try_from(1)?, vec![(filter, qos)]));
+    tcp.write_all(subscribe.encode()?.as_ref()).await?;
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut subscribed = false;
@@ -174,17 +258,16 @@ async fn mqtt(
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut acks = Vec::new();
-        loop {
-            let Some(len) = whole_packet(&buf) else { break };
+        while let Some(len) = whole_packet(&buf) {
             let packet = v3::Packet::decode(&buf[..len]).ok().flatten();
             buf.drain(..len);
             match packet {
                 Some(v3::Packet::Suback(_)) if !subscribed => {
                     subscribed = true;
-                    ready.send(Ok(())).await?;
+                    sub.ready().await?;
                 }
                 Some(v3::Packet::Publish(p)) => {
-                    record(&String::from_utf8_lossy(&p.payload), &tally, &hist);
+                    sub.record(&String::from_utf8_lossy(&p.payload));
                     if let QosPid::Level1(pid) = p.qos_pid {
                         acks.extend_from_slice(v3::Packet::Puback(pid).encode()?.as_ref());
                     }
@@ -219,28 +302,35 @@ fn whole_packet(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// How the messages of a run are published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Via {
+    /// HTTP POST to the server's publish route (Herald's or Nchan's).
+    Http,
+    /// MQTT QoS 1, waiting for each PUBACK: works against any MQTT broker.
+    Mqtt,
+}
+
 /// Publishes `messages` payloads one after another (so sequence order is id
-/// order), in a burst or at `rate` per second: over HTTP, or over MQTT QoS 1
-/// (waiting for each PUBACK) when `via_mqtt`, which also works against any
-/// MQTT broker for side-by-side runs.
+/// order), in a burst or at `rate` per second.
 pub(super) async fn publish(
     target: &Target,
     channel: &str,
     messages: usize,
     rate: u32,
-    via_mqtt: bool,
+    via: Via,
 ) -> anyhow::Result<()> {
-    if via_mqtt {
+    if via == Via::Mqtt {
         return publish_mqtt(&target.mqtt, channel, messages, rate).await;
     }
     let http = reqwest::Client::new();
-    let url = format!("{}/api/channels/{channel}", target.server);
+    let url = target.peer.publish_url(&target.server, channel);
     let start = Instant::now();
     for seq in 0..messages {
         if rate > 0 {
             tokio::time::sleep_until((start + Duration::from_secs_f64(seq as f64 / f64::from(rate))).into()).await;
         }
-        let res = http.post(&url).header("content-type", "application/json").body(super::payload(seq)).send().await?;
+        let res = http.post(&url).header("content-type", "application/json").body(payload(seq)).send().await?;
         if !res.status().is_success() {
             bail!("publish {seq}: {}", res.status());
         }
@@ -262,7 +352,7 @@ async fn publish_mqtt(addr: &str, channel: &str, messages: usize, rate: u32) -> 
             tokio::time::sleep_until((start + Duration::from_secs_f64(seq as f64 / f64::from(rate))).into()).await;
         }
         let pid = Pid::try_from((seq % 65_535 + 1) as u16)?;
-        let p = v3::Packet::Publish(v3::Publish::new(QosPid::Level1(pid), topic.clone(), super::payload(seq).into()));
+        let p = v3::Packet::Publish(v3::Publish::new(QosPid::Level1(pid), topic.clone(), payload(seq).into()));
         tcp.write_all(p.encode()?.as_ref()).await?;
         // Wait for this publish's PUBACK (the CONNACK comes first).
         'acked: loop {
