@@ -149,10 +149,16 @@ async fn channel_get(
     }
     let channel = Channel::parse(channel)?;
     let principal = state.auth.authenticate(&headers, &query)?;
+    // Each branch boxed: this future is what a long poll holds while it waits,
+    // and inline it would be as big as the biggest branch. The headers are
+    // freed before a long poll starts waiting.
     match resource {
-        "messages" => poll::messages(state, principal, channel, &query).await,
-        "events" => sse::single_channel(state, principal, channel, &headers, &query).await,
-        _ => iframe::stream(state, principal, channel, &query).await,
+        "messages" => {
+            drop(headers);
+            Box::pin(poll::messages(state, principal, channel, &query)).await
+        }
+        "events" => Box::pin(sse::single_channel(state, principal, channel, &headers, &query)).await,
+        _ => Box::pin(iframe::stream(state, principal, channel, &query)).await,
     }
 }
 

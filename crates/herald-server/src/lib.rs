@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+mod front;
 mod health;
 mod iframe;
 pub mod inbox;

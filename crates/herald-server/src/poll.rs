@@ -37,10 +37,12 @@ pub(crate) async fn messages(
 
     let _connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
     let targets = vec![Target::Channel(channel.clone())];
-    let mut sub = state.subscribe(principal, targets, since, &CursorToken::default(), waiting).await?;
+    // The set-up and read futures are boxed: they are big and short-lived, and
+    // inline they would size the future a long poll holds while it waits.
+    let mut sub = Box::pin(state.subscribe(principal, targets, since, &CursorToken::default(), waiting)).await?;
     let mut answer = Answer::default();
     while answer.messages.len() < limit {
-        match sub.next_ready().await? {
+        match Box::pin(sub.next_ready()).await? {
             Some(d) => answer.push(d),
             None => break,
         }
@@ -63,7 +65,7 @@ pub(crate) async fn messages(
     if let Some(owner) = channel.inbox_owner() {
         // The count as of now: a message can reach this poll before the count
         // it raises has been pushed to watchers.
-        answer.unread = Some(state.inbox.count(owner).await?);
+        answer.unread = Some(Box::pin(state.inbox.count(owner)).await?);
     }
     state.stats.delivered(answer.messages.len() as u64);
     let next = sub.cursors().get(&channel).copied().unwrap_or(0);

@@ -68,7 +68,7 @@ impl Server {
         let inbox = Inbox::new(store.clone(), inbox_store);
         inbox.spawn_listener(&hub, shutdown.clone());
         let addr = config.server.http;
-        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let state = Arc::new(AppState {
             config,
             store,
@@ -89,7 +89,7 @@ impl Server {
                 if state.auth.is_open() && !parsed.ip().is_loopback() && !state.config.auth.allow_open {
                     return Err(ServerError::OpenOnNetwork(parsed));
                 }
-                Some(TcpListener::bind(parsed).await.map_err(|source| ServerError::Bind { addr: parsed, source })?)
+                Some(listen(parsed).map_err(|source| ServerError::Bind { addr: parsed, source })?)
             }
         };
         Ok(Server { state, listener, mqtt })
@@ -123,21 +123,27 @@ impl Server {
         let shutdown = state.shutdown.clone();
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);
-        // `into_make_service`: serving a `Router` directly deep-clones its route
-        // table for every connection (about 20 KB held for the connection's
-        // life, measured with heaptrack); the make-service shares it.
-        let serve = axum::serve(listener, app(state.clone()).into_make_service())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let overdue = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::select! {
-            r = serve => r?,
-            _ = overdue => tracing::warn!(?grace, "requests still open after the grace period; closing anyway"),
+        let tracker = tokio_util::task::TaskTracker::new();
+        let front = crate::front::serve(listener, app(state.clone()), shutdown.clone(), tracker.clone());
+        front.await;
+        // Shutdown: streams end by themselves (they listen to the token);
+        // requests in flight get the grace period to finish.
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(?grace, "requests still open after the grace period; closing anyway");
         }
         state.store.close().await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// A listener with a deep accept backlog: thousands of clients reconnecting at
+/// once (after a restart, or a load test) would overflow the default of 128
+/// and wait a second per dropped SYN. The kernel caps it at `somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }

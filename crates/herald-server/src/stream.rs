@@ -96,17 +96,26 @@ impl<E: Encoder> Streamer<E> {
         if self.closed {
             return None;
         }
-        let expired = sleep_until(self.expires);
+        // Checked first, so a busy stream cannot outlive its token or its end.
+        let now = Instant::now();
+        if self.expires.is_some_and(|at| at <= now) {
+            self.closed = true;
+            return Some(self.encoder.close("token_expired", "the token expired; reconnect with a new one"));
+        }
+        if self.end_at.is_some_and(|at| at <= now) {
+            return None;
+        }
+        // One timer for the nearest of heartbeat, end of life and token expiry
+        // (which one is decided when it fires): a waiting stream is mostly
+        // this future, and each timer is a hundred bytes more of it.
+        let wake = [self.expires, self.end_at].into_iter().flatten().fold(now + self.heartbeat, Instant::min);
         let next = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return None,
-            _ = expired => {
-                self.closed = true;
-                return Some(self.encoder.close("token_expired", "the token expired; reconnect with a new one"));
-            }
-            _ = sleep_until(self.end_at) => return None,
             d = self.sub.next() => d,
-            _ = tokio::time::sleep(self.heartbeat) => return Some(self.encoder.heartbeat()),
+            // The heartbeat, or the end or expiry checked above on the next call
+            // (a heartbeat there first does no harm).
+            _ = tokio::time::sleep_until(wake) => return Some(self.encoder.heartbeat()),
         };
         let first = match next {
             Ok(d) => d,

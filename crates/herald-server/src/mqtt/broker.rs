@@ -91,7 +91,7 @@ pub struct Broker {
 /// What a connection gets when it claims its client id.
 pub(crate) enum Claim {
     /// A parked session, ready to resume.
-    Parked(Session),
+    Parked(Box<Session>),
     /// A live connection holds the id: ask it to hand over.
     Live(mpsc::Sender<Kick>),
     None,
@@ -110,7 +110,7 @@ impl Broker {
         let slot = slots.entry(client_id.to_owned()).or_default();
         let previous = slot.live.replace(Live { conn, kick });
         match (slot.parked.take(), previous) {
-            (Some(s), _) => Claim::Parked(s),
+            (Some(s), _) => Claim::Parked(Box::new(s)),
             (None, Some(live)) => Claim::Live(live.kick),
             (None, None) => Claim::None,
         }

@@ -195,7 +195,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let conn_id = broker.next_id();
         let (kick_tx, kick) = mpsc::channel(1);
         let previous = match broker.claim(&client_id, conn_id, kick_tx) {
-            Claim::Parked(s) => Some(s),
+            Claim::Parked(s) => Some(*s),
             Claim::Live(other) => {
                 let (tx, rx) = oneshot::channel();
                 let _ = other.send(tx).await;
