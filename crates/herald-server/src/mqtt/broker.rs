@@ -26,7 +26,8 @@ use crate::{
 };
 
 /// A message on a non-channel topic, a retained one, or one a shared
-/// subscription hands to this session.
+/// subscription hands to this session. Sent boxed: a channel allocates room
+/// for 32 items up front, per session.
 #[derive(Debug, Clone)]
 pub(crate) struct Routed {
     pub(crate) topic: Arc<str>,
@@ -40,7 +41,7 @@ pub(crate) struct Routed {
 /// One session's membership of a shared subscription.
 pub(crate) struct Member {
     pub(crate) session: u64,
-    pub(crate) tx: mpsc::Sender<Routed>,
+    pub(crate) tx: mpsc::Sender<Box<Routed>>,
     pub(crate) qos: u8,
     pub(crate) sub_id: Option<u32>,
     pub(crate) principal: Arc<Principal>,
@@ -58,7 +59,7 @@ struct SharedGroup {
 struct Route {
     session: u64,
     filter: String,
-    tx: mpsc::Sender<Routed>,
+    tx: mpsc::Sender<Box<Routed>>,
 }
 
 /// A request from a new connection to the live one holding its client id:
@@ -67,7 +68,8 @@ pub(crate) type Kick = oneshot::Sender<Option<Session>>;
 
 struct Live {
     conn: u64,
-    kick: mpsc::Sender<Kick>,
+    /// A oneshot: a connection is taken over at most once.
+    kick: oneshot::Sender<Kick>,
 }
 
 #[derive(Default)]
@@ -93,7 +95,7 @@ pub(crate) enum Claim {
     /// A parked session, ready to resume.
     Parked(Box<Session>),
     /// A live connection holds the id: ask it to hand over.
-    Live(mpsc::Sender<Kick>),
+    Live(oneshot::Sender<Kick>),
     None,
 }
 
@@ -104,7 +106,7 @@ impl Broker {
 
     /// Registers `conn` as the live connection of `client_id` and returns what
     /// held the id before. Cancels a pending will of that client.
-    pub(crate) fn claim(&self, client_id: &str, conn: u64, kick: mpsc::Sender<Kick>) -> Claim {
+    pub(crate) fn claim(&self, client_id: &str, conn: u64, kick: oneshot::Sender<Kick>) -> Claim {
         self.wills.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots.entry(client_id.to_owned()).or_default();
@@ -159,7 +161,7 @@ impl Broker {
         }
     }
 
-    pub(crate) fn add_route(&self, session: u64, filter: &str, tx: mpsc::Sender<Routed>) {
+    pub(crate) fn add_route(&self, session: u64, filter: &str, tx: mpsc::Sender<Box<Routed>>) {
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         if !routes.iter().any(|r| r.session == session && r.filter == filter) {
             routes.push(Route { session, filter: filter.to_owned(), tx });
@@ -263,7 +265,7 @@ impl Broker {
             }
             let mut routed = msg.clone();
             routed.shared = Some((m.qos, m.sub_id));
-            if m.tx.try_send(routed).is_ok() {
+            if m.tx.try_send(Box::new(routed)).is_ok() {
                 g.next = idx + 1;
                 return;
             }
@@ -287,7 +289,7 @@ impl Broker {
             if !sent.contains(&r.session) && topic::matches(&r.filter, &msg.topic) {
                 sent.push(r.session);
                 // A full queue drops the message for that session only.
-                let _ = r.tx.try_send(msg.clone());
+                let _ = r.tx.try_send(Box::new(msg.clone()));
             }
         }
     }

@@ -23,7 +23,7 @@ use mqtt_proto::{
     },
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter},
+    io::{AsyncRead, AsyncWrite},
     sync::{mpsc, oneshot},
     time::Instant,
 };
@@ -31,6 +31,7 @@ use tokio::{
 use super::{
     broker::{Claim, Kick, Routed},
     codec::{self, ReadError, Version},
+    outbox::Outbox,
     session::{Outgoing, Session, SubOpts},
 };
 use herald_store::now_ms;
@@ -66,8 +67,7 @@ where
     let _connection = state.stats.connect(Transport::Mqtt);
     let max_in = state.config.limits.max_payload + PACKET_OVERHEAD;
     let (mut rd, wr) = tokio::io::split(stream);
-    // Small: most writes are a few packets; a burst just flushes more often.
-    let mut wr = BufWriter::with_capacity(2048, wr);
+    let mut wr = Outbox::new(wr);
     let first = match tokio::time::timeout(Duration::from_secs(10), codec::read_packet(&mut rd, max_in)).await {
         Ok(Ok(p)) => p,
         _ => return,
@@ -89,7 +89,9 @@ where
         Ok(v5::Packet::Connect(c)) if codec::supported(c.protocol) => c,
         _ => return,
     };
-    let Some(mut conn) = Connection::open(state, version, connect, wr).await else { return };
+    // Boxed, as are `handle` and `finish`: big futures that live only for a
+    // moment would otherwise size the task every idle connection keeps.
+    let Some(mut conn) = Box::pin(Connection::open(state, version, connect, wr)).await else { return };
 
     // The reader frames packets; it counts unacknowledged inbound QoS 1/2
     // publishes so a client exceeding our receive maximum is caught.
@@ -128,7 +130,7 @@ where
     });
     let end = conn.run(rx).await;
     let closing = matches!(end, End::Close(_));
-    conn.finish(end).await;
+    Box::pin(conn.finish(end)).await;
     if closing {
         let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
     } else {
@@ -139,7 +141,7 @@ where
 struct Connection<W> {
     state: SharedState,
     version: Version,
-    wr: BufWriter<W>,
+    wr: Outbox<W>,
     session: Option<Session>,
     client_id: String,
     conn_id: u64,
@@ -155,11 +157,13 @@ struct Connection<W> {
     out_aliases: HashMap<Arc<str>, u16>,
     out_alias_max: u16,
     unacked: Arc<AtomicUsize>,
-    kick: mpsc::Receiver<Kick>,
+    kick: oneshot::Receiver<Kick>,
+    /// The kick has come (or can no longer come): `kick` must not be polled again.
+    kicked: bool,
 }
 
 impl<W: AsyncWrite + Unpin + Send> Connection<W> {
-    async fn open(state: SharedState, version: Version, c: v5::Connect, mut wr: BufWriter<W>) -> Option<Self> {
+    async fn open(state: SharedState, version: Version, c: v5::Connect, mut wr: Outbox<W>) -> Option<Self> {
         // Refusals are answered with a CONNACK and nothing else.
         macro_rules! refuse {
             ($code:expr) => {{
@@ -193,12 +197,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             c.client_id.to_string()
         };
         let conn_id = broker.next_id();
-        let (kick_tx, kick) = mpsc::channel(1);
+        let (kick_tx, kick) = oneshot::channel();
         let previous = match broker.claim(&client_id, conn_id, kick_tx) {
             Claim::Parked(s) => Some(*s),
             Claim::Live(other) => {
                 let (tx, rx) = oneshot::channel();
-                let _ = other.send(tx).await;
+                let _ = other.send(tx);
                 tokio::time::timeout(Duration::from_secs(5), rx).await.ok().and_then(Result::ok).flatten()
             }
             Claim::None => None,
@@ -282,6 +286,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             out_alias_max: if version == Version::V5 { c.properties.topic_alias_max.unwrap_or(0) } else { 0 },
             unacked: Arc::new(AtomicUsize::new(0)),
             kick,
+            kicked: false,
         };
         conn.send(&connack).await.ok()?;
         // A resumed session first repeats what was in flight.
@@ -344,8 +349,9 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
-                kick = self.kick.recv() => {
-                    if let Some(reply) = kick {
+                kick = &mut self.kick, if !self.kicked => {
+                    self.kicked = true;
+                    if let Ok(reply) = kick {
                         let _ = self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await;
                         let _ = self.wr.flush().await;
                         let _ = reply.send(self.session.take());
@@ -357,7 +363,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     match p {
                         None => return End::Lost,
                         Some(Inbound::Failed(code)) => return End::Close(code),
-                        Some(Inbound::Packet(p)) => if let Some(end) = self.handle(*p).await { return end },
+                        Some(Inbound::Packet(p)) => if let Some(end) = Box::pin(self.handle(*p)).await { return end },
                     }
                 }
                 _ = sleep_until(deadline) => {

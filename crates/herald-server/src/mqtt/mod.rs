@@ -8,6 +8,7 @@
 mod broker;
 mod codec;
 mod connection;
+mod outbox;
 mod session;
 mod topic;
 

@@ -44,8 +44,8 @@ pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) subs: BTreeMap<String, SubOpts>,
     pub(crate) herald: Subscription,
-    pub(crate) routed: mpsc::Receiver<Routed>,
-    pub(crate) routed_tx: mpsc::Sender<Routed>,
+    pub(crate) routed: mpsc::Receiver<Box<Routed>>,
+    pub(crate) routed_tx: mpsc::Sender<Box<Routed>>,
     /// Sent, not yet acknowledged, by packet id.
     pub(crate) inflight: BTreeMap<u16, Outgoing>,
     /// Ready to send when the in-flight window allows.

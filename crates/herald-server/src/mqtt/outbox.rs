@@ -1,0 +1,73 @@
+//! The write side of an MQTT connection: packets are gathered and written
+//! together on `flush`, so a burst is one write, and nothing is held between
+//! bursts (a `BufWriter` keeps its whole buffer for the connection's life,
+//! which for thousands of idle devices is most of their memory).
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Gathered bytes are written out early past this size.
+const HIGH_WATER: usize = 16 * 1024;
+/// A buffer this big is kept for the next burst; a bigger one is freed.
+const KEEP: usize = 512;
+
+pub(crate) struct Outbox<W> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> Outbox<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Outbox { inner, buf: Vec::new() }
+    }
+
+    /// Queues `bytes`; writes what is gathered once it is large.
+    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= HIGH_WATER {
+            self.write_out().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything gathered.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        self.write_out().await?;
+        self.inner.flush().await
+    }
+
+    pub(crate) async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.flush().await?;
+        self.inner.shutdown().await
+    }
+
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf).await?;
+        }
+        if self.buf.capacity() > KEEP {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn gathers_until_flushed_and_keeps_nothing_big() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut out = Outbox::new(client);
+        out.write_all(b"one").await.unwrap();
+        out.write_all(&[b'x'; 2000]).await.unwrap();
+        out.flush().await.unwrap();
+        assert_eq!(out.buf.capacity(), 0, "a burst's buffer is freed");
+        let mut got = vec![0u8; 2003];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut got).await.unwrap();
+        assert_eq!(&got[..3], b"one");
+        assert!(got[3..].iter().all(|b| *b == b'x'));
+    }
+}
