@@ -58,7 +58,7 @@ async fn bridge(state: SharedState, socket: WebSocket) {
     let (mqtt_side, mut our_side) = tokio::io::duplex(64 * 1024);
     tokio::spawn(connection::serve(state, mqtt_side));
     let (mut sink, mut stream) = socket.split();
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 4 * 1024];
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
