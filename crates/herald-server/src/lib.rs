@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod auth;
+mod coalesce;
 pub mod config;
 pub mod error;
 mod front;

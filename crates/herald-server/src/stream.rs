@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::SharedState,
+    coalesce::Coalescer,
     stats::{ConnectionGuard, Transport},
     subscription::{Delivery, Subscription},
 };
@@ -53,6 +54,7 @@ struct Streamer<E> {
     end_at: Option<Instant>,
     expires: Option<Instant>,
     closed: bool,
+    coalesce: Coalescer,
     sub: Subscription,
     shutdown: CancellationToken,
     state: SharedState,
@@ -67,6 +69,7 @@ pub(crate) fn respond<E: Encoder>(state: SharedState, sub: Subscription, encoder
         end_at: settings.lifetime.map(|d| Instant::now() + d),
         expires: settings.expires_at.map(instant_of),
         closed: false,
+        coalesce: Coalescer::default(),
         sub,
         shutdown: state.shutdown.clone(),
         _connection: state.stats.connect(settings.transport),
@@ -124,6 +127,8 @@ impl<E: Encoder> Streamer<E> {
                 return None;
             }
         };
+        // A busy stream gathers what comes within the window into one write.
+        self.coalesce.ready().await;
         let mut buf = BytesMut::new();
         let mut count = 0;
         let mut item = Some(first);
@@ -133,6 +138,7 @@ impl<E: Encoder> Streamer<E> {
             item = if buf.len() < CHUNK { self.sub.try_next() } else { None };
         }
         self.state.stats.delivered(count);
+        self.coalesce.wrote();
         Some(buf.freeze())
     }
 }

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use crate::{
     app::SharedState,
     auth::forbidden,
+    coalesce::Coalescer,
     error::ApiError,
     publish,
     query::Query,
@@ -96,6 +97,7 @@ struct Session {
     subscriptions: usize,
     bad_frames: u32,
     bad_window: Instant,
+    coalesce: Coalescer,
 }
 
 async fn session(state: SharedState, principal: Arc<Principal>, socket: WebSocket) {
@@ -108,7 +110,16 @@ async fn session(state: SharedState, principal: Arc<Principal>, socket: WebSocke
             return;
         }
     };
-    let mut s = Session { state, principal, socket, sub, subscriptions: 0, bad_frames: 0, bad_window: Instant::now() };
+    let mut s = Session {
+        state,
+        principal,
+        socket,
+        sub,
+        subscriptions: 0,
+        bad_frames: 0,
+        bad_window: Instant::now(),
+        coalesce: Coalescer::default(),
+    };
     let end = s.run().await;
     match end {
         End::Close(code, reason) => {
@@ -172,6 +183,8 @@ impl Session {
 
     /// Writes a delivery and whatever else is already queued, then flushes once.
     async fn deliver(&mut self, first: Delivery) -> Result<(), axum::Error> {
+        // A busy connection gathers what comes within the window into one write.
+        self.coalesce.ready().await;
         let mut count = 0;
         let mut item = Some(first);
         while let Some(d) = item {
@@ -192,6 +205,7 @@ impl Session {
             item = if count < 256 { self.sub.try_next() } else { None };
         }
         self.state.stats.delivered(count);
+        self.coalesce.wrote();
         self.socket.flush().await
     }
 

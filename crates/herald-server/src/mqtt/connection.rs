@@ -36,7 +36,7 @@ use super::{
 };
 use herald_store::now_ms;
 
-use crate::{app::SharedState, stats::Transport, stream::sleep_until, subscription::Delivery};
+use crate::{app::SharedState, coalesce::Coalescer, stats::Transport, stream::sleep_until, subscription::Delivery};
 
 /// Bytes a packet may have beyond the payload limit (topic, properties).
 const PACKET_OVERHEAD: usize = 16 * 1024;
@@ -160,6 +160,7 @@ struct Connection<W> {
     kick: oneshot::Receiver<Kick>,
     /// The kick has come (or can no longer come): `kick` must not be polled again.
     kicked: bool,
+    coalesce: Coalescer,
 }
 
 impl<W: AsyncWrite + Unpin + Send> Connection<W> {
@@ -287,6 +288,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             unacked: Arc::new(AtomicUsize::new(0)),
             kick,
             kicked: false,
+            coalesce: Coalescer::default(),
         };
         conn.send(&connack).await.ok()?;
         // A resumed session first repeats what was in flight.
@@ -371,6 +373,9 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
                 d = session.herald.next(), if open => match d {
                     Ok(Delivery::Message(m)) => {
+                        // A busy connection gathers what comes within the window into one write.
+                        self.coalesce.ready().await;
+                        self.coalesce.wrote();
                         let window = self.window;
                         let s = self.session();
                         if let Some(o) = s.message_outgoing(&m, now_ms()) { s.queue.push_back(o) }
