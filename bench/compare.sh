@@ -16,7 +16,8 @@
 #                             Herald with MIX connections over MIX_PROCS client
 #                             processes (one process may hold 20,000 files)
 #   MIX_CONNECT=32            connects in flight per mix process: all of them
-#                             together stay below Herald's accept backlog (128)
+#                             together stay well below an accept backlog (Herald
+#                             asks for 4096; Mosquitto's is 100)
 #   TIMEOUT=180               seconds a fan-out run waits for its deliveries
 #   BUILD=1                   0 skips `cargo build --release -p herald`
 # Smoke test (a minute or two):
