@@ -127,12 +127,15 @@ impl Subscription {
             sub.add(target.clone());
         }
         let head = match &target {
-            Target::Channel(ch) => Some(self.store.read(ch.clone(), 0, 0).await?.window.head),
+            Target::Channel(ch) => Some(self.head(ch).await?),
             Target::Filter(_) => None,
         };
         let scheduled = self.start(target, since, &CursorToken::default()).await?;
         let mut gap = false;
         for (ch, from) in scheduled {
+            if self.store.cached_head(&ch) == Some(from) {
+                continue; // at the head: no gap
+            }
             let window = self.store.read(ch.clone(), 0, 0).await?.window;
             gap |= cursor::plan(&ch, from, window).gap.is_some();
         }
@@ -195,7 +198,7 @@ impl Subscription {
                 // Resolve `now` at once, after registering: anything published
                 // from here on is after this head.
                 let head = match start {
-                    Since::Now => self.store.read(ch.clone(), 0, 0).await?.window.head,
+                    Since::Now => self.head(&ch).await?,
                     Since::After(_) => 0,
                 };
                 scheduled.extend(self.start_channel(ch.clone(), start, head).map(|from| (ch, from)));
@@ -239,6 +242,14 @@ impl Subscription {
                 self.backlog.push_back(Backlog::Read { channel, after: from });
                 Some(from)
             }
+        }
+    }
+
+    /// The channel's head: from the store's cache when it knows, else read.
+    async fn head(&self, channel: &Channel) -> Result<u64, StoreError> {
+        match self.store.cached_head(channel) {
+            Some(head) => Ok(head),
+            None => Ok(self.store.read(channel.clone(), 0, 0).await?.window.head),
         }
     }
 
@@ -351,6 +362,11 @@ impl Subscription {
 
     async fn process(&mut self, item: Backlog) -> Result<(), StoreError> {
         match item {
+            Backlog::Read { channel, after } if self.store.cached_head(&channel) == Some(after) => {
+                // At the head (a long poll or a reconnect that missed nothing,
+                // most of them): nothing to read, and what comes next arrives live.
+                self.backlog.pop_front();
+            }
             Backlog::Read { channel, after } => {
                 let mut page = self.store.read(channel.clone(), after, self.page).await?;
                 let plan = cursor::plan(&channel, after, page.window);

@@ -9,6 +9,7 @@
 //! [`SqliteStore`] (the embedded default). A Redis store will implement the same
 //! trait; its fan-out across nodes then feeds each node's sink.
 
+mod heads;
 mod memory;
 mod sqlite;
 
@@ -77,6 +78,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` retained messages of `channel` with ids greater than `after`.
     fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>>;
+
+    /// The channel's head as this process last committed or read it, when
+    /// known without a read; `None`: read to find out. It only moves forward,
+    /// and it moves before the sink hears of a commit, so a subscriber that
+    /// registered with the hub and then finds its cursor here has nothing to
+    /// replay: everything later reaches it live.
+    fn cached_head(&self, _channel: &Channel) -> Option<u64> {
+        None
+    }
 
     /// Every channel ever published to that `filter` matches, with its head id.
     fn channels(&self, filter: Filter) -> BoxFuture<'_, Result<Vec<(Channel, u64)>, StoreError>>;

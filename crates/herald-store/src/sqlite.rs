@@ -20,7 +20,7 @@ use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, NewMessag
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use crate::{BoxFuture, InboxStore, Page, Store, StoreConfig, StoreError, monotonic};
+use crate::{BoxFuture, InboxStore, Page, Store, StoreConfig, StoreError, heads::HeadCache, monotonic};
 
 /// How hard a commit insists on reaching the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +67,7 @@ pub struct SqliteStore {
     /// messages; they use their own connection, and SQLite serialises them
     /// with the message writer.
     inbox_writer: Arc<Mutex<Connection>>,
+    cached_heads: Arc<HeadCache>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -120,7 +121,15 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(backend)?;
         let inbox_writer = Arc::new(Mutex::new(open(&path, options.sync).map_err(backend)?));
         let (tx, rx) = mpsc::channel();
-        let writer = Writer { conn, config: config.clone(), heads: HashMap::new(), last_time: 0, options };
+        let cached_heads = Arc::new(HeadCache::default());
+        let writer = Writer {
+            conn,
+            config: config.clone(),
+            heads: HashMap::new(),
+            cached_heads: cached_heads.clone(),
+            last_time: 0,
+            options,
+        };
         let handle = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(rx))
@@ -132,6 +141,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(handle)),
             readers: Arc::new(Mutex::new(Vec::new())),
             inbox_writer,
+            cached_heads,
         })
     }
 
@@ -191,6 +201,7 @@ impl Store for SqliteStore {
     fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>> {
         let retention = self.config.retention.for_channel(&channel);
         let cutoff = retention.cutoff((self.config.clock)());
+        let cached_heads = self.cached_heads.clone();
         Box::pin(self.with_reader(move |conn| {
             let Some((cid, head)) = conn
                 .prepare_cached("SELECT cid, head FROM channels WHERE name = ?1")?
@@ -222,8 +233,13 @@ impl Store for SqliteStore {
                 )))
             })?;
             let messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            cached_heads.advance(&channel, head);
             Ok(Page { messages, window: Window { first, head } })
         }))
+    }
+
+    fn cached_head(&self, channel: &Channel) -> Option<u64> {
+        self.cached_heads.get(channel)
     }
 
     fn channels(&self, filter: Filter) -> BoxFuture<'_, Result<Vec<(Channel, u64)>, StoreError>> {
@@ -268,6 +284,8 @@ struct Writer {
     /// Channel name to (cid, head), loaded on first use. Cleared when a
     /// transaction fails, since its increments were rolled back.
     heads: HashMap<Channel, (i64, u64)>,
+    /// What readers may know without reading: advanced before the sink.
+    cached_heads: Arc<HeadCache>,
     last_time: i64,
 }
 
@@ -315,6 +333,7 @@ impl Writer {
         match self.write(batches, now) {
             Ok(committed) => {
                 let all: Vec<Arc<Message>> = committed.iter().flatten().cloned().collect();
+                self.cached_heads.committed(&all);
                 self.config.sink.committed(&all);
                 for (reply, msgs) in replies.into_iter().zip(committed) {
                     let _ = reply.send(Ok(msgs));

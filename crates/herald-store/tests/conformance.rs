@@ -77,6 +77,7 @@ conformance!(
     payload_kind_and_event_survive,
     group_membership,
     read_state_round_trips,
+    cached_head_is_the_head_when_known,
 );
 
 async fn group_membership(make: fn(RetentionRules) -> Fixture) {
@@ -113,6 +114,40 @@ async fn ids_are_per_channel_and_sequential(make: fn(RetentionRules) -> Fixture)
     let got = f.store.append(vec![new("a", "3")]).await.unwrap();
     assert_eq!(ids(&got), [3]);
     assert_eq!(*f.sink.0.lock().unwrap(), [("a".into(), 1), ("b".into(), 1), ("a".into(), 2), ("a".into(), 3)]);
+}
+
+/// Readers skip the store when their cursor equals the cached head, so a
+/// cached head must never be ahead of or behind the committed one.
+async fn cached_head_is_the_head_when_known(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    assert_eq!(f.store.cached_head(&ch("a")), None, "nothing known of a channel never seen");
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = f.store.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    let got = store.append(vec![new("a", &i.to_string())]).await.unwrap();
+                    // Committed, so known at least this far; and never past the
+                    // head a read started afterwards sees.
+                    let cached = store.cached_head(&ch("a"));
+                    let head = store.read(ch("a"), 0, 0).await.unwrap().window.head;
+                    if let Some(cached) = cached {
+                        assert!(
+                            cached >= got[0].id && cached <= head,
+                            "cached {cached}, own id {}, head {head}",
+                            got[0].id
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let head = f.store.read(ch("a"), 0, 0).await.unwrap().window.head;
+    assert_eq!(head, 160);
+    assert!(matches!(f.store.cached_head(&ch("a")), None | Some(160)));
 }
 
 async fn read_pages_after_a_cursor(make: fn(RetentionRules) -> Fixture) {
