@@ -107,6 +107,13 @@ CREATE TABLE IF NOT EXISTS read_state (
 fn open(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // 1 KiB pages for a new database (an existing one keeps its own): messages
+    // are appended at one end of each channel's range, so a group commit over
+    // many channels dirties one page per channel, and every dirty page goes to
+    // the WAL whole. Measured with 64 publishers on 64 channels: 4 KiB pages
+    // wrote 4x the bytes for 75% of the throughput. Large payloads spill into
+    // overflow pages; reads of long histories touch more (cached) pages.
+    conn.pragma_update(None, "page_size", 1024)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", if sync == SyncMode::Full { "FULL" } else { "NORMAL" })?;
     Ok(conn)
@@ -119,6 +126,11 @@ impl SqliteStore {
         let path = options.dir.join("herald.db");
         let conn = open(&path, options.sync).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        // Checkpoint every 10,000 pages (10 MiB of WAL) instead of 1,000: a page
+        // rewritten by many commits is copied back once per checkpoint, and the
+        // commit that triggers one waits for it (measured: ~25% more publishes
+        // per second, a p99 acknowledgement of about 14 ms instead of 9).
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000).map_err(backend)?;
         let inbox_writer = Arc::new(Mutex::new(open(&path, options.sync).map_err(backend)?));
         let (tx, rx) = mpsc::channel();
         let cached_heads = Arc::new(HeadCache::default());
