@@ -49,10 +49,13 @@ async fn publish_envelope_one_and_many_channels() {
     assert_eq!(page["messages"][0]["data"], "both", "a JSON string is stored as text");
 }
 
+/// method, path, content type, body, expected status, expected error code
+type BadCase = (&'static str, &'static str, Option<&'static str>, String, u16, &'static str);
+
 #[tokio::test]
 async fn bad_input_gets_a_precise_error() {
     let s = Server::start_with(&[("HERALD_LIMITS_MAX_PAYLOAD", "1KiB")]);
-    let cases: Vec<(&str, &str, Option<&str>, String, u16, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         ("POST", "/api/channels/a%20b", None, "x".into(), 400, "invalid_channel"),
         ("POST", "/api/channels/a//b", None, "x".into(), 400, "invalid_channel"),
         ("POST", "/api/channels/%24SYS/x", None, "x".into(), 400, "reserved_channel"),
