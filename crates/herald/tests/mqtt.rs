@@ -902,6 +902,13 @@ async fn malformed_and_oversize_packets_close_only_that_connection() {
     t.write_all(&[0x30, 0x03, 0x00, 0x10, b'a']).await.unwrap();
     closed_by_server(&mut t).await;
 
+    // A second CONNECT on a connected socket: closed, and nothing sent that
+    // the client (waiting for a CONNACK) could take for one.
+    let mut t = raw_connected(&s, 5, "twice", 0).await;
+    t.write_all(&connect_packet(5, "twice", 0)).await.unwrap();
+    let got = closed_by_server(&mut t).await;
+    assert!(got.is_empty(), "a second CONNECT is answered by closing, got {got:x?}");
+
     // Not MQTT at all.
     let mut t = TcpStream::connect(&s.mqtt).await.unwrap();
     t.write_all(b"\x10\x05hello").await.unwrap();

@@ -562,6 +562,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 return Some(End::Clean { with_will });
             }
             // A second CONNECT, AUTH, or a server-side packet from a client.
+            // A second CONNECT: a protocol error, and the connection is closed
+            // at once without a DISCONNECT (as Mosquitto does). A client that
+            // sent it is waiting for a CONNACK; a stray DISCONNECT would be read
+            // as one, and the Paho test client, reading the socket from two
+            // threads, could hang on half of it.
+            v5::Packet::Connect(_) => return Some(End::Lost),
             _ => return Some(End::Close(DisconnectReasonCode::ProtocolError)),
         }
         None
