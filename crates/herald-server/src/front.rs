@@ -123,11 +123,23 @@ async fn respond(
     loop {
         tokio::select! {
             res = answer.as_mut() => return Some(res.unwrap_or_else(|never| match never {})),
-            r = tcp.read(&mut probe) => match r {
-                Ok(n) if n > 0 && pending.len() + n <= MAX_HEAD => pending.put_slice(&probe[..n]),
-                _ => return None,
+            r = tcp.read(&mut probe) => if !keep_early_bytes(r, &probe, pending) {
+                return None;
             },
         }
+    }
+}
+
+/// What the socket gave while an answer was being produced: bytes (the
+/// client's next request) are kept in `pending`; `false` when the client went
+/// away, failed, or sent more than a request head's worth.
+fn keep_early_bytes(read: io::Result<usize>, probe: &[u8], pending: &mut BytesMut) -> bool {
+    match read {
+        Ok(n) if n > 0 && pending.len() + n <= MAX_HEAD => {
+            pending.put_slice(&probe[..n]);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -239,9 +251,8 @@ async fn write_response(tcp: &mut TcpStream, res: Response<Body>, pending: &mut 
                     return Ok(!close);
                 }
             },
-            r = rd.read(&mut probe) => match r {
-                Ok(n) if n > 0 && pending.len() + n <= MAX_HEAD => pending.put_slice(&probe[..n]),
-                _ => return Ok(false), // the client went away (or floods us)
+            r = rd.read(&mut probe) => if !keep_early_bytes(r, &probe, pending) {
+                return Ok(false);
             },
         }
     }
