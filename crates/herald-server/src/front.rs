@@ -40,7 +40,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 /// The largest request head read here; a bigger one goes to hyper, which
-/// answers it with 431.
+/// serves it within its own limit (about 400 KiB) and answers 431 past that.
 const MAX_HEAD: usize = 16 * 1024;
 /// Most headers a request may have here (the rest: hyper).
 const MAX_HEADERS: usize = 48;

@@ -165,3 +165,42 @@ async fn dot_segments_are_refused_not_normalised() {
     let (_, page) = get_json(&s, "/api/channels/b/messages").await;
     assert!(page["messages"].as_array().unwrap().is_empty(), "nothing reached channel b");
 }
+
+/// The front door answers plain GETs itself and hands everything else to
+/// hyper: garbage, an oversized head and a keep-alive connection carrying two
+/// requests in a row must each get a proper HTTP answer, and the server stays up.
+#[tokio::test]
+async fn raw_http_edge_cases_get_proper_answers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start();
+    let raw = |req: Vec<u8>| {
+        let addr = s.addr.clone();
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            tcp.write_all(&req).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tcp.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let garbage = raw(b"NOT HTTP AT ALL\r\n\r\n".to_vec()).await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+
+    // Past what the front door reads (16 KiB) it goes to hyper, which refuses
+    // heads over its own limit (about 400 KiB).
+    let mut huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+    huge.extend(b"\r\n\r\n");
+    let huge = raw(huge).await;
+    assert!(huge.starts_with("HTTP/1.1 431"), "{}", &huge[..huge.len().min(200)]);
+
+    // Two GETs on one connection (the second closes it): both answered, in order.
+    let two =
+        raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            .to_vec())
+        .await;
+    assert_eq!(two.matches("HTTP/1.1 200").count(), 2, "{two}");
+    assert!(two.find("\"ok\"").unwrap() < two.find("\"ready\"").unwrap(), "{two}");
+
+    assert_eq!(get_json(&s, "/healthz").await.0, 200, "still serving");
+}
