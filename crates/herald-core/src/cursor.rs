@@ -52,14 +52,14 @@ pub struct CursorToken(pub BTreeMap<Channel, u64>);
 
 impl CursorToken {
     pub fn encode(&self) -> String {
-        Self::encode_cursors(&self.0)
+        Self::encode_cursors(self.0.iter().map(|(c, id)| (c, *id)))
     }
 
     /// Encodes per-channel cursors without building a token first (the
     /// multi-channel SSE stream writes one per event).
-    pub fn encode_cursors(cursors: &BTreeMap<Channel, u64>) -> String {
+    pub fn encode_cursors<'a>(cursors: impl IntoIterator<Item = (&'a Channel, u64)>) -> String {
         let mut out = String::new();
-        for (i, (ch, id)) in cursors.iter().enumerate() {
+        for (i, (ch, id)) in cursors.into_iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }

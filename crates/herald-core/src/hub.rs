@@ -15,9 +15,7 @@ use std::{
     },
 };
 
-use tokio::sync::mpsc;
-
-use crate::{channel::Channel, filter::Filter, message::Message};
+use crate::{channel::Channel, filter::Filter, message::Message, queue::Queue};
 
 /// What a subscriber listens to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,7 +42,7 @@ impl Target {
 }
 
 struct Mailbox {
-    tx: mpsc::Sender<Arc<Message>>,
+    queue: Queue<Arc<Message>>,
     /// Set when a message could not be queued; cleared by the subscriber when it
     /// starts catching up from the store.
     lagged: AtomicBool,
@@ -52,7 +50,7 @@ struct Mailbox {
 
 impl Mailbox {
     fn deliver(&self, msg: &Arc<Message>) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(msg.clone()) {
+        if self.queue.push(msg.clone()).is_err() {
             self.lagged.store(true, Ordering::Release);
         }
     }
@@ -70,6 +68,8 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Messages handed to the hub since start.
     published: AtomicU64,
+    /// Set by [`Hub::close`]: every mailbox is closed, now and when added.
+    closed: AtomicBool,
 }
 
 impl Hub {
@@ -80,17 +80,16 @@ impl Hub {
             mailbox_capacity: mailbox_capacity.max(1),
             next_id: AtomicU64::new(1),
             published: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         })
     }
 
     /// A new subscriber listening to nothing yet.
     pub fn subscriber(self: &Arc<Self>) -> Subscriber {
-        let (tx, rx) = mpsc::channel(self.mailbox_capacity);
         Subscriber {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             hub: self.clone(),
-            mailbox: Arc::new(Mailbox { tx, lagged: AtomicBool::new(false) }),
-            rx,
+            mailbox: Arc::new(Mailbox { queue: Queue::new(self.mailbox_capacity), lagged: AtomicBool::new(false) }),
             targets: Vec::new(),
         }
     }
@@ -113,6 +112,17 @@ impl Hub {
         }
     }
 
+    /// Ends every subscription (shutdown): each subscriber receives what is
+    /// already queued, then `None`. Publishing after this delivers nothing.
+    pub fn close(&self) {
+        let reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::Release);
+        let exact = reg.exact.values().flat_map(HashMap::values);
+        for mb in exact.chain(reg.filters.iter().map(|(_, _, mb)| mb)) {
+            mb.queue.close();
+        }
+    }
+
     /// Messages published since start.
     pub fn published(&self) -> u64 {
         self.published.load(Ordering::Relaxed)
@@ -126,6 +136,9 @@ impl Hub {
 
     fn register(&self, id: u64, mailbox: &Arc<Mailbox>, target: &Target) {
         let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Acquire) {
+            mailbox.queue.close();
+        }
         match target {
             Target::Channel(ch) => {
                 reg.exact.entry(ch.clone()).or_default().insert(id, mailbox.clone());
@@ -156,7 +169,6 @@ pub struct Subscriber {
     id: u64,
     hub: Arc<Hub>,
     mailbox: Arc<Mailbox>,
-    rx: mpsc::Receiver<Arc<Message>>,
     targets: Vec<Target>,
 }
 
@@ -164,6 +176,10 @@ impl Subscriber {
     /// Starts receiving messages for `target` (no-op if already listening).
     pub fn add(&mut self, target: Target) {
         if !self.targets.contains(&target) {
+            if self.targets.capacity() == 0 {
+                // One target is the common case: no room for four.
+                self.targets.reserve_exact(1);
+            }
             self.hub.register(self.id, &self.mailbox, &target);
             self.targets.push(target);
         }
@@ -190,14 +206,19 @@ impl Subscriber {
         self.targets.iter().any(|t| t.matches(channel))
     }
 
-    /// The next queued message. Pending forever while nothing is published (the
-    /// subscriber holds its own sender alive through the hub registration).
+    /// The next queued message; pending while nothing is published, `None`
+    /// once the hub closed (shutdown) and the mailbox is drained. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Arc<Message>> {
-        self.rx.recv().await
+        self.mailbox.queue.recv().await
+    }
+
+    /// [`Self::recv`] for hand-written futures.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<Message>>> {
+        self.mailbox.queue.poll_pop(Some(cx))
     }
 
     pub fn try_recv(&mut self) -> Option<Arc<Message>> {
-        self.rx.try_recv().ok()
+        self.mailbox.queue.pop()
     }
 
     /// True once after messages were dropped because the mailbox was full.
@@ -236,6 +257,21 @@ mod tests {
         assert!(a.try_recv().is_none());
         let got: Vec<_> = std::iter::from_fn(|| b.try_recv()).map(|m| (m.channel.to_string(), m.id)).collect();
         assert_eq!(got, [("chat/1".into(), 1), ("chat/2".into(), 1), ("chat/1".into(), 2)]);
+    }
+
+    #[tokio::test]
+    async fn closing_the_hub_ends_every_subscriber_after_what_is_queued() {
+        let hub = Hub::new(16);
+        let mut s = hub.subscriber();
+        s.add(Target::Channel(Channel::parse("c").unwrap()));
+        hub.publish(&[msg("c", 1)]);
+        hub.close();
+        hub.publish(&[msg("c", 2)]);
+        assert_eq!(s.recv().await.map(|m| m.id), Some(1));
+        assert!(s.recv().await.is_none());
+        let mut late = hub.subscriber();
+        late.add(Target::Channel(Channel::parse("c").unwrap()));
+        assert!(late.recv().await.is_none(), "a subscriber added after close ends at once");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod filter;
 pub mod hub;
 pub mod inbox;
 pub mod message;
+pub mod queue;
 pub mod retention;
 pub mod time;
 
@@ -21,4 +22,5 @@ pub use cursor::{CursorError, CursorToken, Gap, Replay, Since, Window};
 pub use filter::{Filter, FilterError};
 pub use hub::{Hub, Subscriber, Target};
 pub use message::{Data, DataKind, EventName, EventNameError, Message, Meta, NewMessage, Wire};
+pub use queue::Queue;
 pub use retention::{Retention, RetentionRules};

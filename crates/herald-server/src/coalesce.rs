@@ -30,9 +30,14 @@ impl Coalescer {
     /// Returns when the next write may go: at once when the last one is a
     /// window or more ago, else at the end of its window.
     pub(crate) async fn ready(&mut self) {
-        if let Some(at) = self.last_write.map(|t| t + WINDOW).filter(|at| *at > Instant::now()) {
+        if let Some(at) = self.ready_at() {
             tokio::time::sleep_until(at).await;
         }
+    }
+
+    /// When the next write may go, if that is later than now.
+    pub(crate) fn ready_at(&self) -> Option<Instant> {
+        self.last_write.map(|t| t + WINDOW).filter(|at| *at > Instant::now())
     }
 
     /// Notes that a write went now.

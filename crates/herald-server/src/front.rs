@@ -95,13 +95,25 @@ async fn connection(mut tcp: TcpStream, router: Router, shutdown: CancellationTo
             Route::Here(req, keep_alive) if head_len == pending.len() => (*req, keep_alive),
             // A body, an upgrade, a pipelined request behind this one, or
             // anything unusual: hyper takes over with what was read so far.
-            _ => return hand_to_hyper(tcp, pending.freeze(), router, shutdown).await,
+            _ => return Box::pin(hand_to_hyper(tcp, pending.freeze(), router, shutdown)).await,
         };
         // Nothing is kept while the response is produced or streamed.
         pending = BytesMut::new();
-        let Some(res) = respond(&mut tcp, router.clone(), req, &mut pending).await else { return };
-        match write_response(&mut tcp, res, &mut pending).await {
-            Ok(true) if keep_alive => {}
+        // Routing and writing a head are boxed: they last a moment, and inline
+        // they would size the task of every connection, streaming or idle,
+        // for their largest state (measured: 1,032 bytes inline, 250 boxed).
+        let Some(res) = Box::pin(respond(&mut tcp, router.clone(), req, &mut pending)).await else { return };
+        let (body, close) = match Box::pin(write_head(&mut tcp, res)).await {
+            Ok(Written::Whole { close }) => (None, close),
+            Ok(Written::Head { body, close }) => (Some(body), close),
+            Err(_) => return,
+        };
+        let streamed = match body {
+            Some(body) => stream_body(&mut tcp, body, &mut pending).await,
+            None => Ok(true),
+        };
+        match streamed {
+            Ok(true) if keep_alive && !close => {}
             _ => return,
         }
     }
@@ -202,12 +214,18 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
     Some((Route::Here(Box::new(req.body(Body::empty()).ok()?), keep_alive), len))
 }
 
-/// Writes `res`: a body of known length with `content-length`, any other as
-/// chunks, each written as soon as the body yields it. While a body streams,
-/// the socket is watched so a client that goes away ends the stream at once;
-/// bytes it sends meanwhile (its next request) are kept in `pending`.
-/// `Ok(false)`: the connection must close after this response.
-async fn write_response(tcp: &mut TcpStream, res: Response<Body>, pending: &mut BytesMut) -> io::Result<bool> {
+/// What [`write_head`] wrote.
+enum Written {
+    /// The whole response.
+    Whole { close: bool },
+    /// The head of a streamed response; its body goes out with [`stream_body`].
+    Head { body: Body, close: bool },
+}
+
+/// Writes `res`, whole when its body's length is known (`content-length`),
+/// else only its head (`transfer-encoding: chunked`). `close`: the response
+/// asks for the connection to close after it.
+async fn write_head(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<Written> {
     let (parts, body) = res.into_parts();
     let no_body = parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
@@ -218,7 +236,7 @@ async fn write_response(tcp: &mut TcpStream, res: Response<Body>, pending: &mut 
     if no_body {
         head.put_slice(b"\r\n");
         tcp.write_all(&head).await?;
-        return Ok(!close);
+        return Ok(Written::Whole { close });
     }
     if let Some(len) = length {
         // A whole body (JSON answers, errors, pages): one write with the head.
@@ -226,11 +244,19 @@ async fn write_response(tcp: &mut TcpStream, res: Response<Body>, pending: &mut 
         let bytes = body.collect().await.map_err(io::Error::other)?.to_bytes();
         head.put(bytes);
         tcp.write_all(&head).await?;
-        return Ok(!close);
+        return Ok(Written::Whole { close });
     }
     head.put_slice(b"transfer-encoding: chunked\r\n\r\n");
     tcp.write_all(&head).await?;
-    drop(head);
+    Ok(Written::Head { body, close })
+}
+
+/// Writes a streamed body as chunks, each as soon as the body yields it. The
+/// socket is watched meanwhile, so a client that goes away ends the stream at
+/// once; bytes it sends (its next request) are kept in `pending`. This is
+/// where an idle stream waits, so it holds as little as it can.
+/// `Ok(false)`: the connection must close.
+async fn stream_body(tcp: &mut TcpStream, body: Body, pending: &mut BytesMut) -> io::Result<bool> {
     let mut frames = body.into_data_stream();
     let (mut rd, mut wr) = tcp.split();
     let mut probe = [0u8; 32];
@@ -248,7 +274,7 @@ async fn write_response(tcp: &mut TcpStream, res: Response<Body>, pending: &mut 
                 Some(Err(e)) => return Err(io::Error::other(e)),
                 None => {
                     wr.write_all(b"0\r\n\r\n").await?;
-                    return Ok(!close);
+                    return Ok(true);
                 }
             },
             r = rd.read(&mut probe) => if !keep_early_bytes(r, &probe, pending) {

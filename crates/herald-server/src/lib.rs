@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 mod coalesce;
 pub mod config;
+mod cursors;
 pub mod error;
 mod front;
 mod health;

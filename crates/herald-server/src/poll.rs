@@ -68,7 +68,7 @@ pub(crate) async fn messages(
         answer.unread = Some(Box::pin(state.inbox.count(owner)).await?);
     }
     state.stats.delivered(answer.messages.len() as u64);
-    let next = sub.cursors().get(&channel).copied().unwrap_or(0);
+    let next = sub.cursors().get(&channel).unwrap_or(0);
     Ok(answer.into_response(&channel, next))
 }
 

@@ -126,8 +126,10 @@ impl Server {
         let tracker = tokio_util::task::TaskTracker::new();
         let front = crate::front::serve(listener, app(state.clone()), shutdown.clone(), tracker.clone());
         front.await;
-        // Shutdown: streams end by themselves (they listen to the token);
+        // Shutdown: streams end by themselves (they listen to the token, and
+        // idle ones wait on their mailbox, which closing the hub ends);
         // requests in flight get the grace period to finish.
+        state.hub.close();
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(?grace, "requests still open after the grace period; closing anyway");

@@ -134,7 +134,7 @@ impl Encoder for SseEncoder {
                     return;
                 }
                 buf.put_slice(b"id: ");
-                buf.put_slice(CursorToken::encode_cursors(sub.cursors()).as_bytes());
+                buf.put_slice(CursorToken::encode_cursors(sub.cursors().iter()).as_bytes());
                 buf.put_u8(b'\n');
                 match self.ids {
                     Ids::Envelope => buf.put(m.encoded(Wire::SseData, encode_data_only)),

@@ -9,15 +9,15 @@
 //! ("catch-up") before taking anything else from the mailbox. Transports only
 //! encode what comes out.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use herald_core::{Channel, CursorToken, Filter, Gap, Hub, Message, Principal, Since, Subscriber, Target, cursor};
 use herald_store::{Store, StoreError};
 
-use crate::inbox::{Inbox, UnreadWatch};
+use crate::{
+    cursors::Cursors,
+    inbox::{Inbox, UnreadWatch},
+};
 
 /// What a transport sends next.
 #[derive(Debug, Clone)]
@@ -71,10 +71,7 @@ pub struct Subscription {
     live: Option<Subscriber>,
     filters: Vec<Filter>,
     /// The last id handed out per channel.
-    cursors: BTreeMap<Channel, u64>,
-    /// Channels whose cursor is still where a start put it: nothing has been
-    /// handed out for them yet.
-    untouched: std::collections::HashSet<Channel>,
+    cursors: Cursors,
     backlog: VecDeque<Backlog>,
     ready: VecDeque<Delivery>,
     page: usize,
@@ -100,8 +97,7 @@ impl Subscription {
             unread_due: false,
             live: cx.hub.as_ref().map(|h| h.subscriber()),
             filters: Vec::new(),
-            cursors: BTreeMap::new(),
-            untouched: Default::default(),
+            cursors: Cursors::default(),
             backlog: VecDeque::new(),
             ready: VecDeque::new(),
             page: PAGE,
@@ -151,8 +147,7 @@ impl Subscription {
         }
         self.filters.retain(|f| !matches!(target, Target::Filter(g) if g == f));
         let sub = self.live.as_ref().expect("checked above");
-        self.cursors.retain(|ch, _| sub.listens_to(ch));
-        self.untouched.retain(|ch| sub.listens_to(ch));
+        self.cursors.retain(|ch| sub.listens_to(ch));
         self.ready.retain(|d| match d {
             Delivery::Message(m) => sub.listens_to(&m.channel),
             Delivery::Gap(g) => sub.listens_to(&g.channel),
@@ -223,7 +218,7 @@ impl Subscription {
     fn start_channel(&mut self, channel: Channel, start: Since, head: u64) -> Option<u64> {
         let from = start.resolve(head);
         if let Some(cur) = self.cursors.get(&channel)
-            && (*cur <= from || !self.untouched.contains(&channel))
+            && (cur <= from || !self.cursors.is_untouched(&channel))
         {
             // Already covered from at least as early (a channel named twice,
             // or by a channel and a filter), or already delivered from: going
@@ -232,10 +227,9 @@ impl Subscription {
         }
         // An earlier start for a channel nothing was delivered from yet: replay
         // it from there instead, dropping what was queued for it.
-        self.untouched.insert(channel.clone());
         self.backlog.retain(|b| !matches!(b, Backlog::Read { channel: c, .. } if *c == channel));
         self.ready.retain(|d| !matches!(d, Delivery::Message(m) if m.channel == channel));
-        self.cursors.insert(channel.clone(), from);
+        self.cursors.place(&channel, from);
         match start {
             Since::Now => None,
             Since::After(_) => {
@@ -254,7 +248,7 @@ impl Subscription {
     }
 
     /// The last id handed out for each channel: the cursor a client resumes from.
-    pub fn cursors(&self) -> &BTreeMap<Channel, u64> {
+    pub fn cursors(&self) -> &Cursors {
         &self.cursors
     }
 
@@ -327,6 +321,30 @@ impl Subscription {
         }
     }
 
+    /// Whether [`Self::try_next`] and [`Self::poll_live`] are all this
+    /// subscription needs right now. Not when history remains to be read (the
+    /// store is async) or an unread count is followed (its watch is a future):
+    /// then [`Self::next`] is the way.
+    pub fn is_memory_only(&self) -> bool {
+        self.backlog.is_empty() && self.unread.is_none()
+    }
+
+    /// Waits for the mailbox without a future to hold: `Ready(true)` when a
+    /// message came (take it with [`Self::try_next`]), `Ready(false)` when the
+    /// hub closed (shutdown). Pending forever for a one-shot subscription.
+    pub fn poll_live(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
+        use std::task::Poll;
+        let Some(sub) = self.live.as_mut() else { return Poll::Pending };
+        match sub.poll_recv(cx) {
+            Poll::Ready(Some(msg)) => {
+                self.accept_live(msg);
+                Poll::Ready(true)
+            }
+            Poll::Ready(None) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// The unread count when it is owed: first thing, then after each change.
     fn take_unread(&mut self) -> Option<u64> {
         let w = self.unread.as_mut()?;
@@ -352,8 +370,8 @@ impl Subscription {
 
     fn schedule_catch_up(&mut self) {
         tracing::debug!(channels = self.cursors.len(), "subscriber lagged; catching up from the store");
-        for (ch, id) in &self.cursors {
-            self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: *id });
+        for (ch, id) in self.cursors.iter() {
+            self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: id });
         }
         for f in &self.filters {
             self.backlog.push_back(Backlog::Discover(f.clone()));
@@ -390,8 +408,8 @@ impl Subscription {
                 found.retain(|(c, _)| self.principal.may_read(c));
                 self.backlog.pop_front();
                 for (ch, _) in found {
-                    if !self.cursors.contains_key(&ch) {
-                        self.cursors.insert(ch.clone(), 0);
+                    if self.cursors.get(&ch).is_none() {
+                        self.cursors.moved(&ch, 0);
                         self.backlog.push_back(Backlog::Read { channel: ch, after: 0 });
                     }
                 }
@@ -406,16 +424,13 @@ impl Subscription {
         while let Some(d) = self.ready.pop_front() {
             match &d {
                 Delivery::Message(m) => {
-                    let cur = self.cursors.entry(m.channel.clone()).or_insert(0);
-                    if m.id <= *cur {
+                    if self.cursors.get(&m.channel).is_some_and(|cur| m.id <= cur) {
                         continue;
                     }
-                    *cur = m.id;
-                    self.untouched.remove(&m.channel);
+                    self.cursors.moved(&m.channel, m.id);
                 }
                 Delivery::Gap(g) => {
-                    self.cursors.insert(g.channel.clone(), g.to);
-                    self.untouched.remove(&g.channel);
+                    self.cursors.moved(&g.channel, g.to);
                 }
                 Delivery::Unread(_) => {}
             }
@@ -493,7 +508,7 @@ mod tests {
         let mut now =
             Subscription::open(cx(&store, Some(&hub)), t(), Since::Now, &CursorToken::default()).await.unwrap();
         assert!(drain(&mut now).await.is_empty());
-        assert_eq!(now.cursors()[&Channel::parse("c").unwrap()], 5);
+        assert_eq!(now.cursors().get(&Channel::parse("c").unwrap()), Some(5));
         let mut old =
             Subscription::open(cx(&store, None), t(), Since::After(1), &CursorToken::default()).await.unwrap();
         assert_eq!(ids(&drain(&mut old).await), ["gap c:2-3", "c:4", "c:5"]);
@@ -523,6 +538,6 @@ mod tests {
         let t = vec![Target::Filter(Filter::parse("room/#").unwrap())];
         let mut s = Subscription::open(cx(&store, Some(&hub)), t, Since::After(0), &token).await.unwrap();
         assert_eq!(ids(&drain(&mut s).await), ["room/a:3"]);
-        assert_eq!(CursorToken::encode_cursors(s.cursors()), "room/a=3,room/b=3");
+        assert_eq!(CursorToken::encode_cursors(s.cursors().iter()), "room/a=3,room/b=3");
     }
 }

@@ -6,6 +6,7 @@
 //! "success") and lowered again on the way out, so session logic exists once.
 //! Packet encoding and decoding is `mqtt-proto`'s.
 
+use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
     Protocol, QoS,
     v3::{self, ConnectReturnCode, SubscribeReturnCode},
@@ -35,29 +36,64 @@ pub(crate) enum ReadError {
     TooLarge(usize),
 }
 
-/// Reads one whole packet (fixed header included), refusing ones over `max`
-/// bytes before reading their body.
-pub(crate) async fn read_packet<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, ReadError> {
-    let first = match r.read_u8().await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
-        Err(e) => return Err(e.into()),
-    };
-    let mut header = vec![first];
-    let mut remaining: usize = 0;
+/// Frames packets off a byte stream. `next` is cancel-safe (bytes read are
+/// kept in the buffer until a whole packet is there), so the connection can
+/// wait for a packet in the same `select!` as everything else, without a
+/// reader task and a channel of its own.
+pub(crate) struct Framer<R> {
+    rd: R,
+    buf: BytesMut,
+    max: usize,
+}
+
+/// Room kept for the next read while idle; a buffer grown past `SHRINK` by a
+/// large packet is given back once empty.
+const READ_ROOM: usize = 256;
+const SHRINK: usize = 4096;
+
+impl<R: AsyncRead + Unpin> Framer<R> {
+    pub(crate) fn new(rd: R, max: usize) -> Self {
+        Framer { rd, buf: BytesMut::new(), max }
+    }
+
+    /// The next whole packet (fixed header included); one over `max` bytes is
+    /// refused from its header, before its body is read.
+    pub(crate) async fn next(&mut self) -> Result<Bytes, ReadError> {
+        loop {
+            if let Some(len) = whole_packet(&self.buf, self.max)? {
+                let packet = self.buf.split_to(len).freeze();
+                if self.buf.is_empty() && self.buf.capacity() > SHRINK {
+                    self.buf = BytesMut::new();
+                }
+                return Ok(packet);
+            }
+            if self.buf.capacity() - self.buf.len() < READ_ROOM {
+                self.buf.reserve(READ_ROOM);
+            }
+            if self.rd.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+    }
+
+    /// The read half back, to drain it after a close.
+    pub(crate) fn into_inner(self) -> R {
+        self.rd
+    }
+}
+
+/// The length of the first packet in `buf` when it is all there.
+fn whole_packet(buf: &[u8], max: usize) -> Result<Option<usize>, ReadError> {
+    let mut remaining = 0usize;
     for i in 0..4 {
-        let b = r.read_u8().await?;
-        header.push(b);
+        let Some(&b) = buf.get(1 + i) else { return Ok(None) };
         remaining |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            let total = header.len() + remaining;
+            let total = 2 + i + remaining;
             if total > max {
                 return Err(ReadError::TooLarge(total));
             }
-            let mut packet = header;
-            packet.resize(total, 0);
-            r.read_exact(&mut packet[total - remaining..]).await?;
-            return Ok(packet);
+            return Ok((buf.len() >= total).then_some(total));
         }
     }
     Err(ReadError::BadLength)
@@ -319,6 +355,34 @@ pub(crate) fn supported(p: Protocol) -> bool {
 mod tests {
     use super::*;
     use mqtt_proto::QosPid;
+
+    #[tokio::test]
+    async fn the_framer_returns_whole_packets_however_the_bytes_arrive() {
+        // A PINGREQ, then a PUBLISH whose bytes come in three reads.
+        let publish = [0x30, 5, 0, 1, b't', b'h', b'i'];
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut f = Framer::new(rx, 1024);
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(&[0xc0, 0, publish[0]]).await.unwrap();
+        assert_eq!(&f.next().await.unwrap()[..], [0xc0, 0]);
+        let rest = tokio::spawn(async move {
+            tx.write_all(&publish[1..3]).await.unwrap();
+            tokio::task::yield_now().await;
+            tx.write_all(&publish[3..]).await.unwrap();
+            tx
+        });
+        assert_eq!(&f.next().await.unwrap()[..], publish);
+        drop(rest.await.unwrap());
+        assert!(matches!(f.next().await, Err(ReadError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn the_framer_refuses_oversize_and_malformed_lengths_from_the_header() {
+        let mut f = Framer::new(&[0x30, 0xff, 0x01][..], 64); // 2 + 255 bytes
+        assert!(matches!(f.next().await, Err(ReadError::TooLarge(258))));
+        let mut f = Framer::new(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01][..], 1 << 30);
+        assert!(matches!(f.next().await, Err(ReadError::BadLength)));
+    }
 
     #[test]
     fn v3_suback_refusal_is_0x80() {

@@ -1,6 +1,7 @@
-//! One MQTT connection: CONNECT and session set-up, then a loop that reads
-//! packets (a separate reader task frames them, so the loop stays cancel-safe),
-//! writes what the session has to send within the client's in-flight window,
+//! One MQTT connection: CONNECT and session set-up, then one loop (one task)
+//! that reads packets (framed cancel-safely, so reading waits in the same
+//! `select!` as everything else), writes what the session has to send within
+//! the client's in-flight window,
 //! enforces keep-alive, and ends with the will and the session parked or gone.
 
 use std::{
@@ -24,13 +25,13 @@ use mqtt_proto::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, oneshot},
+    sync::oneshot,
     time::Instant,
 };
 
 use super::{
     broker::{Claim, Kick, Routed},
-    codec::{self, ReadError, Version},
+    codec::{self, Framer, ReadError, Version},
     outbox::Outbox,
     session::{Outgoing, Session, SubOpts},
 };
@@ -53,22 +54,16 @@ enum End {
     TakenOver,
 }
 
-/// Boxed: a channel allocates room for 32 of these up front, and a bare
-/// packet is large.
-enum Inbound {
-    Packet(Box<v5::Packet>),
-    Failed(DisconnectReasonCode),
-}
-
 pub(crate) async fn serve<S>(state: SharedState, stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _connection = state.stats.connect(Transport::Mqtt);
     let max_in = state.config.limits.max_payload + PACKET_OVERHEAD;
-    let (mut rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
     let mut wr = Outbox::new(wr);
-    let first = match tokio::time::timeout(Duration::from_secs(10), codec::read_packet(&mut rd, max_in)).await {
+    let mut framer = Framer::new(rd, max_in);
+    let first = match tokio::time::timeout(Duration::from_secs(10), framer.next()).await {
         Ok(Ok(p)) => p,
         _ => return,
     };
@@ -93,48 +88,15 @@ where
     // moment would otherwise size the task every idle connection keeps.
     let Some(mut conn) = Box::pin(Connection::open(state, version, connect, wr)).await else { return };
 
-    // The reader frames packets; it counts unacknowledged inbound QoS 1/2
-    // publishes so a client exceeding our receive maximum is caught.
-    let (tx, rx) = mpsc::channel::<Inbound>(16);
-    let unacked = conn.unacked.clone();
-    let receive_max = usize::from(conn.state.config.mqtt.receive_max);
-    let reader = tokio::spawn(async move {
-        loop {
-            let inbound = match codec::read_packet(&mut rd, max_in).await {
-                Ok(bytes) => match codec::decode(version, &bytes) {
-                    Ok(p) => {
-                        if let v5::Packet::Publish(p) = &p
-                            && p.qos_pid.qos() != QoS::Level0
-                            && unacked.fetch_add(1, Ordering::AcqRel) >= receive_max
-                        {
-                            Inbound::Failed(DisconnectReasonCode::ReceiveMaximumExceeded)
-                        } else {
-                            Inbound::Packet(Box::new(p))
-                        }
-                    }
-                    Err(_) => Inbound::Failed(DisconnectReasonCode::MalformedPacket),
-                },
-                Err(ReadError::TooLarge(_)) => Inbound::Failed(DisconnectReasonCode::PacketTooLarge),
-                Err(ReadError::BadLength) => Inbound::Failed(DisconnectReasonCode::MalformedPacket),
-                Err(_) => return,
-            };
-            let stop = matches!(inbound, Inbound::Failed(_));
-            if tx.send(inbound).await.is_err() || stop {
-                // Keep reading (and dropping) until the client closes: closing a
-                // socket with unread data resets it, and the client would lose
-                // the DISCONNECT telling it why.
-                let _ = tokio::io::copy(&mut rd, &mut tokio::io::sink()).await;
-                return;
-            }
-        }
-    });
-    let end = conn.run(rx).await;
+    let end = conn.run(&mut framer).await;
     let closing = matches!(end, End::Close(_));
     Box::pin(conn.finish(end)).await;
     if closing {
-        let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
-    } else {
-        reader.abort();
+        // Keep reading (and dropping) until the client closes: closing a socket
+        // with unread data resets it, and the client would lose the DISCONNECT
+        // telling it why.
+        let mut rd = framer.into_inner();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::copy(&mut rd, &mut tokio::io::sink())).await;
     }
 }
 
@@ -332,7 +294,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         self.session.as_mut().expect("a running connection has its session")
     }
 
-    async fn run(&mut self, mut inbound: mpsc::Receiver<Inbound>) -> End {
+    async fn run<R: AsyncRead + Unpin>(&mut self, framer: &mut Framer<R>) -> End {
         let shutdown = self.state.shutdown.clone();
         let mut last_heard = Instant::now();
         loop {
@@ -360,12 +322,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         return End::TakenOver;
                     }
                 }
-                p = inbound.recv() => {
+                r = framer.next() => {
                     last_heard = Instant::now();
-                    match p {
-                        None => return End::Lost,
-                        Some(Inbound::Failed(code)) => return End::Close(code),
-                        Some(Inbound::Packet(p)) => if let Some(end) = Box::pin(self.handle(*p)).await { return end },
+                    match self.inbound(r) {
+                        Ok(p) => if let Some(end) = Box::pin(self.handle(p)).await { return end },
+                        Err(end) => return end,
                     }
                 }
                 _ = sleep_until(deadline) => {
@@ -413,6 +374,27 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 },
             }
         }
+    }
+
+    /// A framed packet, decoded; or why the connection ends. Inbound QoS 1/2
+    /// publishes are counted until acknowledged, so a client exceeding our
+    /// receive maximum is caught.
+    fn inbound(&self, framed: Result<bytes::Bytes, ReadError>) -> Result<v5::Packet, End> {
+        let bytes = match framed {
+            Ok(b) => b,
+            Err(ReadError::TooLarge(_)) => return Err(End::Close(DisconnectReasonCode::PacketTooLarge)),
+            Err(ReadError::BadLength) => return Err(End::Close(DisconnectReasonCode::MalformedPacket)),
+            Err(_) => return Err(End::Lost),
+        };
+        let p = codec::decode(self.version, &bytes).map_err(|_| End::Close(DisconnectReasonCode::MalformedPacket))?;
+        let receive_max = usize::from(self.state.config.mqtt.receive_max);
+        if let v5::Packet::Publish(publish) = &p
+            && publish.qos_pid.qos() != QoS::Level0
+            && self.unacked.fetch_add(1, Ordering::AcqRel) >= receive_max
+        {
+            return Err(End::Close(DisconnectReasonCode::ReceiveMaximumExceeded));
+        }
+        Ok(p)
     }
 
     /// Sends queued messages while the in-flight window has room.
