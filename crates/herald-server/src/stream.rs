@@ -234,14 +234,6 @@ impl<E: Encoder> Streamer<E> {
     }
 }
 
-/// Sleeps until `at`, or forever when there is no deadline.
-pub(crate) async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The instant at wall-clock time `ms` (since the epoch).
 pub(crate) fn instant_of(ms: i64) -> Instant {
     Instant::now() + Duration::from_millis(ms.saturating_sub(herald_store::now_ms()).max(0) as u64)

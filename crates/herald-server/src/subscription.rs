@@ -64,7 +64,8 @@ pub struct Subscription {
     principal: Arc<Principal>,
     inbox: Option<Arc<Inbox>>,
     /// The count of the first inbox channel subscribed to, if any.
-    unread: Option<UnreadWatch>,
+    /// Boxed: few subscriptions follow a count, and it is 48 bytes inline.
+    unread: Option<Box<UnreadWatch>>,
     /// The current count is owed to the client (it comes first, then on change).
     unread_due: bool,
     /// `None` for one-shot reads (short polling): nothing is registered.
@@ -172,7 +173,7 @@ impl Subscription {
     /// first one only: a client follows one inbox per connection).
     async fn watch_inbox(&mut self, channel: &Channel) -> Result<(), StoreError> {
         if let (Some(owner), Some(inbox), None) = (channel.inbox_owner(), &self.inbox, &self.unread) {
-            self.unread = Some(inbox.watch(owner).await?);
+            self.unread = Some(Box::new(inbox.watch(owner).await?));
             self.unread_due = true;
         }
         Ok(())
@@ -293,8 +294,28 @@ impl Subscription {
     }
 
     /// The next delivery, waiting for a publish if need be. Cancel-safe. For a
-    /// one-shot subscription with nothing left, waits forever.
+    /// one-shot subscription with nothing left, or once the hub has closed,
+    /// waits forever (the caller watches shutdown).
+    ///
+    /// Most of the time this is a small future waiting on the mailbox alone;
+    /// the general one (store reads, unread counts) is several hundred bytes
+    /// and is boxed, so a connection task waiting here is sized for the
+    /// common case.
     pub async fn next(&mut self) -> Result<Delivery, StoreError> {
+        loop {
+            if let Some(d) = self.try_next() {
+                return Ok(d);
+            }
+            if !self.is_memory_only() {
+                return Box::pin(self.next_general()).await;
+            }
+            if !std::future::poll_fn(|cx| self.poll_live(cx)).await {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    async fn next_general(&mut self) -> Result<Delivery, StoreError> {
         loop {
             if let Some(d) = self.next_ready().await? {
                 return Ok(d);

@@ -58,7 +58,31 @@ pub(crate) async fn upgrade(
     // large frame's length when one comes (1 KiB: measured 4 KiB of an idle
     // connection's 11 at 4 KiB).
     let ws = ws.read_buffer_size(1024).write_buffer_size(16 * 1024).max_message_size(limit).max_frame_size(limit);
-    Ok(ws.on_upgrade(move |socket| session(state, principal, socket)))
+    // Opened before the upgrade (it reads nothing yet: no targets), so the
+    // socket goes straight into the session.
+    let cx = state.context(principal.clone(), true);
+    let sub = Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await?;
+    Ok(ws.on_upgrade(move |socket| {
+        // Built here and captured by the block below, which uses it in place:
+        // passed to an `async fn` instead, the session would be stored twice
+        // in the task (the argument's room is kept after it moves on; seen
+        // with -Zprint-type-sizes), 688 bytes more for every connection.
+        let mut s = Session {
+            state,
+            principal,
+            socket,
+            sub,
+            subscriptions: 0,
+            bad_frames: 0,
+            bad_window: Instant::now(),
+            coalesce: Coalescer::default(),
+        };
+        async move {
+            let _connection = s.state.stats.connect(Transport::Ws);
+            let end = s.run().await;
+            Box::pin(close(s, end)).await;
+        }
+    }))
 }
 
 /// Every client frame, flat: the `type` decides which fields are required.
@@ -100,27 +124,8 @@ struct Session {
     coalesce: Coalescer,
 }
 
-async fn session(state: SharedState, principal: Arc<Principal>, socket: WebSocket) {
-    let _connection = state.stats.connect(Transport::Ws);
-    let cx = state.context(principal.clone(), true);
-    let sub = match Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not open a WebSocket subscription");
-            return;
-        }
-    };
-    let mut s = Session {
-        state,
-        principal,
-        socket,
-        sub,
-        subscriptions: 0,
-        bad_frames: 0,
-        bad_window: Instant::now(),
-        coalesce: Coalescer::default(),
-    };
-    let end = s.run().await;
+/// Says goodbye, with a reason when the server ends it.
+async fn close(mut s: Session, end: End) {
     match end {
         End::Close(code, reason) => {
             let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
@@ -139,12 +144,15 @@ impl Session {
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         let mut last_heard = Instant::now();
         let shutdown = self.state.shutdown.clone();
-        let expires = self.principal.expires_at().map(stream::instant_of);
+        // Boxed, and only when the token expires: a timer is a hundred bytes
+        // of every idle connection otherwise.
+        let mut expiry =
+            self.principal.expires_at().map(|at| Box::pin(tokio::time::sleep_until(stream::instant_of(at))));
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(1012, "server restarting; reconnect and resume".into()),
-                _ = stream::sleep_until(expires) => {
+                _ = async { expiry.as_mut().expect("checked").await }, if expiry.is_some() => {
                     return End::Close(4001, "token_expired: reconnect with a new token".into());
                 }
                 frame = self.socket.recv() => {
@@ -152,9 +160,13 @@ impl Session {
                     let end = match frame {
                         None => Some(End::Gone),
                         Some(Err(e)) => Some(End::Close(1009, truncate(format!("bad frame: {e}")))),
-                        Some(Ok(WsMessage::Text(text))) => self.on_text(text.as_str()).await,
+                        // Handlers are boxed: they last a moment, and inline they
+                        // would size every idle connection's task for their
+                        // largest state.
+                        Some(Ok(WsMessage::Text(text))) => Box::pin(self.on_text(text.as_str())).await,
                         Some(Ok(WsMessage::Binary(_))) => {
-                            self.bad_frame(None, "invalid_frame", "binary frames are not supported; send JSON text").await
+                            let why = "binary frames are not supported; send JSON text";
+                            Box::pin(self.bad_frame(None, "invalid_frame", why)).await
                         }
                         Some(Ok(WsMessage::Close(_))) => Some(End::Gone),
                         Some(Ok(_)) => None, // ping / pong: the socket answers pings itself
@@ -165,7 +177,7 @@ impl Session {
                 }
                 d = self.sub.next() => {
                     let Ok(d) = d else { return End::Close(1011, "store unavailable; reconnect and resume".into()) };
-                    if self.deliver(d).await.is_err() {
+                    if Box::pin(self.deliver(d)).await.is_err() {
                         return End::Gone;
                     }
                 }
@@ -173,7 +185,7 @@ impl Session {
                     if last_heard.elapsed() > every * 2 {
                         return End::Close(1001, "no answer to pings".into());
                     }
-                    if self.socket.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                    if Box::pin(self.socket.send(WsMessage::Ping(Bytes::new()))).await.is_err() {
                         return End::Gone;
                     }
                 }

@@ -16,8 +16,9 @@ use std::{
 };
 
 use bytes::Bytes;
+use herald_core::Queue;
 use herald_core::{Channel, Filter, Meta, Principal, Since, Target};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{session::Session, topic};
 use crate::{
@@ -26,8 +27,7 @@ use crate::{
 };
 
 /// A message on a non-channel topic, a retained one, or one a shared
-/// subscription hands to this session. Sent boxed: a channel allocates room
-/// for 32 items up front, per session.
+/// subscription hands to this session.
 #[derive(Debug, Clone)]
 pub(crate) struct Routed {
     pub(crate) topic: Arc<str>,
@@ -41,7 +41,7 @@ pub(crate) struct Routed {
 /// One session's membership of a shared subscription.
 pub(crate) struct Member {
     pub(crate) session: u64,
-    pub(crate) tx: mpsc::Sender<Box<Routed>>,
+    pub(crate) tx: Arc<Queue<Routed>>,
     pub(crate) qos: u8,
     pub(crate) sub_id: Option<u32>,
     pub(crate) principal: Arc<Principal>,
@@ -59,7 +59,7 @@ struct SharedGroup {
 struct Route {
     session: u64,
     filter: String,
-    tx: mpsc::Sender<Box<Routed>>,
+    tx: Arc<Queue<Routed>>,
 }
 
 /// A request from a new connection to the live one holding its client id:
@@ -74,7 +74,9 @@ struct Live {
 
 #[derive(Default)]
 struct Slot {
-    parked: Option<Session>,
+    /// Boxed: the map holds a slot per connected client, and a session
+    /// inline would make every slot the size of one.
+    parked: Option<Box<Session>>,
     live: Option<Live>,
 }
 
@@ -112,7 +114,7 @@ impl Broker {
         let slot = slots.entry(client_id.to_owned()).or_default();
         let previous = slot.live.replace(Live { conn, kick });
         match (slot.parked.take(), previous) {
-            (Some(s), _) => Claim::Parked(Box::new(s)),
+            (Some(s), _) => Claim::Parked(s),
             (None, Some(live)) => Claim::Live(live.kick),
             (None, None) => Claim::None,
         }
@@ -125,7 +127,7 @@ impl Broker {
         let Some(slot) = slots.get_mut(client_id) else { return false };
         if slot.live.as_ref().is_some_and(|l| l.conn == conn) {
             slot.live = None;
-            slot.parked = session;
+            slot.parked = session.map(Box::new);
             if slot.parked.is_none() {
                 slots.remove(client_id);
             }
@@ -161,7 +163,7 @@ impl Broker {
         }
     }
 
-    pub(crate) fn add_route(&self, session: u64, filter: &str, tx: mpsc::Sender<Box<Routed>>) {
+    pub(crate) fn add_route(&self, session: u64, filter: &str, tx: Arc<Queue<Routed>>) {
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         if !routes.iter().any(|r| r.session == session && r.filter == filter) {
             routes.push(Route { session, filter: filter.to_owned(), tx });
@@ -265,7 +267,7 @@ impl Broker {
             }
             let mut routed = msg.clone();
             routed.shared = Some((m.qos, m.sub_id));
-            if m.tx.try_send(Box::new(routed)).is_ok() {
+            if m.tx.push(routed).is_ok() {
                 g.next = idx + 1;
                 return;
             }
@@ -289,7 +291,7 @@ impl Broker {
             if !sent.contains(&r.session) && topic::matches(&r.filter, &msg.topic) {
                 sent.push(r.session);
                 // A full queue drops the message for that session only.
-                let _ = r.tx.try_send(Box::new(msg.clone()));
+                let _ = r.tx.push(msg.clone());
             }
         }
     }

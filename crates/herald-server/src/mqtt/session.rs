@@ -11,8 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use herald_core::{Message, Meta, Principal};
-use tokio::sync::mpsc;
+use herald_core::{Message, Meta, Principal, Queue};
 
 use super::broker::Routed;
 use crate::subscription::Subscription;
@@ -44,8 +43,8 @@ pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) subs: BTreeMap<String, SubOpts>,
     pub(crate) herald: Subscription,
-    pub(crate) routed: mpsc::Receiver<Box<Routed>>,
-    pub(crate) routed_tx: mpsc::Sender<Box<Routed>>,
+    /// Messages the broker routes here (bounded by the offline queue length).
+    pub(crate) routed: Arc<Queue<Routed>>,
     /// Sent, not yet acknowledged, by packet id.
     pub(crate) inflight: BTreeMap<u16, Outgoing>,
     /// Ready to send when the in-flight window allows.
@@ -60,13 +59,11 @@ pub(crate) struct Session {
 
 impl Session {
     pub(crate) fn new(id: u64, herald: Subscription, queue_len: usize, principal: Arc<Principal>) -> Self {
-        let (routed_tx, routed) = mpsc::channel(queue_len.max(1));
         Session {
             id,
             subs: BTreeMap::new(),
             herald,
-            routed,
-            routed_tx,
+            routed: Arc::new(Queue::new(queue_len)),
             inflight: BTreeMap::new(),
             queue: VecDeque::new(),
             awaiting_rel: HashSet::new(),
