@@ -67,7 +67,12 @@ pub struct StoreConfig {
 pub struct Page {
     /// Messages after the requested id, oldest first.
     pub messages: Vec<Arc<Message>>,
-    /// The channel's retained window at the time of the read.
+    /// The channel's retained window at the time of the read. `head` is
+    /// exact. So is `first` for a read from 0 and for one whose cursor is
+    /// older than the window (a gap); after a cursor with nothing missed it
+    /// may be reported as the cursor's next id, as a read answered from the
+    /// recent messages held in memory cannot see further back (and nothing
+    /// decided from a window needs to then).
     pub window: Window,
 }
 

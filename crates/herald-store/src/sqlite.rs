@@ -213,6 +213,9 @@ impl Store for SqliteStore {
     fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>> {
         let retention = self.config.retention.for_channel(&channel);
         let cutoff = retention.cutoff((self.config.clock)());
+        if let Some(page) = self.cached_heads.read(&channel, after, limit, retention, cutoff) {
+            return Box::pin(std::future::ready(Ok(page)));
+        }
         let cached_heads = self.cached_heads.clone();
         Box::pin(self.with_reader(move |conn| {
             let Some((cid, head)) = conn
