@@ -84,7 +84,12 @@ impl Auth {
 
     /// The principal behind a request.
     pub(crate) fn authenticate(&self, headers: &HeaderMap, query: &Query) -> Result<Arc<Principal>, ApiError> {
-        match self.principal(credential(headers, query))? {
+        self.authenticate_credential(credential(headers, query))
+    }
+
+    /// The principal behind a credential found by [`credential`] or [`bearer`].
+    pub(crate) fn authenticate_credential(&self, credential: Option<&str>) -> Result<Arc<Principal>, ApiError> {
+        match self.principal(credential)? {
             Principal::Admin => Ok(self.admin.clone()),
             user => Ok(Arc::new(user)),
         }
@@ -186,9 +191,12 @@ pub fn mint(
 
 /// The credential of a request: the bearer token, else `?token=`.
 pub(crate) fn credential<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option<&'a str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()), query)
+}
+
+/// The credential from an `Authorization` header's value, else `?token=`.
+pub(crate) fn bearer<'a>(authorization: Option<&'a str>, query: &'a Query) -> Option<&'a str> {
+    authorization
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim())

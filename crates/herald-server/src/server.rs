@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::{AppState, app},
+    app::AppState,
     auth::Auth,
     config::{Config, ConfigError, SyncSetting},
     inbox::Inbox,
@@ -124,7 +124,7 @@ impl Server {
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);
         let tracker = tokio_util::task::TaskTracker::new();
-        let front = crate::front::serve(listener, app(state.clone()), shutdown.clone(), tracker.clone());
+        let front = crate::front::serve(listener, state.clone(), shutdown.clone(), tracker.clone());
         front.await;
         // Shutdown: streams end by themselves (they listen to the token, and
         // idle ones wait on their mailbox, which closing the hub ends);
