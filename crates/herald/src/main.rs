@@ -2,6 +2,7 @@
 //! or to one of the small client commands.
 
 mod bench;
+mod malloc;
 mod publish;
 mod subscribe;
 
@@ -98,6 +99,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. }) {
+        malloc::one_arena();
+    }
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
