@@ -15,6 +15,7 @@ pub mod message;
 pub mod queue;
 pub mod retention;
 pub mod time;
+pub mod vec_map;
 
 pub use acl::{Grant, Principal};
 pub use channel::{Channel, ChannelError};
@@ -24,3 +25,4 @@ pub use hub::{Hub, Subscriber, Target};
 pub use message::{Data, DataKind, EventName, EventNameError, Message, Meta, NewMessage, Wire};
 pub use queue::Queue;
 pub use retention::{Retention, RetentionRules};
+pub use vec_map::VecMap;

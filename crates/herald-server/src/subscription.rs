@@ -390,7 +390,7 @@ impl Subscription {
     }
 
     fn schedule_catch_up(&mut self) {
-        tracing::debug!(channels = self.cursors.len(), "subscriber lagged; catching up from the store");
+        tracing::debug!(channels = self.cursors.iter().count(), "subscriber lagged; catching up from the store");
         for (ch, id) in self.cursors.iter() {
             self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: id });
         }

@@ -42,18 +42,22 @@ pub(crate) enum ReadError {
 /// reader task and a channel of its own.
 pub(crate) struct Framer<R> {
     rd: R,
+    /// Bytes of a packet not yet whole; empty (no allocation) between packets.
     buf: BytesMut,
+    /// Where an idle connection's next bytes land: most packets a device
+    /// sends (PINGREQ, acks, small publishes) fit, and a waiting connection
+    /// then holds no heap buffer (it held 272 bytes, heaptrack).
+    first: [u8; FIRST_READ],
     max: usize,
 }
 
-/// Room kept for the next read while idle; a buffer grown past `SHRINK` by a
-/// large packet is given back once empty.
+const FIRST_READ: usize = 64;
+/// Room reserved per read while a packet is being completed.
 const READ_ROOM: usize = 256;
-const SHRINK: usize = 4096;
 
 impl<R: AsyncRead + Unpin> Framer<R> {
     pub(crate) fn new(rd: R, max: usize) -> Self {
-        Framer { rd, buf: BytesMut::new(), max }
+        Framer { rd, buf: BytesMut::new(), first: [0; FIRST_READ], max }
     }
 
     /// The next whole packet (fixed header included); one over `max` bytes is
@@ -62,15 +66,23 @@ impl<R: AsyncRead + Unpin> Framer<R> {
         loop {
             if let Some(len) = whole_packet(&self.buf, self.max)? {
                 let packet = self.buf.split_to(len).freeze();
-                if self.buf.is_empty() && self.buf.capacity() > SHRINK {
+                if self.buf.is_empty() {
+                    // Let go of the allocation the packet now owns.
                     self.buf = BytesMut::new();
                 }
                 return Ok(packet);
             }
-            if self.buf.capacity() - self.buf.len() < READ_ROOM {
-                self.buf.reserve(READ_ROOM);
-            }
-            if self.rd.read_buf(&mut self.buf).await? == 0 {
+            let read = if self.buf.is_empty() {
+                let n = self.rd.read(&mut self.first).await?;
+                self.buf.extend_from_slice(&self.first[..n]);
+                n
+            } else {
+                if self.buf.capacity() - self.buf.len() < READ_ROOM {
+                    self.buf.reserve(READ_ROOM);
+                }
+                self.rd.read_buf(&mut self.buf).await?
+            };
+            if read == 0 {
                 return Err(ReadError::Closed);
             }
         }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use herald_core::{Message, Meta, Principal, Queue};
+use herald_core::{Message, Meta, Principal, Queue, VecMap};
 
 use super::broker::Routed;
 use crate::subscription::Subscription;
@@ -41,7 +41,9 @@ pub(crate) struct Outgoing {
 pub(crate) struct Session {
     /// Unique per session: the origin mark for no-local.
     pub(crate) id: u64,
-    pub(crate) subs: BTreeMap<String, SubOpts>,
+    /// By filter. Most devices hold one or two: a `VecMap`, not a `BTreeMap`
+    /// (whose first node is 408 bytes).
+    pub(crate) subs: VecMap<String, SubOpts>,
     pub(crate) herald: Subscription,
     /// Messages the broker routes here (bounded by the offline queue length).
     pub(crate) routed: Arc<Queue<Routed>>,
@@ -61,7 +63,7 @@ impl Session {
     pub(crate) fn new(id: u64, herald: Subscription, queue_len: usize, principal: Arc<Principal>) -> Self {
         Session {
             id,
-            subs: BTreeMap::new(),
+            subs: VecMap::default(),
             herald,
             routed: Arc::new(Queue::new(queue_len)),
             inflight: BTreeMap::new(),
@@ -100,7 +102,7 @@ impl Session {
         let mut qos = None::<u8>;
         let mut retain = false;
         let mut sub_ids = Vec::new();
-        for (filter, opts) in &self.subs {
+        for (filter, opts) in self.subs.iter() {
             if !super::topic::matches(filter, topic) || (opts.no_local && origin == Some(self.id)) {
                 continue;
             }
