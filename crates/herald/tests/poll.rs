@@ -88,3 +88,35 @@ async fn long_poll_times_out_with_304() {
     assert_eq!(res.status(), 304);
     assert!(res.bytes().await.unwrap().is_empty());
 }
+
+/// Same-origin polls are answered by the front door without the router;
+/// cross-origin ones (for their CORS headers) and percent-escaped paths go
+/// through it. Both ways must give the same answer.
+#[tokio::test]
+async fn polls_answer_the_same_with_or_without_the_router() {
+    let s = Server::start();
+    for i in 1..=3 {
+        publish(&s, "chat/room", &format!("m{i}")).await;
+    }
+    let get = |path: &'static str, origin: Option<&'static str>| {
+        let url = format!("{}{path}", s.url);
+        async move {
+            let mut req = client().get(url);
+            if let Some(o) = origin {
+                req = req.header("origin", o);
+            }
+            let res = req.send().await.unwrap();
+            let cors = res.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_owned());
+            (res.status().as_u16(), cors, res.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, cors, direct) = get("/api/channels/chat/room/messages?since=1", None).await;
+    assert_eq!((st, cors, ids(&direct)), (200, None, vec![2, 3]));
+    let (st, cors, routed) = get("/api/channels/chat/room/messages?since=1", Some("https://app.example")).await;
+    assert_eq!((st, cors.as_deref()), (200, Some("*")), "the router's CORS layer answered");
+    assert_eq!(routed, direct);
+    let (st, _, escaped) = get("/api/channels/chat%2Froom/messages?since=1", None).await;
+    assert_eq!((st, escaped), (200, direct));
+    let (st, _, refused) = get("/api/channels/chat/room/messages?since=x", None).await;
+    assert_eq!((st, refused["code"].as_str()), (400, Some("invalid_cursor")));
+}
