@@ -40,7 +40,7 @@ use herald_store::now_ms;
 use crate::{app::SharedState, coalesce::Coalescer, stats::Transport, subscription::Delivery};
 
 /// Bytes a packet may have beyond the payload limit (topic, properties).
-const PACKET_OVERHEAD: usize = 16 * 1024;
+pub(crate) const PACKET_OVERHEAD: usize = 16 * 1024;
 
 /// Why a connection ends.
 enum End {
