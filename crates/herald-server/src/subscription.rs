@@ -103,6 +103,21 @@ impl Subscription {
             ready: VecDeque::new(),
             page: PAGE,
         };
+        // `now` is each channel's head *before* registering (a cursor there):
+        // a message committed while the subscription registers is then read
+        // back or received live (and deduplicated), never lost between the
+        // two, as it was with the head read after registering.
+        let mut token = std::borrow::Cow::Borrowed(token);
+        if since == Since::Now {
+            for t in &targets {
+                if let Target::Channel(ch) = t
+                    && !token.0.contains_key(ch)
+                {
+                    let head = s.head(ch).await?;
+                    token.to_mut().0.insert(ch.clone(), head);
+                }
+            }
+        }
         // Register everything before reading anything, so nothing published
         // meanwhile falls between history and live.
         if let Some(sub) = s.live.as_mut() {
@@ -111,7 +126,7 @@ impl Subscription {
             }
         }
         for t in targets {
-            s.start(t, since, token).await?;
+            s.start(t, since, &token).await?;
         }
         Ok(s)
     }
@@ -120,6 +135,11 @@ impl Subscription {
     /// what the client should be told first: the channel's head (for a channel)
     /// and whether a gap precedes the replay.
     pub async fn add(&mut self, target: Target, since: Since) -> Result<Added, StoreError> {
+        // `now` for a channel: its head before registering (see `open`).
+        let since = match (&target, since) {
+            (Target::Channel(ch), Since::Now) => Since::After(self.head(ch).await?),
+            _ => since,
+        };
         if let Some(sub) = self.live.as_mut() {
             sub.add(target.clone());
         }

@@ -77,6 +77,14 @@ impl Store for MemoryStore {
         })
     }
 
+    fn cached_head(&self, channel: &Channel) -> Option<u64> {
+        // Always known here, and read under the lock that appends hold through
+        // their sink call: a subscriber resolving `now` gets there quicker
+        // (no read), which narrows the window in which a concurrent publish
+        // lands before it has registered.
+        Some(self.lock().logs.get(channel).map_or(0, |l| l.head))
+    }
+
     fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>> {
         Box::pin(async move {
             let st = self.lock();

@@ -120,7 +120,9 @@ async fn ids_are_per_channel_and_sequential(make: fn(RetentionRules) -> Fixture)
 /// cached head must never be ahead of or behind the committed one.
 async fn cached_head_is_the_head_when_known(make: fn(RetentionRules) -> Fixture) {
     let f = make(RetentionRules::default());
-    assert_eq!(f.store.cached_head(&ch("a")), None, "nothing known of a channel never seen");
+    // A store that holds everything (memory) knows a new channel's head is 0;
+    // one that may not (SQLite, before reading) says it does not know.
+    assert!(matches!(f.store.cached_head(&ch("a")), None | Some(0)), "nothing but 0 for a channel never seen");
     let writers: Vec<_> = (0..8)
         .map(|_| {
             let store = f.store.clone();
