@@ -4,14 +4,7 @@
 //! the client's in-flight window,
 //! enforces keep-alive, and ends with the will and the session parked or gone.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use herald_core::{Channel, CursorToken, Data, Filter, Meta, NewMessage, Principal, Since, Target};
@@ -131,7 +124,8 @@ struct Connection<W> {
     /// topic alias maximum.
     out_aliases: HashMap<Arc<str>, u16>,
     out_alias_max: u16,
-    unacked: Arc<AtomicUsize>,
+    /// Inbound QoS 1/2 publishes not yet acknowledged (our receive window).
+    unacked: usize,
     kick: oneshot::Receiver<Kick>,
     /// The kick has come (or can no longer come): `kick` must not be polled again.
     kicked: bool,
@@ -260,7 +254,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             aliases: HashMap::new(),
             out_aliases: HashMap::new(),
             out_alias_max: if version == Version::V5 { c.properties.topic_alias_max.unwrap_or(0) } else { 0 },
-            unacked: Arc::new(AtomicUsize::new(0)),
+            unacked: 0,
             kick,
             kicked: false,
             coalesce: Coalescer::default(),
@@ -439,7 +433,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// A framed packet, decoded; or why the connection ends. Inbound QoS 1/2
     /// publishes are counted until acknowledged, so a client exceeding our
     /// receive maximum is caught.
-    fn inbound(&self, framed: Result<bytes::Bytes, ReadError>) -> Result<v5::Packet, End> {
+    fn inbound(&mut self, framed: Result<bytes::Bytes, ReadError>) -> Result<v5::Packet, End> {
         let bytes = match framed {
             Ok(b) => b,
             Err(ReadError::TooLarge(_)) => return Err(End::Close(DisconnectReasonCode::PacketTooLarge)),
@@ -450,9 +444,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let receive_max = usize::from(self.state.config.mqtt.receive_max);
         if let v5::Packet::Publish(publish) = &p
             && publish.qos_pid.qos() != QoS::Level0
-            && self.unacked.fetch_add(1, Ordering::AcqRel) >= receive_max
         {
-            return Err(End::Close(DisconnectReasonCode::ReceiveMaximumExceeded));
+            if self.unacked >= receive_max {
+                return Err(End::Close(DisconnectReasonCode::ReceiveMaximumExceeded));
+            }
+            self.unacked += 1;
         }
         Ok(p)
     }
@@ -558,7 +554,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             v5::Packet::Pubrel(a) => {
                 let known = self.session().awaiting_rel.remove(&a.pid.value());
                 if known {
-                    self.unacked.fetch_sub(1, Ordering::AcqRel);
+                    self.unacked = self.unacked.saturating_sub(1);
                 }
                 let code = if known { PubcompReasonCode::Success } else { PubcompReasonCode::PacketIdentifierNotFound };
                 return io(self.send(&codec::pubcomp(a.pid, code)).await);
@@ -638,7 +634,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             && self.session().awaiting_rel.contains(&pid.value())
         {
             // A resent QoS 2 publish we already have: acknowledge again only.
-            self.unacked.fetch_sub(1, Ordering::AcqRel);
+            self.unacked = self.unacked.saturating_sub(1);
             return self.send(&codec::pubrec(pid, PubrecReasonCode::Success)).await.err().map(|_| End::Lost);
         }
         let session_id = self.session().id;
@@ -665,7 +661,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let pid = pid?;
         match qos {
             QoS::Level1 => {
-                self.unacked.fetch_sub(1, Ordering::AcqRel);
+                self.unacked = self.unacked.saturating_sub(1);
                 self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success)))
                     .await
                     .err()
@@ -676,7 +672,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 if code == PubrecReasonCode::Success {
                     self.session().awaiting_rel.insert(pid.value());
                 } else {
-                    self.unacked.fetch_sub(1, Ordering::AcqRel);
+                    self.unacked = self.unacked.saturating_sub(1);
                 }
                 self.send(&codec::pubrec(pid, code)).await.err().map(|_| End::Lost)
             }
