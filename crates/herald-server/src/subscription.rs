@@ -103,20 +103,9 @@ impl Subscription {
             ready: VecDeque::new(),
             page: PAGE,
         };
-        // `now` is each channel's head *before* registering (a cursor there):
-        // a message committed while the subscription registers is then read
-        // back or received live (and deduplicated), never lost between the
-        // two, as it was with the head read after registering.
-        let mut token = std::borrow::Cow::Borrowed(token);
-        if since == Since::Now {
-            for t in &targets {
-                if let Target::Channel(ch) = t
-                    && !token.0.contains_key(ch)
-                {
-                    let head = s.head(ch).await?;
-                    token.to_mut().0.insert(ch.clone(), head);
-                }
-            }
+        let mut starts = Vec::with_capacity(targets.len());
+        for t in &targets {
+            starts.push(s.resolve_now(t, since, token).await?);
         }
         // Register everything before reading anything, so nothing published
         // meanwhile falls between history and live.
@@ -125,8 +114,8 @@ impl Subscription {
                 sub.add(t.clone());
             }
         }
-        for t in targets {
-            s.start(t, since, &token).await?;
+        for (t, since) in targets.into_iter().zip(starts) {
+            s.start(t, since, token).await?;
         }
         Ok(s)
     }
@@ -135,11 +124,7 @@ impl Subscription {
     /// what the client should be told first: the channel's head (for a channel)
     /// and whether a gap precedes the replay.
     pub async fn add(&mut self, target: Target, since: Since) -> Result<Added, StoreError> {
-        // `now` for a channel: its head before registering (see `open`).
-        let since = match (&target, since) {
-            (Target::Channel(ch), Since::Now) => Since::After(self.head(ch).await?),
-            _ => since,
-        };
+        let since = self.resolve_now(&target, since, &CursorToken::default()).await?;
         if let Some(sub) = self.live.as_mut() {
             sub.add(target.clone());
         }
@@ -179,6 +164,19 @@ impl Subscription {
             Backlog::Discover(f) => !matches!(target, Target::Filter(g) if g == f),
         });
         true
+    }
+
+    /// Where `target` starts, called *before* registering it: `now` on a
+    /// channel (with no cursor in `token`) becomes a cursor at the channel's
+    /// head as it is now. A message committed while the subscription
+    /// registers is then read back or received live (and deduplicated); with
+    /// the head read after registering, it could already be in the mailbox
+    /// and the cursor dropped it. Filters resolve `now` per channel later.
+    async fn resolve_now(&self, target: &Target, since: Since, token: &CursorToken) -> Result<Since, StoreError> {
+        match (target, since) {
+            (Target::Channel(ch), Since::Now) if !token.0.contains_key(ch) => Ok(Since::After(self.head(ch).await?)),
+            _ => Ok(since),
+        }
     }
 
     /// Starts carrying `user`'s unread count (MQTT's `$herald/unread/{user}`).
