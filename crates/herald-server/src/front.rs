@@ -112,18 +112,17 @@ fn connection(
                 Some((r, len)) => (r, len),
                 None => (Route::Hyper, 0),
             };
-            if head_len != pending.len() || matches!(route, Route::Hyper) {
-                // A body, an upgrade, a pipelined request behind this one, or
-                // anything unusual: hyper takes over with what was read so far.
-                return Box::pin(hand_to_hyper(tcp, pending.freeze(), router, shutdown)).await;
-            }
+            // A body, a pipelined request behind this one, or anything unusual:
+            // hyper takes over with what was read so far.
+            let route = if head_len == pending.len() { route } else { Route::Hyper };
             // Nothing is kept while the response is produced or streamed.
-            pending = BytesMut::new();
+            let head = std::mem::take(&mut pending);
             // Answering and writing a head are boxed: they last a moment (a long
             // poll's wait aside), and inline they would size the task of every
             // connection, streaming or idle, for their largest state (measured:
             // 1,032 bytes inline, 464 boxed).
             let (res, keep_alive) = match route {
+                Route::Hyper => return Box::pin(hand_to_hyper(tcp, head.freeze(), router, shutdown)).await,
                 Route::Here(req, keep_alive) => {
                     let answer = async { router.clone().oneshot(*req).await.unwrap_or_else(|never| match never {}) };
                     (Box::pin(respond(&mut tcp, answer, &mut pending)).await, keep_alive)
@@ -131,7 +130,6 @@ fn connection(
                 Route::Poll(req, keep_alive) => {
                     (Box::pin(respond(&mut tcp, poll::direct(state.clone(), *req), &mut pending)).await, keep_alive)
                 }
-                Route::Hyper => unreachable!("handed to hyper above"),
             };
             let Some(res) = res else { return };
             let (body, close) = match Box::pin(write_head(&mut tcp, res)).await {
@@ -244,14 +242,13 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         }
         cross_origin |= name == header::ORIGIN;
         if name == header::AUTHORIZATION {
-            // As `HeaderValue::to_str` reads it: visible ASCII, or nothing.
-            authorization =
-                std::str::from_utf8(h.value).ok().filter(|v| v.bytes().all(|b| b == b'\t' || (32..127).contains(&b)));
+            // Read as the router's extractors read it (`HeaderValue::to_str`).
+            authorization = HeaderValue::from_bytes(h.value).ok().and_then(|v| v.to_str().ok().map(str::to_owned));
         }
     }
     // A cross-origin poll goes through the router for its CORS headers.
     if !cross_origin && let Some(mut direct) = direct_poll(path) {
-        direct.authorization = authorization.map(str::to_owned);
+        direct.authorization = authorization;
         return Some((Route::Poll(Box::new(direct), keep_alive), len));
     }
     let mut req = Request::builder().method(Method::GET).version(Version::HTTP_11).uri(path);
