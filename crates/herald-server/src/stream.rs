@@ -234,6 +234,16 @@ impl<E: Encoder> Streamer<E> {
     }
 }
 
+/// Waits for `timer` to fire; forever when there is none: a `select!` branch
+/// for a deadline most connections do not have (a token's expiry, MQTT's
+/// keep-alive), whose timer is then allocated only for those that do.
+pub(crate) async fn fired(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The instant at wall-clock time `ms` (since the epoch).
 pub(crate) fn instant_of(ms: i64) -> Instant {
     Instant::now() + Duration::from_millis(ms.saturating_sub(herald_store::now_ms()).max(0) as u64)

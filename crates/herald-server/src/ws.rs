@@ -156,7 +156,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(1012, "server restarting; reconnect and resume".into()),
-                _ = async { expiry.as_mut().expect("checked").await }, if expiry.is_some() => {
+                _ = stream::fired(&mut expiry) => {
                     return End::Close(4001, "token_expired: reconnect with a new token".into());
                 }
                 frame = self.socket.recv() => {

@@ -344,7 +344,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         return end;
                     }
                 }
-                _ = async { keep_alive.as_mut().expect("checked").await }, if keep_alive.is_some() => {
+                _ = crate::stream::fired(&mut keep_alive) => {
                     return End::Close(DisconnectReasonCode::KeepAliveTimeout);
                 }
                 d = session.herald.next(), if open => match d {
