@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use std::{fmt, sync::OnceLock};
 
-use crate::channel::Channel;
+use crate::{channel::Channel, meta::Meta};
 
 /// A message's event name, `[A-Za-z0-9_.-]{1,64}`.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -176,25 +176,6 @@ pub fn base64(bytes: &[u8]) -> String {
         }
     }
     out
-}
-
-/// Publish properties that only some transports carry (MQTT's QoS, retain
-/// flag and v5 properties). Kept with the message in memory so MQTT
-/// subscribers get them; not stored (a replay from history has none).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Meta {
-    /// The QoS it was published with (messages from HTTP count as 1).
-    pub qos: u8,
-    pub retain: bool,
-    pub user_properties: Vec<(String, String)>,
-    pub content_type: Option<String>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Bytes>,
-    pub payload_utf8: Option<bool>,
-    /// When it expires (ms since the epoch), from MQTT's message expiry.
-    pub expires_at: Option<i64>,
-    /// The MQTT session that published it, for the no-local option.
-    pub origin: Option<u64>,
 }
 
 /// What a publisher asks to store.

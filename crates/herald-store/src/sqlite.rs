@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, NewMessage, Window, inbox::ReadState};
+use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, Meta, NewMessage, Window, inbox::ReadState};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS messages (
     kind  INTEGER NOT NULL,
     data  BLOB NOT NULL,
     time  INTEGER NOT NULL,
+    meta  BLOB,
     PRIMARY KEY (cid, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_members (
@@ -119,6 +120,16 @@ fn open(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Data directories from before MQTT properties were stored lack the
+/// `meta` column; their messages read back with none, as they did then.
+fn add_meta_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has_meta = conn.prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'meta'")?.exists([])?;
+    if !has_meta {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN meta BLOB")?;
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `herald.db` under `options.dir` and starts the writer.
     pub fn open(options: SqliteOptions, config: StoreConfig) -> Result<Self, StoreError> {
@@ -126,6 +137,7 @@ impl SqliteStore {
         let path = options.dir.join("herald.db");
         let conn = open(&path, options.sync).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        add_meta_column(&conn).map_err(backend)?;
         // Checkpoint every 10,000 pages (10 MiB of WAL) instead of 1,000: a page
         // rewritten by many commits is copied back once per checkpoint, and the
         // commit that triggers one waits for it (measured: ~25% more publishes
@@ -233,19 +245,22 @@ impl Store for SqliteStore {
                 .query_row(params![cid, cutoff], |r| r.get(0))?;
             let first = by_age.map_or(head + 1, |id| (id as u64).max(by_count));
             let mut stmt = conn.prepare_cached(
-                "SELECT id, event, kind, data, time FROM messages
+                "SELECT id, event, kind, data, time, meta FROM messages
                  WHERE cid = ?1 AND id > ?2 AND id >= ?3 ORDER BY id LIMIT ?4",
             )?;
             let rows = stmt.query_map(params![cid, after as i64, first as i64, limit as i64], |r| {
                 let event: Option<String> = r.get(1)?;
                 let kind = DataKind::from_u8(r.get::<_, u8>(2)?).unwrap_or(DataKind::Text);
-                Ok(Arc::new(Message::new(
-                    channel.clone(),
-                    r.get::<_, i64>(0)? as u64,
-                    event.as_deref().map(EventName::from_trusted),
-                    Data::from_trusted(kind, Bytes::from(r.get::<_, Vec<u8>>(3)?)),
-                    r.get(4)?,
-                )))
+                Ok(Arc::new(
+                    Message::new(
+                        channel.clone(),
+                        r.get::<_, i64>(0)? as u64,
+                        event.as_deref().map(EventName::from_trusted),
+                        Data::from_trusted(kind, Bytes::from(r.get::<_, Vec<u8>>(3)?)),
+                        r.get(4)?,
+                    )
+                    .with_meta(r.get_ref(5)?.as_blob_or_null()?.and_then(Meta::decode).map(Arc::new)),
+                ))
             })?;
             let messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             cached_heads.advance(&channel, head);
@@ -393,7 +408,7 @@ impl Writer {
                 let size = self.config.retention.for_channel(&m.channel).size;
                 touched.insert(cid, (id, size));
                 tx.prepare_cached(
-                    "INSERT INTO messages (cid, id, event, kind, data, time) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO messages (cid, id, event, kind, data, time, meta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
                 .execute(params![
                     cid,
@@ -401,7 +416,8 @@ impl Writer {
                     m.event.as_ref().map(EventName::as_str),
                     m.data.kind() as u8,
                     &m.data.bytes()[..],
-                    now
+                    now,
+                    m.meta.as_deref().map(Meta::encode)
                 ])?;
                 msgs.push(Arc::new(Message::new(m.channel, id, m.event, m.data, now).with_meta(m.meta)));
             }

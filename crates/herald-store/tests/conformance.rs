@@ -6,7 +6,7 @@ use std::sync::{
 };
 
 use herald_core::inbox::ReadState;
-use herald_core::{Channel, Data, Filter, Message, NewMessage, Retention, RetentionRules};
+use herald_core::{Channel, Data, Filter, Message, Meta, NewMessage, Retention, RetentionRules};
 use herald_store::{CommitSink, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig};
 
 /// Records what the store handed to its sink.
@@ -75,6 +75,7 @@ conformance!(
     channels_by_filter,
     concurrent_appends_get_unique_ids_in_sink_order,
     payload_kind_and_event_survive,
+    mqtt_properties_survive_a_read_from_history,
     group_membership,
     read_state_round_trips,
     cached_head_is_the_head_when_known,
@@ -266,15 +267,69 @@ async fn payload_kind_and_event_survive(make: fn(RetentionRules) -> Fixture) {
     assert_eq!(page.messages[0].time, 1_000_000);
 }
 
+fn mqtt_meta() -> Arc<Meta> {
+    Arc::new(Meta {
+        qos: 2,
+        retain: true,
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        response_topic: Some("reply".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x01\x02")),
+        payload_utf8: Some(true),
+        expires_at: Some(2_000_000),
+        origin: Some(7),
+    })
+}
+
+/// A message read back from history (past the store's in-memory tail) keeps
+/// the QoS and properties it was published with, as one delivered live does.
+async fn mqtt_properties_survive_a_read_from_history(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let with_meta = NewMessage { meta: Some(mqtt_meta()), ..new("m", "first") };
+    f.store.append(vec![with_meta]).await.unwrap();
+    f.store.append((0..100).map(|i| new("m", &i.to_string())).collect()).await.unwrap();
+    let page = f.store.read(ch("m"), 0, 2).await.unwrap();
+    assert_eq!(page.messages[0].meta, Some(mqtt_meta()));
+    assert_eq!(page.messages[1].meta, None, "an HTTP publish has none");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_reopens_with_history_and_continues_ids() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _, _) = config(RetentionRules::default());
     let store = SqliteStore::open(SqliteOptions::new(dir.path()), config.clone()).unwrap();
-    store.append(vec![new("c", "1"), new("c", "2")]).await.unwrap();
+    store.append(vec![new("c", "1"), NewMessage { meta: Some(mqtt_meta()), ..new("c", "2") }]).await.unwrap();
     store.close().await;
     assert!(store.append(vec![new("c", "refused")]).await.is_err(), "a closed store refuses writes");
     let store = SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap();
-    assert_eq!(ids(&store.read(ch("c"), 0, 10).await.unwrap().messages), [1, 2]);
+    let page = store.read(ch("c"), 0, 10).await.unwrap();
+    assert_eq!(ids(&page.messages), [1, 2]);
+    assert_eq!(page.messages[1].meta, Some(mqtt_meta()), "MQTT properties survive a restart");
     assert_eq!(ids(&store.append(vec![new("c", "3")]).await.unwrap()), [3]);
+}
+
+/// A data directory written before messages had a `meta` column opens, keeps
+/// its history, and stores properties from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_opens_a_database_from_before_stored_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = rusqlite::Connection::open(dir.path().join("herald.db")).unwrap();
+    old.execute_batch(
+        "CREATE TABLE channels (cid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL);
+         CREATE TABLE messages (cid INTEGER NOT NULL, id INTEGER NOT NULL, event TEXT, kind INTEGER NOT NULL,
+             data BLOB NOT NULL, time INTEGER NOT NULL, PRIMARY KEY (cid, id)) WITHOUT ROWID;
+         INSERT INTO channels (cid, name, head) VALUES (1, 'c', 1);
+         INSERT INTO messages VALUES (1, 1, NULL, 2, CAST('old' AS BLOB), 5);",
+    )
+    .unwrap();
+    drop(old);
+    let (cfg, _, _) = config(RetentionRules::default());
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), cfg.clone()).unwrap();
+    store.append(vec![NewMessage { meta: Some(mqtt_meta()), ..new("c", "new") }]).await.unwrap();
+    store.close().await;
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), cfg).unwrap();
+    let page = store.read(ch("c"), 0, 10).await.unwrap();
+    assert_eq!(ids(&page.messages), [1, 2]);
+    assert_eq!(page.messages[0].data, Data::text("old"));
+    assert_eq!((page.messages[0].meta.clone(), page.messages[1].meta.clone()), (None, Some(mqtt_meta())));
 }

@@ -89,7 +89,20 @@ pub struct Broker {
     wills: Mutex<HashMap<String, u64>>,
     /// Shared subscriptions by (group, filter).
     shared: Mutex<HashMap<(String, String), SharedGroup>>,
-    next_id: AtomicU64,
+    next_id: SessionIds,
+}
+
+/// Session ids, unique across restarts too: a stored message's `Meta::origin`
+/// (for no-local) must never match a session of a later process. Seeded with
+/// the start time in the high bits, so a later start begins past every id an
+/// earlier one handed out unless it gave out a million per millisecond of uptime.
+struct SessionIds(AtomicU64);
+
+impl Default for SessionIds {
+    fn default() -> Self {
+        let now_ms = u64::try_from(herald_store::now_ms()).unwrap_or(0);
+        SessionIds(AtomicU64::new(now_ms << 20))
+    }
 }
 
 /// What a connection gets when it claims its client id.
@@ -103,7 +116,7 @@ pub(crate) enum Claim {
 
 impl Broker {
     pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+        self.next_id.0.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Registers `conn` as the live connection of `client_id` and returns what
