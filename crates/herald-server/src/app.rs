@@ -93,7 +93,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/publish", post(publish::publish_envelope))
         .route("/api/events", get(sse::multi_channel))
         .route("/api/stats", get(stats::stats))
-        .route("/api/ws", get(ws::upgrade))
+        .route("/api/ws", get(ws::not_upgradable))
         .route("/api/notifications", post(inbox_api::notify))
         .route("/api/users/{user}/notifications", get(inbox_api::list))
         .route("/api/users/{user}/unread", get(inbox_api::unread))
@@ -103,7 +103,7 @@ pub fn app(state: SharedState) -> Router {
             get(inbox_api::list_members).put(inbox_api::add_members).delete(inbox_api::remove_members),
         )
         .route("/api/dev/token", get(inbox_api::dev_token))
-        .route("/mqtt", get(crate::mqtt::ws_upgrade))
+        .route("/mqtt", get(crate::mqtt::not_upgradable))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)
         .method_not_allowed_fallback(|method: Method| async move {

@@ -11,11 +11,13 @@
 //! axum router as every other, and the response is written straight to the
 //! socket: a streamed body as chunks, a whole body with its length.
 //!
-//! Only plain `GET`s over HTTP/1.1 with no body and no upgrade are answered
-//! here. Anything else (publishes with bodies, WebSocket upgrades, HTTP/1.0,
-//! HEAD, pipelined requests, heads we cannot parse) is handed to hyper with
-//! the bytes already read, so hyper stays the one full HTTP/1 implementation
-//! and this module only the fast path for the common long-lived case.
+//! Only plain `GET`s over HTTP/1.1 with no body are answered here, and
+//! WebSocket handshakes on `/api/ws` (the connection goes to `ws`, which speaks
+//! the protocol on the socket itself: see `websocket`). Anything else
+//! (publishes with bodies, other upgrades, HTTP/1.0, HEAD, pipelined requests,
+//! heads we cannot parse) is handed to hyper with the bytes already read, so
+//! hyper stays the one full HTTP/1 implementation and this module only the
+//! fast path for the common long-lived case.
 
 use std::{
     io,
@@ -40,7 +42,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
-use crate::{app::SharedState, poll};
+use crate::{app::SharedState, poll, websocket::Handshake, ws};
 
 /// The largest request head read here; a bigger one goes to hyper, which
 /// serves it within its own limit (about 400 KiB) and answers 431 past that.
@@ -77,7 +79,7 @@ pub(crate) async fn serve(
         };
         // Events are written in whole batches already; Nagle would only delay them.
         let _ = tcp.set_nodelay(true);
-        tracker.spawn(connection(tcp, state.clone(), router.clone(), shutdown.clone()));
+        tracker.spawn(connection(tcp, state.clone(), router.clone(), shutdown.clone(), tracker.clone()));
     }
 }
 
@@ -87,6 +89,8 @@ enum Route {
     Here(Box<Request<Body>>, bool),
     /// A poll, answered here without the router.
     Poll(Box<poll::Direct>, bool),
+    /// A WebSocket handshake on `/api/ws`: the connection becomes `ws`'s.
+    WebSocket(Box<ws::Request>),
     /// Give the connection to hyper.
     Hyper,
 }
@@ -100,6 +104,7 @@ fn connection(
     state: SharedState,
     router: Router,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let mut pending = BytesMut::new();
@@ -113,8 +118,10 @@ fn connection(
                 None => (Route::Hyper, 0),
             };
             // A body, a pipelined request behind this one, or anything unusual:
-            // hyper takes over with what was read so far.
-            let route = if head_len == pending.len() { route } else { Route::Hyper };
+            // hyper takes over with what was read so far. (After a WebSocket
+            // handshake, what follows is the client's first frames.)
+            let whole = head_len == pending.len() || matches!(route, Route::WebSocket(_));
+            let route = if whole { route } else { Route::Hyper };
             // Nothing is kept while the response is produced or streamed.
             let head = std::mem::take(&mut pending);
             // Answering and writing a head are boxed: they last a moment (a long
@@ -123,11 +130,30 @@ fn connection(
             // 1,032 bytes inline, 464 boxed).
             let (res, keep_alive) = match route {
                 Route::Hyper => return Box::pin(hand_to_hyper(tcp, head.freeze(), router, shutdown)).await,
+                Route::WebSocket(request) => {
+                    let early = Bytes::copy_from_slice(&head[head_len..]);
+                    drop(head);
+                    let endpoint = request.endpoint;
+                    let opening = Box::new(ws::Opening { tcp, state, request, early });
+                    // A task of its own, and this one ends: awaited here, the
+                    // session would keep this task's state (768 bytes, heaptrack)
+                    // beside its own for the connection's life.
+                    match endpoint {
+                        ws::Endpoint::Herald => tracker.spawn(ws::serve(opening)),
+                        ws::Endpoint::Mqtt => tracker.spawn(crate::mqtt::serve_websocket(opening)),
+                    };
+                    return;
+                }
                 Route::Here(req, keep_alive) => {
+                    // Dropped here, not at the end of the iteration: it would
+                    // be held for as long as the response streams (1 KiB of
+                    // every idle SSE connection, heaptrack).
+                    drop(head);
                     let answer = async { router.clone().oneshot(*req).await.unwrap_or_else(|never| match never {}) };
                     (Box::pin(respond(&mut tcp, answer, &mut pending)).await, keep_alive)
                 }
                 Route::Poll(req, keep_alive) => {
+                    drop(head);
                     (Box::pin(respond(&mut tcp, poll::direct(state.clone(), *req), &mut pending)).await, keep_alive)
                 }
             };
@@ -225,6 +251,14 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         return Some((Route::Hyper, len));
     }
     let path = parsed.path?;
+    let endpoint = match path.split('?').next() {
+        Some("/api/ws") => Some(ws::Endpoint::Herald),
+        Some("/mqtt") => Some(ws::Endpoint::Mqtt),
+        _ => None,
+    };
+    if let Some(endpoint) = endpoint {
+        return Some((Route::WebSocket(Box::new(websocket_request(endpoint, path, parsed.headers))), len));
+    }
     let mut keep_alive = true;
     let mut cross_origin = false;
     let mut authorization = None;
@@ -256,6 +290,20 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         req = req.header(HeaderName::from_bytes(h.name.as_bytes()).ok()?, HeaderValue::from_bytes(h.value).ok()?);
     }
     Some((Route::Here(Box::new(req.body(Body::empty()).ok()?), keep_alive), len))
+}
+
+/// What a WebSocket connection needs of its request: query, credential, handshake.
+fn websocket_request(endpoint: ws::Endpoint, path: &str, headers: &[httparse::Header<'_>]) -> ws::Request {
+    let mut handshake = Handshake::default();
+    let mut authorization = None;
+    for h in headers {
+        handshake.header(h.name, h.value);
+        if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = HeaderValue::from_bytes(h.value).ok().and_then(|v| v.to_str().ok().map(str::to_owned));
+        }
+    }
+    let query = path.split_once('?').map(|(_, q)| q.to_owned());
+    ws::Request { endpoint, query, authorization, handshake }
 }
 
 /// `/api/channels/{channel}/messages[?query]` with a valid channel name and
@@ -309,6 +357,12 @@ async fn write_head(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<Writ
     head.put_slice(b"transfer-encoding: chunked\r\n\r\n");
     tcp.write_all(&head).await?;
     Ok(Written::Head { body, close })
+}
+
+/// Writes a response whose body is whole (an error), for a connection that
+/// then ends.
+pub(crate) async fn write_whole(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<()> {
+    write_head(tcp, res).await.map(drop)
 }
 
 /// Writes a streamed body as chunks, each as soon as the body yields it. The
@@ -448,7 +502,7 @@ mod tests {
     fn routed(head: &str) -> Option<(bool, bool, usize)> {
         route(head.as_bytes()).map(|(r, len)| match r {
             Route::Here(_, keep_alive) | Route::Poll(_, keep_alive) => (true, keep_alive, len),
-            Route::Hyper => (false, false, len),
+            Route::Hyper | Route::WebSocket(_) => (false, false, len),
         })
     }
 
@@ -483,12 +537,21 @@ mod tests {
     fn everything_else_goes_to_hyper() {
         for head in [
             "POST /api/channels/a HTTP/1.1\r\nContent-Length: 2\r\n\r\n",
-            "GET /api/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET /other HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             "GET / HTTP/1.0\r\n\r\n",
             "HEAD / HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(matches!(routed(head), Some((false, _, _))), "{head}");
+        }
+        // WebSocket handshakes on /api/ws and /mqtt stay here, with their credential.
+        let ws = "GET /api/ws?token=t HTTP/1.1\r\nUpgrade: websocket\r\nAuthorization: Bearer b\r\n\r\n";
+        match route(ws.as_bytes()) {
+            Some((Route::WebSocket(r), _)) => {
+                assert_eq!((r.query.as_deref(), r.authorization.as_deref()), (Some("token=t"), Some("Bearer b")));
+                assert_eq!(r.handshake.upgrade.as_deref(), Some("websocket"));
+            }
+            _ => panic!("not a WebSocket route"),
         }
         // Not a request head at all: hyper answers 400.
         assert!(routed("NOT HTTP\r\n\r\n").is_none());

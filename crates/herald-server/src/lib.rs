@@ -23,6 +23,7 @@ mod sse;
 pub mod stats;
 mod stream;
 pub mod subscription;
+mod websocket;
 mod ws;
 
 pub use app::{AppState, app};

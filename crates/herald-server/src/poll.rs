@@ -127,7 +127,7 @@ impl Answer {
             // Two gaps in one answer (history trimmed between pages) merge.
             Delivery::Gap(g) => match &mut self.missed {
                 Some(prev) => prev.to = g.to,
-                None => self.missed = Some(g),
+                None => self.missed = Some(*g),
             },
             Delivery::Unread(n) => self.unread = Some(n),
         }

@@ -87,7 +87,9 @@ struct Streamer<E> {
 }
 
 /// `None`: shutdown.
-type Waiting = Pin<Box<dyn Future<Output = (Subscription, Result<Option<Delivery>, StoreError>)> + Send>>;
+/// What the boxed wait gives back: the subscription, and a delivery; `Ok(None)`:
+/// caught up (wait on the mailbox now); `Err(None)`: shutdown.
+type Waiting = Pin<Box<dyn Future<Output = (Subscription, Result<Option<Delivery>, Option<StoreError>>)> + Send>>;
 
 pub(crate) fn respond<E: Encoder>(state: SharedState, sub: Subscription, encoder: E, settings: Settings) -> Response {
     let now = Instant::now();
@@ -187,10 +189,15 @@ impl<E: Encoder> Streamer<E> {
                 let (sub, result) = std::task::ready!(waiting.as_mut().poll(cx));
                 self.waiting = None;
                 self.sub = Some(sub);
-                return Poll::Ready(result.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "stream ended by a store error; the client will resume");
-                    None
-                }));
+                match result {
+                    Ok(Some(d)) => return Poll::Ready(Some(d)),
+                    Ok(None) => continue,                  // caught up: wait on the mailbox alone
+                    Err(None) => return Poll::Ready(None), // shutdown
+                    Err(Some(e)) => {
+                        tracing::warn!(error = %e, "stream ended by a store error; the client will resume");
+                        return Poll::Ready(None);
+                    }
+                }
             }
             let sub = self.sub.as_mut().expect("the subscription is here when nothing waits");
             if let Some(d) = sub.try_next() {
@@ -201,8 +208,8 @@ impl<E: Encoder> Streamer<E> {
                 let shutdown = self.shutdown.clone();
                 self.waiting = Some(Box::pin(async move {
                     let result = tokio::select! {
-                        _ = shutdown.cancelled() => Ok(None),
-                        d = sub.next() => d.map(Some),
+                        _ = shutdown.cancelled() => Err(None),
+                        d = sub.next_general() => d.map_err(Some),
                     };
                     (sub, result)
                 }));

@@ -10,20 +10,15 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::{
-    extract::{
-        RawQuery, State, WebSocketUpgrade,
-        ws::rejection::WebSocketUpgradeRejection,
-        ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket},
-    },
+    extract::{RawQuery, State},
     http::HeaderMap,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures_util::SinkExt;
 use herald_core::{CursorToken, EventName, Filter, Message, Principal, Since, Target, Wire};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
-use tokio::time::Instant;
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 
 use crate::{
     app::SharedState,
@@ -35,6 +30,7 @@ use crate::{
     stats::Transport,
     stream,
     subscription::{Delivery, Subscription},
+    websocket::{Handshake, Incoming, WebSocket, switching_protocols},
 };
 
 /// Room for the frame's own fields around a maximal payload.
@@ -42,51 +38,95 @@ const FRAME_OVERHEAD: usize = 16 * 1024;
 /// Bad frames tolerated per minute before the connection is closed.
 const MAX_BAD_FRAMES: u32 = 20;
 
-/// Authentication happens before the upgrade, so a refused client gets a plain
-/// 401/403 with a JSON body rather than a socket that closes at once.
-pub(crate) async fn upgrade(
+/// Which protocol a WebSocket handshake asks for, by its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `/api/ws`: Herald's JSON protocol, served here.
+    Herald,
+    /// `/mqtt`: MQTT over WebSocket, served by `mqtt`.
+    Mqtt,
+}
+
+/// A WebSocket request as the front door read it.
+pub(crate) struct Request {
+    pub endpoint: Endpoint,
+    pub query: Option<String>,
+    pub authorization: Option<String>,
+    pub handshake: Handshake,
+}
+
+/// What a WebSocket connection starts from: the socket, the request, and any
+/// bytes the client sent after the request head.
+pub(crate) struct Opening {
+    pub tcp: TcpStream,
+    pub state: SharedState,
+    pub request: Box<Request>,
+    pub early: Bytes,
+}
+
+/// Serves `/api/ws` on a connection the front door hands over, as a task of
+/// its own. What it starts from comes in one box, emptied by `open`: the
+/// task keeps only the pointer's room for its life.
+pub(crate) async fn serve(opening: Box<Opening>) {
+    let Some(mut s) = Box::pin(open(opening)).await else { return };
+    let _connection = s.state.stats.connect(Transport::Ws);
+    let end = s.run().await;
+    Box::pin(close(s, end)).await;
+}
+
+/// Checks the handshake and the credential, then switches protocols. A refused
+/// client gets a plain HTTP answer with a JSON body saying why, rather than a
+/// socket that closes at once.
+async fn open(opening: Box<Opening>) -> Option<Session> {
+    // Unboxed here, so the box is freed with this future, not kept by the task.
+    let Opening { mut tcp, state, request, early } = *opening;
+    let opened = async {
+        // Credentials first, as on every route: a bad token is a 401 whatever
+        // else is wrong with the request.
+        let query = Query::parse(request.query.as_deref());
+        let credential = crate::auth::bearer(request.authorization.as_deref(), &query);
+        let principal = state.auth.authenticate_credential(credential)?;
+        let accept = request.handshake.accept().map_err(not_a_handshake)?;
+        let cx = state.context(principal.clone(), true);
+        let sub = Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await?;
+        Ok::<_, ApiError>((accept, principal, sub))
+    };
+    let (accept, principal, sub) = match opened.await {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = crate::front::write_whole(&mut tcp, e.into_response()).await;
+            return None;
+        }
+    };
+    tcp.write_all(&switching_protocols(&accept, None)).await.ok()?;
+    let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
+    Some(Session {
+        state,
+        principal,
+        socket: WebSocket::new(tcp, &early, limit),
+        sub,
+        subscriptions: 0,
+        bad_frames: 0,
+        bad_window: Instant::now(),
+        coalesce: Coalescer::default(),
+    })
+}
+
+/// `/api/ws` through the router: the front door serves WebSocket handshakes
+/// that are plain HTTP/1.1 GETs; anything else that reaches here (HTTP/1.0, a
+/// head over 16 KiB) cannot be one.
+pub(crate) async fn not_upgradable(
     State(state): State<SharedState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let principal = state.auth.authenticate(&headers, &Query::parse(raw.as_deref()))?;
-    let ws = ws.map_err(|e| ApiError::new(e.status(), "websocket_expected", e.body_text()))?;
-    let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
-    // tungstenite's default read buffer is 128 KiB per connection, held for
-    // the connection's life. Client frames here are small (subscribe,
-    // publish), and the buffer grows to a large frame's length when one
-    // comes; the size is also the most read at once, so a 16 KiB publish
-    // takes 32 reads. Measured per idle connection: 4 KiB of 11 at 4 KiB,
-    // 1 KiB of 4.2 at 1 KiB.
-    let ws = ws.read_buffer_size(512).write_buffer_size(16 * 1024).max_message_size(limit).max_frame_size(limit);
-    // Opened before the upgrade (it reads nothing yet: no targets), so the
-    // socket goes straight into the session.
-    let cx = state.context(principal.clone(), true);
-    // Boxed until the upgrade: the callback's captures keep their room in
-    // the task for the connection's life, and a subscription is 256 bytes.
-    let sub = Box::new(Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await?);
-    Ok(ws.on_upgrade(move |socket| {
-        // Built here and captured by the block below, which uses it in place:
-        // passed to an `async fn` instead, the session would be stored twice
-        // in the task (the argument's room is kept after it moves on; seen
-        // with -Zprint-type-sizes), 688 bytes more for every connection.
-        let mut s = Session {
-            state,
-            principal,
-            socket,
-            sub: *sub,
-            subscriptions: 0,
-            bad_frames: 0,
-            bad_window: Instant::now(),
-            coalesce: Coalescer::default(),
-        };
-        async move {
-            let _connection = s.state.stats.connect(Transport::Ws);
-            let end = s.run().await;
-            Box::pin(close(s, end)).await;
-        }
-    }))
+    state.auth.authenticate(&headers, &Query::parse(raw.as_deref()))?;
+    Err(not_a_handshake("it must be an HTTP/1.1 GET with a head under 16 KiB"))
+}
+
+/// The answer to a request on a WebSocket endpoint that is not a handshake.
+pub(crate) fn not_a_handshake(why: &str) -> ApiError {
+    ApiError::bad_request("websocket_expected", format!("not a WebSocket handshake: {why}"))
 }
 
 /// Every client frame, flat: the `type` decides which fields are required.
@@ -130,15 +170,8 @@ struct Session {
 
 /// Says goodbye, with a reason when the server ends it.
 async fn close(mut s: Session, end: End) {
-    match end {
-        End::Close(code, reason) => {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-            let _ = s.socket.send(WsMessage::Close(Some(frame))).await;
-        }
-        // Completes the closing handshake when the client started it.
-        End::Gone => {
-            let _ = s.socket.close().await;
-        }
+    if let End::Close(code, reason) = end {
+        s.socket.close(code, &reason).await;
     }
 }
 
@@ -163,17 +196,25 @@ impl Session {
                     last_heard = Instant::now();
                     let end = match frame {
                         None => Some(End::Gone),
-                        Some(Err(e)) => Some(End::Close(1009, truncate(format!("bad frame: {e}")))),
+                        Some(Err(e)) => match e.close_code() {
+                            Some(code) => Some(End::Close(code, truncate(format!("bad frame: {e}")))),
+                            None => Some(End::Gone),
+                        },
                         // Handlers are boxed: they last a moment, and inline they
                         // would size every idle connection's task for their
                         // largest state.
-                        Some(Ok(WsMessage::Text(text))) => Box::pin(self.on_text(text.as_str())).await,
-                        Some(Ok(WsMessage::Binary(_))) => {
+                        Some(Ok(Incoming::Text(text))) => Box::pin(self.on_text(&text)).await,
+                        Some(Ok(Incoming::Binary(_))) => {
                             let why = "binary frames are not supported; send JSON text";
                             Box::pin(self.bad_frame(None, "invalid_frame", why)).await
                         }
-                        Some(Ok(WsMessage::Close(_))) => Some(End::Gone),
-                        Some(Ok(_)) => None, // ping / pong: the socket answers pings itself
+                        // The closing handshake: answer with the client's code.
+                        Some(Ok(Incoming::Close(code))) => Some(End::Close(code.unwrap_or(1000), String::new())),
+                        Some(Ok(Incoming::Ping(payload))) => {
+                            self.socket.feed_pong(&payload);
+                            Box::pin(self.socket.flush()).await.err().map(|_| End::Gone)
+                        }
+                        Some(Ok(Incoming::Pong)) => None,
                     };
                     if let Some(end) = end {
                         return end;
@@ -189,7 +230,8 @@ impl Session {
                     if last_heard.elapsed() > every * 2 {
                         return End::Close(1001, "no answer to pings".into());
                     }
-                    if Box::pin(self.socket.send(WsMessage::Ping(Bytes::new()))).await.is_err() {
+                    self.socket.feed_ping();
+                    if Box::pin(self.socket.flush()).await.is_err() {
                         return End::Gone;
                     }
                 }
@@ -198,7 +240,7 @@ impl Session {
     }
 
     /// Writes a delivery and whatever else is already queued, then flushes once.
-    async fn deliver(&mut self, first: Delivery) -> Result<(), axum::Error> {
+    async fn deliver(&mut self, first: Delivery) -> std::io::Result<()> {
         // A busy connection gathers what comes within the window into one write.
         self.coalesce.ready().await;
         let mut count = 0;
@@ -216,8 +258,7 @@ impl Session {
                 }
                 Delivery::Unread(n) => Bytes::from(format!("{{\"type\":\"unread\",\"count\":{n}}}")),
             };
-            let text = Utf8Bytes::try_from(frame).expect("frames are built from UTF-8 JSON");
-            self.socket.feed(WsMessage::Text(text)).await?;
+            self.socket.feed_text(&frame);
             item = if count < 256 { self.sub.try_next() } else { None };
         }
         self.state.stats.delivered(count);
@@ -226,10 +267,8 @@ impl Session {
     }
 
     async fn send_json(&mut self, v: Value) -> Option<End> {
-        match self.socket.send(WsMessage::Text(Utf8Bytes::from(v.to_string()))).await {
-            Ok(()) => None,
-            Err(_) => Some(End::Gone),
-        }
+        self.socket.feed_text(v.to_string().as_bytes());
+        self.socket.flush().await.err().map(|_| End::Gone)
     }
 
     async fn bad_frame(&mut self, reference: Option<Value>, code: &str, message: &str) -> Option<End> {
@@ -252,7 +291,8 @@ impl Session {
         self.send_json(v).await
     }
 
-    async fn on_text(&mut self, text: &str) -> Option<End> {
+    async fn on_text(&mut self, text: &[u8]) -> Option<End> {
+        let text = std::str::from_utf8(text).unwrap_or_default(); // checked by the socket
         let frame = match serde_json::from_str::<ClientFrame>(text) {
             Ok(f) => f,
             Err(e) => {

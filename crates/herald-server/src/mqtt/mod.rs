@@ -14,20 +14,13 @@ mod topic;
 
 pub use broker::Broker;
 
-use axum::{
-    extract::{
-        State, WebSocketUpgrade,
-        ws::{Message as WsMessage, WebSocket},
-    },
-    response::{IntoResponse, Response},
-};
-use futures_util::{SinkExt, StreamExt};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use axum::response::{IntoResponse, Response};
+use tokio::{io::AsyncWriteExt, net::TcpListener};
 
-use crate::app::SharedState;
+use crate::{
+    app::SharedState,
+    websocket::{ByteStream, WebSocket, switching_protocols},
+};
 
 /// Accepts MQTT over TCP until shutdown.
 pub fn spawn_tcp(state: SharedState, listener: TcpListener) {
@@ -48,36 +41,34 @@ pub fn spawn_tcp(state: SharedState, listener: TcpListener) {
     });
 }
 
-/// `GET /mqtt`: MQTT over WebSocket. Binary frames carry the MQTT byte
-/// stream; a pipe turns them back into one so the connection code is shared.
-pub(crate) async fn ws_upgrade(State(state): State<SharedState>, ws: WebSocketUpgrade) -> Response {
-    // tungstenite's defaults allocate a 128 KiB read buffer per connection
-    // (measured: 141.6 KB per idle MQTT-over-WebSocket connection); frames
-    // carry MQTT packets, bounded like those over TCP.
-    let limit = state.config.limits.max_payload + connection::PACKET_OVERHEAD;
-    let ws = ws.read_buffer_size(512).write_buffer_size(16 * 1024).max_message_size(limit).max_frame_size(limit);
-    ws.protocols(["mqtt"]).on_upgrade(move |socket| bridge(state, socket)).into_response()
+/// `/mqtt` through the router: the front door serves WebSocket handshakes
+/// that are plain HTTP/1.1 GETs; anything else that reaches here cannot be one.
+pub(crate) async fn not_upgradable() -> Response {
+    crate::ws::not_a_handshake("it must be an HTTP/1.1 GET with a head under 16 KiB").into_response()
 }
 
-async fn bridge(state: SharedState, socket: WebSocket) {
-    let (mqtt_side, mut our_side) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(connection::serve(state, mqtt_side));
-    let (mut sink, mut stream) = socket.split();
-    // What the connection wrote, a WebSocket frame at a time; held for the
-    // connection's life, so small (a burst goes out as several frames).
-    let mut buf = vec![0u8; 1024];
-    loop {
-        tokio::select! {
-            frame = stream.next() => match frame {
-                Some(Ok(WsMessage::Binary(b))) => if our_side.write_all(&b).await.is_err() { break },
-                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
-            n = our_side.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => if sink.send(WsMessage::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() { break },
-            },
+/// MQTT over WebSocket (`/mqtt`, subprotocol `mqtt`) on a connection the
+/// front door hands over: binary messages carry the MQTT byte stream, and the
+/// connection is the same code as over TCP, on the same task.
+pub(crate) async fn serve_websocket(opening: Box<crate::ws::Opening>) {
+    let Some((state, stream)) = Box::pin(upgrade(opening)).await else { return };
+    connection::serve(state, stream).await;
+}
+
+/// Answers the handshake (no credential here: the CONNECT's password is it).
+async fn upgrade(opening: Box<crate::ws::Opening>) -> Option<(SharedState, ByteStream)> {
+    // Unboxed here, so the box is freed with this future, not kept by the task.
+    let crate::ws::Opening { mut tcp, state, request, early } = *opening;
+    let accept = match request.handshake.accept() {
+        Ok(accept) => accept,
+        Err(why) => {
+            let _ = crate::front::write_whole(&mut tcp, crate::ws::not_a_handshake(why).into_response()).await;
+            return None;
         }
-    }
-    let _ = sink.close().await;
+    };
+    let protocol = request.handshake.offers("mqtt").then_some("mqtt");
+    tcp.write_all(&switching_protocols(&accept, protocol)).await.ok()?;
+    // Frames carry MQTT packets, bounded like those over TCP.
+    let limit = state.config.limits.max_payload + connection::PACKET_OVERHEAD;
+    Some((state, ByteStream::new(WebSocket::new(tcp, &early, limit))))
 }
