@@ -155,7 +155,7 @@ async fn channel_get(
     match resource {
         "messages" => {
             drop(headers);
-            Box::pin(poll::messages(state, principal, channel, &query)).await
+            Box::pin(poll::messages(state, principal, channel, &query, &mut Default::default())).await
         }
         "events" => Box::pin(sse::single_channel(state, principal, channel, &headers, &query)).await,
         _ => Box::pin(iframe::stream(state, principal, channel, &query)).await,

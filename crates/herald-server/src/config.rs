@@ -38,7 +38,7 @@ pub struct Config {
 pub struct ServerConfig {
     /// HTTP listen address (all HTTP transports, the API and the demo pages).
     pub http: SocketAddr,
-    /// MQTT listen address (the MQTT endpoint is not built yet; reserved).
+    /// MQTT listen address (TCP; MQTT over WebSocket is at `/mqtt` on `http`); `off` disables it.
     pub mqtt: String,
     /// Directory of the embedded store.
     pub data: PathBuf,

@@ -42,7 +42,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
-use crate::{app::SharedState, poll, websocket::Handshake, ws};
+use crate::{app::SharedState, coalesce::Coalescer, poll, websocket::Handshake, ws};
 
 /// The largest request head read here; a bigger one goes to hyper, which
 /// serves it within its own limit (about 400 KiB) and answers 431 past that.
@@ -108,6 +108,8 @@ fn connection(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let mut pending = BytesMut::new();
+        // Long polls on this connection, one after another, share it.
+        let mut coalesce = Coalescer::default();
         loop {
             match read_head(&mut tcp, &mut pending, &shutdown).await {
                 Ok(true) => {}
@@ -154,7 +156,7 @@ fn connection(
                 }
                 Route::Poll(req, keep_alive) => {
                     drop(head);
-                    let answer = Box::pin(poll::direct(state.clone(), *req));
+                    let answer = Box::pin(poll::direct(state.clone(), *req, &mut coalesce));
                     (Box::pin(respond(&mut tcp, answer, &mut pending)).await, keep_alive)
                 }
             };

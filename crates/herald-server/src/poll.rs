@@ -13,16 +13,26 @@ use axum::{
 };
 use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
-use crate::{app::SharedState, error::ApiError, query::Query, stats::Transport, stream, subscription::Delivery};
+use crate::{
+    app::SharedState, coalesce::Coalescer, error::ApiError, query::Query, stats::Transport, stream,
+    subscription::Delivery,
+};
 
 /// Messages per answer when the client does not say.
 const DEFAULT_LIMIT: usize = 100;
 
+/// `coalesce`: the connection's, when it outlives this request (the front
+/// door's keep-alive connections). A long poll on a connection that was
+/// answered within the coalescing window waits out the rest of it before
+/// answering, gathering what else arrives: in a burst a poller gets a batch
+/// per window instead of a request per message or two (the request and its
+/// answer are most of a long poll's cost). A quiet poller is answered at once.
 pub(crate) async fn messages(
     state: SharedState,
     principal: Arc<Principal>,
     channel: Channel,
     query: &Query,
+    coalesce: &mut Coalescer,
 ) -> Result<Response, ApiError> {
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
     let limit = query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit);
@@ -54,13 +64,20 @@ pub(crate) async fn messages(
             _ = tokio::time::sleep(wait) => return Ok(not_modified()),
             _ = state.shutdown.cancelled() => return Ok(not_modified()),
         }
-        // Whatever else is already here goes in the same answer.
+    }
+    if waiting && answer.messages.len() < limit {
+        // A busy poller waits for company; then whatever else is already
+        // here goes in the same answer.
+        Box::pin(coalesce.ready()).await;
         while answer.messages.len() < limit {
             match sub.try_next() {
                 Some(d) => answer.push(d),
                 None => break,
             }
         }
+    }
+    if waiting {
+        coalesce.wrote();
     }
     if let Some(owner) = channel.inbox_owner() {
         // The count as of now: a message can reach this poll before the count
@@ -88,7 +105,11 @@ pub(crate) struct Direct {
 /// A block, not an `async fn`: an async fn's arguments keep their room in the
 /// future after moving on, and this future is what a long poll holds.
 #[allow(clippy::manual_async_fn)] // see above: the block is the point
-pub(crate) fn direct(state: SharedState, req: Direct) -> impl Future<Output = Response> + Send {
+pub(crate) fn direct(
+    state: SharedState,
+    req: Direct,
+    coalesce: &mut Coalescer,
+) -> impl Future<Output = Response> + Send {
     async move {
         let query = Query::parse(req.query.as_deref());
         let credential = crate::auth::bearer(req.authorization.as_deref(), &query);
@@ -96,7 +117,7 @@ pub(crate) fn direct(state: SharedState, req: Direct) -> impl Future<Output = Re
             Ok(p) => p,
             Err(e) => return e.into_response(),
         };
-        messages(state, principal, req.channel, &query).await.unwrap_or_else(IntoResponse::into_response)
+        messages(state, principal, req.channel, &query, coalesce).await.unwrap_or_else(IntoResponse::into_response)
     }
 }
 
@@ -168,5 +189,63 @@ impl Answer {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_core::{Data, NewMessage};
+    use http_body_util::BodyExt;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::coalesce::WINDOW;
+
+    async fn open_state() -> SharedState {
+        let mut config = crate::config::Config::default();
+        config.server.memory = true;
+        config.server.http = "127.0.0.1:0".parse().unwrap();
+        config.server.mqtt = "off".into();
+        crate::server::Server::bind(config, Default::default()).await.unwrap().state().clone()
+    }
+
+    async fn publish(state: &SharedState, text: &str) {
+        let m = NewMessage { channel: Channel::parse("c").unwrap(), event: None, data: Data::text(text), meta: None };
+        state.store.append(vec![m]).await.unwrap();
+    }
+
+    async fn ids(res: Response) -> Vec<u64> {
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["messages"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_long_poller_gets_what_comes_within_the_window_in_one_answer() {
+        let state = open_state().await;
+        let admin = state.auth.authenticate_credential(None).unwrap();
+        let channel = Channel::parse("c").unwrap();
+        let mut coalesce = Coalescer::default();
+        publish(&state, "1").await;
+
+        // A quiet connection is answered at once.
+        let start = Instant::now();
+        let query = Query::parse(Some("since=0&wait=30"));
+        let res = messages(state.clone(), admin.clone(), channel.clone(), &query, &mut coalesce).await.unwrap();
+        assert_eq!(ids(res).await, [1]);
+        assert_eq!(Instant::now(), start, "nothing waited");
+
+        // Answered just now, it waits out the window for what else comes.
+        let query = Query::parse(Some("since=1&wait=30"));
+        let poll = messages(state.clone(), admin.clone(), channel.clone(), &query, &mut coalesce);
+        let burst = async {
+            for text in ["2", "3", "4"] {
+                publish(&state, text).await;
+            }
+        };
+        let (res, ()) = tokio::join!(poll, burst);
+        assert_eq!(ids(res.unwrap()).await, [2, 3, 4]);
+        assert_eq!(Instant::now(), start + WINDOW, "answered at the window's end");
     }
 }
