@@ -12,8 +12,9 @@
 //! socket: a streamed body as chunks, a whole body with its length.
 //!
 //! Only plain `GET`s over HTTP/1.1 with no body are answered here, and
-//! WebSocket handshakes on `/api/ws` (the connection goes to `ws`, which speaks
-//! the protocol on the socket itself: see `websocket`). Anything else
+//! WebSocket handshakes on `/api/ws` and `/mqtt` (the connection becomes a
+//! task of `ws` or `mqtt`, which speak the protocol on the socket itself: see
+//! `websocket`). Anything else
 //! (publishes with bodies, other upgrades, HTTP/1.0, HEAD, pipelined requests,
 //! heads we cannot parse) is handed to hyper with the bytes already read, so
 //! hyper stays the one full HTTP/1 implementation and this module only the
@@ -263,7 +264,17 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         _ => None,
     };
     if let Some(endpoint) = endpoint {
-        return Some((Route::WebSocket(Box::new(websocket_request(endpoint, path, parsed.headers))), len));
+        let has_body = parsed.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("transfer-encoding")
+                || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+        });
+        // A handshake has no body; one with a body gets hyper's answer (400).
+        let route = if has_body {
+            Route::Hyper
+        } else {
+            Route::WebSocket(Box::new(websocket_request(endpoint, path, parsed.headers)))
+        };
+        return Some((route, len));
     }
     let mut keep_alive = true;
     let mut cross_origin = false;

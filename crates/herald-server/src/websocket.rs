@@ -5,10 +5,11 @@
 //! Why not tungstenite (through axum): an idle WebSocket there held a 512-byte
 //! read buffer, two waker `Arc`s, hyper's upgraded-connection box and a
 //! ~400-byte protocol state for its whole life (heaptrack: 3.3 KB per idle
-//! connection against SSE's 2.1). Here an idle connection holds nothing but
-//! the socket: bytes are read only once the socket is readable, into a stack
-//! buffer, and kept only while a frame is incomplete; frames to send are
-//! gathered in a buffer that is given back once written.
+//! connection against SSE's 2.1). Here an idle connection holds the socket
+//! and no buffer: bytes are read only once the socket is readable, into a
+//! stack buffer, and kept only while a frame is incomplete (the buffer grows
+//! with what arrives, not with the length a header claims); frames to send
+//! are gathered in a buffer that is given back once written.
 //!
 //! What it does not do: extensions (permessage-deflate; no mainstream Rust
 //! crate does either) and subprotocols beyond echoing one the caller accepts.
@@ -29,8 +30,10 @@ use tokio::{
 
 /// The handshake's fixed GUID (RFC 6455 section 1.3).
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-/// Read at most this much per readiness; on the stack, never kept.
+/// Read at most this much per `try_read`; on the stack, never kept.
 const READ_CHUNK: usize = 4096;
+/// Room reserved at once for an incomplete frame: more comes as its bytes do.
+const MAX_RESERVE: usize = 4 * READ_CHUNK;
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -77,20 +80,19 @@ impl Handshake {
     }
 
     /// The `Sec-WebSocket-Accept` value, or what is wrong with the request.
-    pub(crate) fn accept(&self) -> Result<String, &'static str> {
+    pub(crate) fn accept(&self) -> Result<String, Refusal> {
         if !has_token(self.upgrade.as_deref(), "websocket") {
-            return Err("expected 'Upgrade: websocket'");
+            return Err(Refusal::Request("expected 'Upgrade: websocket'"));
         }
         if !has_token(self.connection.as_deref(), "upgrade") {
-            return Err("expected 'Connection: Upgrade'");
+            return Err(Refusal::Request("expected 'Connection: Upgrade'"));
         }
         if self.version.as_deref().map(str::trim) != Some("13") {
-            return Err("expected 'Sec-WebSocket-Version: 13'");
+            return Err(Refusal::Version);
         }
-        // 16 random bytes in base64: 24 characters ending in "==".
         let key = self.key.as_deref().map(str::trim).unwrap_or("");
-        if key.len() != 24 || !key.ends_with("==") {
-            return Err("expected a 'Sec-WebSocket-Key' of 16 bytes in base64");
+        if !is_nonce(key) {
+            return Err(Refusal::Request("expected a 'Sec-WebSocket-Key' of 16 bytes in base64"));
         }
         let mut sha = Sha1::new();
         sha.update(key.as_bytes());
@@ -98,10 +100,41 @@ impl Handshake {
         Ok(herald_core::message::base64(&sha.finalize()))
     }
 
-    /// Whether the client offered `protocol` in `Sec-WebSocket-Protocol`.
-    pub(crate) fn offers(&self, protocol: &str) -> bool {
-        has_token(self.protocols.as_deref(), protocol)
+    /// The first of `protocols` the client offered, spelt as the client spelt
+    /// it (the answer must name one of the client's own).
+    pub(crate) fn choose<'a>(&'a self, protocols: &[&str]) -> Option<&'a str> {
+        let offered = || self.protocols.as_deref().into_iter().flat_map(|l| l.split(',')).map(str::trim);
+        protocols.iter().find_map(|p| offered().find(|o| o.eq_ignore_ascii_case(p)))
     }
+}
+
+/// Why a handshake is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Not a WebSocket handshake, for the reason given.
+    Request(&'static str),
+    /// A version other than 13: answered `426` with `Sec-WebSocket-Version: 13`
+    /// (RFC 6455 section 4.4), so the client can retry with it.
+    Version,
+}
+
+impl Refusal {
+    pub(crate) fn why(self) -> &'static str {
+        match self {
+            Refusal::Request(why) => why,
+            Refusal::Version => "expected 'Sec-WebSocket-Version: 13'",
+        }
+    }
+}
+
+/// 16 bytes in base64: 22 characters of the alphabet, the last one carrying
+/// only two bits, then `==`.
+fn is_nonce(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && matches!(b[21], b'A' | b'Q' | b'g' | b'w')
 }
 
 fn has_token(list: Option<&str>, token: &str) -> bool {
@@ -224,12 +257,13 @@ impl WebSocket {
         loop {
             let Some(head) = FrameHead::parse(&self.read)? else { return Ok(None) };
             let partial_len = self.partial.as_ref().map_or(0, |p| p.1.len());
-            if head.opcode < CLOSE && partial_len + head.len > self.max_message {
+            if head.opcode < CLOSE && head.len > self.max_message.saturating_sub(partial_len) {
                 return Err(WsError::TooBig(self.max_message));
             }
+            // Within the limit (data) or 125 bytes (control): no overflow.
             let total = head.size + head.len;
             if self.read.len() < total {
-                self.read.reserve(total - self.read.len());
+                self.read.reserve((total - self.read.len()).min(MAX_RESERVE));
                 return Ok(None);
             }
             let _ = self.read.split_to(head.size);
@@ -356,6 +390,28 @@ impl WebSocket {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.tcp).await;
         }
     }
+
+    /// After a close this side started: reads until the client's close frame,
+    /// the end of the stream, or `patience`. A socket dropped with unread
+    /// bytes is reset, and a reset can make the client lose the close frame
+    /// (and its code) it already received. What cannot be parsed (after a
+    /// protocol error) is read and dropped.
+    pub(crate) async fn await_close(&mut self, patience: std::time::Duration) {
+        let wait = async {
+            loop {
+                match self.recv().await {
+                    None | Some(Ok(Incoming::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(WsError::Io(_))) => return,
+                    Some(Err(_)) => {
+                        self.read = BytesMut::new();
+                        self.partial = None;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(patience, wait).await;
+    }
 }
 
 /// Binary messages as one byte stream, for protocols that run over a
@@ -387,6 +443,15 @@ impl AsyncRead for ByteStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while this.unread.is_empty() {
+            // Pongs queued here go out with reading; a client that sends
+            // pings but does not read gets no more read until they are out.
+            if !this.ws.write.is_empty() {
+                match this.ws.poll_flush(cx) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending if this.ws.write.len() > MAX_QUEUED_WRITES => return Poll::Pending,
+                    _ => {}
+                }
+            }
             let msg = match ready!(this.ws.poll_recv(cx)) {
                 None => return Poll::Ready(Ok(())),
                 Some(Ok(msg)) => msg,
@@ -399,11 +464,7 @@ impl AsyncRead for ByteStream {
             };
             match msg {
                 Incoming::Binary(b) => this.unread = b,
-                Incoming::Ping(p) => {
-                    this.ws.feed_pong(&p);
-                    // Written now if the socket takes it, else with the next write.
-                    let _ = this.ws.poll_flush(cx);
-                }
+                Incoming::Ping(p) => this.ws.feed_pong(&p), // written at the top of the loop
                 Incoming::Pong => {}
                 Incoming::Close(code) => {
                     this.close_with(cx, code.unwrap_or(1000), "");
@@ -485,6 +546,9 @@ impl FrameHead {
             },
             n => (u64::from(n), 2),
         };
+        if len > i64::MAX as u64 {
+            return Err(WsError::Protocol("a 64-bit length with its top bit set"));
+        }
         if opcode >= CLOSE && (!fin || len > 125) {
             return Err(WsError::Protocol("control frames must be whole and at most 125 bytes"));
         }
@@ -494,14 +558,22 @@ impl FrameHead {
             opcode,
             mask: mask.try_into().expect("4 bytes"),
             size: at + 4,
-            // Past usize (32-bit targets) is past any limit too.
+            // Past usize (32-bit targets) is past any message limit too.
             len: usize::try_from(len).unwrap_or(usize::MAX),
         }))
     }
 }
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    for (i, b) in payload.iter_mut().enumerate() {
+    // Eight bytes at a time; each chunk starts at a multiple of four, so the
+    // mask lines up, and so does the remainder's.
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes(c.try_into().expect("8 bytes")) ^ wide;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
         *b ^= mask[i & 3];
     }
 }
@@ -512,7 +584,8 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, WsError> {
         return if payload.is_empty() { Ok(None) } else { Err(WsError::Protocol("a close frame of one byte")) };
     };
     let code = u16::from_be_bytes(*code);
-    let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+    // Registered codes a peer may send (1004-1006 and 1015 may not be sent).
+    let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
     if !valid {
         return Err(WsError::Protocol("a close code that may not be sent"));
     }
@@ -567,13 +640,21 @@ mod tests {
         assert_eq!(h.accept().as_deref(), Ok("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
         let mut no_version = h.clone();
         no_version.version = Some("8".into());
-        assert!(no_version.accept().unwrap_err().contains("Version"));
+        assert_eq!(no_version.accept(), Err(Refusal::Version));
         let mut no_upgrade = h.clone();
         no_upgrade.connection = Some("keep-alive".into());
-        assert!(no_upgrade.accept().unwrap_err().contains("Connection"));
+        assert!(no_upgrade.accept().unwrap_err().why().contains("Connection"));
+        for bad in ["!!!!!!!!!!!!!!!!!!!!!!==", "dGhlIHNhbXBsZSBub25jZR==", "dGhlIHNhbXBsZSBub25jZQ="] {
+            let mut k = h.clone();
+            k.key = Some(bad.into());
+            assert!(k.accept().unwrap_err().why().contains("Key"), "{bad}");
+        }
+        assert_eq!(h.choose(&["mqtt"]), None);
         h.header("Sec-WebSocket-Protocol", b"chat");
-        h.header("sec-websocket-protocol", b"MQTT");
-        assert!(h.offers("mqtt") && !h.offers("mq"));
+        h.header("sec-websocket-protocol", b"MQTT, mqttv3.1");
+        assert_eq!(h.choose(&["mqtt", "mqttv3.1"]), Some("MQTT"), "the client's own spelling");
+        assert_eq!(h.choose(&["mqttv3.1"]), Some("mqttv3.1"));
+        assert_eq!(h.choose(&["mq"]), None);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{RawQuery, State},
-    http::HeaderMap,
+    http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use crate::{
     stats::Transport,
     stream,
     subscription::{Delivery, Subscription},
-    websocket::{Handshake, Incoming, WebSocket, switching_protocols},
+    websocket::{Handshake, Incoming, Refusal, WebSocket, switching_protocols},
 };
 
 /// Room for the frame's own fields around a maximal payload.
@@ -85,16 +85,18 @@ async fn open(opening: Box<Opening>) -> Option<Session> {
         // else is wrong with the request.
         let query = Query::parse(request.query.as_deref());
         let credential = crate::auth::bearer(request.authorization.as_deref(), &query);
-        let principal = state.auth.authenticate_credential(credential)?;
-        let accept = request.handshake.accept().map_err(not_a_handshake)?;
+        let principal = state.auth.authenticate_credential(credential).map_err(IntoResponse::into_response)?;
+        let accept = request.handshake.accept().map_err(refused)?;
         let cx = state.context(principal.clone(), true);
-        let sub = Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default()).await?;
-        Ok::<_, ApiError>((accept, principal, sub))
+        let sub = Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default())
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?;
+        Ok::<_, Response>((accept, principal, sub))
     };
     let (accept, principal, sub) = match opened.await {
         Ok(v) => v,
-        Err(e) => {
-            let _ = crate::front::write_whole(&mut tcp, e.into_response()).await;
+        Err(res) => {
+            let _ = crate::front::write_whole(&mut tcp, res).await;
             return None;
         }
     };
@@ -129,6 +131,17 @@ pub(crate) fn not_a_handshake(why: &str) -> ApiError {
     ApiError::bad_request("websocket_expected", format!("not a WebSocket handshake: {why}"))
 }
 
+/// The answer to a refused handshake: `400`, or for another protocol version
+/// `426` naming the one spoken here (RFC 6455 section 4.4).
+pub(crate) fn refused(refusal: Refusal) -> Response {
+    let mut res = not_a_handshake(refusal.why()).into_response();
+    if refusal == Refusal::Version {
+        *res.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        res.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+    }
+    res
+}
+
 /// Every client frame, flat: the `type` decides which fields are required.
 /// (Not a tagged enum: serde cannot buffer the raw `data` through one.)
 #[derive(Deserialize)]
@@ -154,8 +167,14 @@ enum SinceValue {
 /// Why the session ended, and what to tell the client.
 enum End {
     Gone,
+    /// The server closes, with a code and reason.
     Close(u16, String),
+    /// The client closed with this code: answer with it.
+    Reply(u16),
 }
+
+/// How long a server-initiated close waits for the client's close frame.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
 struct Session {
     state: SharedState,
@@ -168,10 +187,17 @@ struct Session {
     coalesce: Coalescer,
 }
 
-/// Says goodbye, with a reason when the server ends it.
+/// Says goodbye: with a reason when the server ends it (then waits for the
+/// client's answer, so the close frame is not lost to a reset), with the
+/// client's code when the client did.
 async fn close(mut s: Session, end: End) {
-    if let End::Close(code, reason) = end {
-        s.socket.close(code, &reason).await;
+    match end {
+        End::Close(code, reason) => {
+            s.socket.close(code, &reason).await;
+            s.socket.await_close(CLOSE_PATIENCE).await;
+        }
+        End::Reply(code) => s.socket.close(code, "").await,
+        End::Gone => {}
     }
 }
 
@@ -209,7 +235,7 @@ impl Session {
                             Box::pin(self.bad_frame(None, "invalid_frame", why)).await
                         }
                         // The closing handshake: answer with the client's code.
-                        Some(Ok(Incoming::Close(code))) => Some(End::Close(code.unwrap_or(1000), String::new())),
+                        Some(Ok(Incoming::Close(code))) => Some(End::Reply(code.unwrap_or(1000))),
                         Some(Ok(Incoming::Ping(payload))) => {
                             self.socket.feed_pong(&payload);
                             Box::pin(self.socket.flush()).await.err().map(|_| End::Gone)

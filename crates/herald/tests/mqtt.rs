@@ -681,6 +681,42 @@ async fn mqtt_publish_reaches_sse_websocket_and_poll_with_the_same_ids() {
     assert_eq!(polled[3].1, "from mqtt 2");
 }
 
+/// Sends `user` a notification, acknowledged.
+async fn notify(s: &Server, user: &str, title: &str) {
+    let res = client()
+        .post(format!("{}/api/notifications", s.url))
+        .json(&json!({"users": [user], "title": title}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// A notification is a message on `user/{id}` and a new unread count. On a
+/// busy connection (one gathering a burst into one write) the count can
+/// change while the messages are being gathered; it must still go out.
+#[tokio::test]
+async fn the_last_unread_count_of_a_burst_of_notifications_arrives() {
+    let s = Server::start();
+    let (mut c, _) = v5::Client::connect(v5::opts(&s, "red-dot-burst")).await;
+    c.subscribe("user/u7", v5::QoS::AtLeastOnce).await;
+    c.subscribe("$herald/unread/u7", v5::QoS::AtLeastOnce).await;
+    for i in 0..5 {
+        notify(&s, "u7", &format!("n{i}")).await;
+    }
+    // Counts in between may be folded together; the last one may not be lost.
+    let mut notifications = 0;
+    loop {
+        let m = c.message().await;
+        if v5::topic(&m) == "user/u7" {
+            notifications += 1;
+        } else if serde_json::from_slice::<Value>(&m.payload).unwrap()["count"] == 5 {
+            break;
+        }
+    }
+    assert!(notifications <= 5, "{notifications}");
+}
+
 // ============================================================ topic rules
 
 #[tokio::test]
@@ -694,13 +730,7 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     wild.subscribe("#", v5::QoS::AtLeastOnce).await;
     wild.subscribe("+/unread/+", v5::QoS::AtLeastOnce).await;
 
-    let res = client()
-        .post(format!("{}/api/notifications", s.url))
-        .json(&json!({"users": ["u1"], "title": "hi"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    notify(&s, "u1", "hi").await;
     loop {
         let m = direct.message().await;
         assert_eq!(v5::topic(&m), "$herald/unread/u1");

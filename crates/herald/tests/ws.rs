@@ -499,3 +499,43 @@ async fn subscriptions_per_connection_are_limited() {
     publish_ids(&s, "three", 1..=1).await;
     assert_message(&ws.recv().await, "three", 1);
 }
+
+/// The handshake's answer to a raw request, head and body as text.
+async fn raw_handshake(s: &Server, path: &str, extra_headers: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    let head =
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra_headers}\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    // The server closes after refusing; a 101 is read up to its blank line.
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.starts_with(b"HTTP/1.1 101") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+#[tokio::test]
+async fn refused_handshakes_say_why_and_another_version_is_told_which_one_is_spoken() {
+    let s = Server::start();
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    for path in ["/api/ws", "/mqtt"] {
+        let other_version = raw_handshake(&s, path, &format!("{key}Sec-WebSocket-Version: 8\r\n")).await;
+        assert!(other_version.starts_with("HTTP/1.1 426"), "{path}: {other_version}");
+        assert!(other_version.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{other_version}");
+        let bad_key = raw_handshake(&s, path, "Sec-WebSocket-Key: short==\r\nSec-WebSocket-Version: 13\r\n").await;
+        assert!(bad_key.starts_with("HTTP/1.1 400"), "{path}: {bad_key}");
+        assert!(bad_key.contains(r#""code":"websocket_expected""#) && bad_key.contains("Key"), "{bad_key}");
+    }
+    // The RFC's example, accepted; MQTT's subprotocol echoed as the client spelt it.
+    let ok = raw_handshake(&s, "/mqtt", &format!("{key}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: MQTT\r\n"))
+        .await;
+    assert!(ok.starts_with("HTTP/1.1 101"), "{ok}");
+    assert!(ok.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{ok}");
+    assert!(ok.contains("sec-websocket-protocol: MQTT\r\n"), "{ok}");
+}

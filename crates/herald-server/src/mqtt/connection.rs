@@ -378,47 +378,22 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// Queues a delivery from the Herald subscription, with whatever else is
     /// already here, so a burst is written with one flush.
     async fn on_delivery(&mut self, d: Delivery) {
-        match d {
-            Delivery::Message(m) => {
-                // A busy connection gathers what comes within the window into one write.
-                self.coalesce.ready().await;
-                self.coalesce.wrote();
-                let window = self.window;
-                let s = self.session();
-                if let Some(o) = s.message_outgoing(&m, now_ms()) {
-                    s.queue.push_back(o)
-                }
-                while s.queue.len() < window.max(64) {
-                    match s.herald.try_next() {
-                        Some(Delivery::Message(m)) => {
-                            if let Some(o) = s.message_outgoing(&m, now_ms()) {
-                                s.queue.push_back(o)
-                            }
-                        }
-                        Some(_) => {}
-                        None => break,
-                    }
-                }
+        if matches!(d, Delivery::Message(_)) {
+            // A busy connection gathers what comes within the window into one write.
+            self.coalesce.ready().await;
+            self.coalesce.wrote();
+        }
+        let window = self.window;
+        let s = self.session();
+        s.queue_delivery(d, now_ms());
+        while s.queue.len() < window.max(64) {
+            // Every kind: an unread count that changes while messages are
+            // drained here must go out too (dropping it lost the red dot's
+            // update when a notification and its count came together).
+            match s.herald.try_next() {
+                Some(d) => s.queue_delivery(d, now_ms()),
+                None => break,
             }
-            Delivery::Unread(n) => {
-                let s = self.session();
-                let counts: Vec<Outgoing> = s
-                    .subs
-                    .iter()
-                    .filter(|(f, _)| f.starts_with(UNREAD_PREFIX))
-                    .map(|(f, o)| Outgoing {
-                        topic: f.as_str().into(),
-                        payload: Bytes::from(format!("{{\"count\":{n}}}")),
-                        qos: o.qos,
-                        retain: false,
-                        meta: None,
-                        sub_ids: o.sub_id.into_iter().collect(),
-                        released: false,
-                    })
-                    .collect();
-                s.queue.extend(counts);
-            }
-            Delivery::Gap(_) => {}
         }
     }
 

@@ -61,12 +61,13 @@ async fn upgrade(opening: Box<crate::ws::Opening>) -> Option<(SharedState, ByteS
     let crate::ws::Opening { mut tcp, state, request, early } = *opening;
     let accept = match request.handshake.accept() {
         Ok(accept) => accept,
-        Err(why) => {
-            let _ = crate::front::write_whole(&mut tcp, crate::ws::not_a_handshake(why).into_response()).await;
+        Err(refusal) => {
+            let _ = crate::front::write_whole(&mut tcp, crate::ws::refused(refusal)).await;
             return None;
         }
     };
-    let protocol = request.handshake.offers("mqtt").then_some("mqtt");
+    // `mqtt` (MQTT 3.1.1 and 5), or `mqttv3.1` from MQTT 3.1 clients.
+    let protocol = request.handshake.choose(&["mqtt", "mqttv3.1"]);
     tcp.write_all(&switching_protocols(&accept, protocol)).await.ok()?;
     // Frames carry MQTT packets, bounded like those over TCP.
     let limit = state.config.limits.max_payload + connection::PACKET_OVERHEAD;

@@ -13,8 +13,8 @@ use std::{
 use bytes::Bytes;
 use herald_core::{Message, Meta, Principal, Queue, VecMap};
 
-use super::broker::Routed;
-use crate::subscription::Subscription;
+use super::{broker::Routed, connection::UNREAD_PREFIX};
+use crate::subscription::{Delivery, Subscription};
 
 /// Options of one subscription (MQTT 5 names; MQTT 3 uses defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,5 +140,37 @@ impl Session {
     pub(crate) fn message_outgoing(&self, m: &Message, now_ms: i64) -> Option<Outgoing> {
         let qos = m.meta.as_ref().map_or(1, |meta| meta.qos);
         self.outgoing(m.channel.as_str(), m.data.bytes().clone(), qos, m.meta.clone(), now_ms)
+    }
+
+    /// Queues what a delivery from the Herald subscription means here: a
+    /// message for the filters it matches, an unread count on every
+    /// `$herald/unread/{user}` subscription, and nothing for a gap (MQTT has
+    /// no way to say one; a resumed session's history read covers it).
+    pub(crate) fn queue_delivery(&mut self, d: Delivery, now_ms: i64) {
+        match d {
+            Delivery::Message(m) => {
+                if let Some(o) = self.message_outgoing(&m, now_ms) {
+                    self.queue.push_back(o);
+                }
+            }
+            Delivery::Unread(n) => {
+                let counts: Vec<Outgoing> = self
+                    .subs
+                    .iter()
+                    .filter(|(f, _)| f.starts_with(UNREAD_PREFIX))
+                    .map(|(f, o)| Outgoing {
+                        topic: f.as_str().into(),
+                        payload: Bytes::from(format!("{{\"count\":{n}}}")),
+                        qos: o.qos,
+                        retain: false,
+                        meta: None,
+                        sub_ids: o.sub_id.into_iter().collect(),
+                        released: false,
+                    })
+                    .collect();
+                self.queue.extend(counts);
+            }
+            Delivery::Gap(_) => {}
+        }
     }
 }
