@@ -6,7 +6,7 @@
 //! history; non-channel topics wait in a bounded queue.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, VecDeque},
     sync::Arc,
 };
 
@@ -51,8 +51,9 @@ pub(crate) struct Session {
     pub(crate) inflight: BTreeMap<u16, Outgoing>,
     /// Ready to send when the in-flight window allows.
     pub(crate) queue: VecDeque<Outgoing>,
-    /// Inbound QoS 2 packet ids we answered with PUBREC, awaiting PUBREL.
-    pub(crate) awaiting_rel: HashSet<u16>,
+    /// Inbound QoS 2 packet ids we answered with PUBREC, awaiting PUBREL
+    /// (a sorted vector: at most our receive maximum, 24 bytes empty).
+    pub(crate) awaiting_rel: VecMap<u16, ()>,
     next_pid: u16,
     /// Seconds the session outlives its connection (0: not at all).
     pub(crate) expiry: u32,
@@ -68,7 +69,7 @@ impl Session {
             routed: Arc::new(Queue::new(queue_len)),
             inflight: BTreeMap::new(),
             queue: VecDeque::new(),
-            awaiting_rel: HashSet::new(),
+            awaiting_rel: VecMap::default(),
             next_pid: 0,
             expiry: 0,
             principal,
