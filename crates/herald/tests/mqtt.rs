@@ -629,6 +629,44 @@ async fn persistent_session_gets_every_message_published_while_away_v5() {
 
 // ========================================================= cross-protocol
 
+/// A QoS 2 publish whose PUBREL comes on the next connection of a persistent
+/// session (MQTT 3.1.1 section 4.4): the PUBREL completes it, and the new
+/// connection, which never saw the PUBLISH, goes on working.
+#[tokio::test]
+async fn a_pubrel_sent_after_reconnecting_completes_the_qos_2_exchange() {
+    let s = Server::start();
+    let connect = || {
+        let mut c = connect_packet(4, "rel-later", 60);
+        c[9] = 0x00; // connect flags: clean session off
+        c
+    };
+    let publish = |qos_flags: u8, pid: u16| {
+        let mut body = vec![0, 7];
+        body.extend(b"rel/top");
+        body.extend(pid.to_be_bytes());
+        body.extend(b"x");
+        let mut p = vec![0x30 | qos_flags];
+        p.extend(remaining_length(body.len()));
+        p.extend(body);
+        p
+    };
+    let mut first = TcpStream::connect(&s.mqtt).await.unwrap();
+    first.write_all(&connect()).await.unwrap();
+    assert_eq!(read_packet(&mut first).await, [0x20, 2, 0, 0]);
+    first.write_all(&publish(0x04, 1)).await.unwrap(); // QoS 2
+    assert_eq!(read_packet(&mut first).await, [0x50, 2, 0, 1], "PUBREC");
+    drop(first); // gone with neither PUBREL nor DISCONNECT
+
+    let mut second = TcpStream::connect(&s.mqtt).await.unwrap();
+    second.write_all(&connect()).await.unwrap();
+    assert_eq!(read_packet(&mut second).await, [0x20, 2, 1, 0], "the session is present");
+    second.write_all(&[0x62, 2, 0, 1]).await.unwrap(); // PUBREL
+    assert_eq!(read_packet(&mut second).await, [0x70, 2, 0, 1], "PUBCOMP");
+    second.write_all(&publish(0x02, 2)).await.unwrap(); // QoS 1
+    assert_eq!(read_packet(&mut second).await, [0x40, 2, 0, 2], "PUBACK: the connection goes on");
+    assert_eq!(poll_all(&s, "rel/top").await.len(), 2, "both publishes stored once");
+}
+
 #[tokio::test]
 async fn http_publish_reaches_mqtt_subscribers_of_matching_filters() {
     let s = Server::start();
