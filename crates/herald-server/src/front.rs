@@ -90,7 +90,8 @@ enum Route {
     Here(Box<Request<Body>>, bool),
     /// A poll, answered here without the router.
     Poll(Box<poll::Direct>, bool),
-    /// A WebSocket handshake on `/api/ws`: the connection becomes `ws`'s.
+    /// A WebSocket handshake on `/api/ws` or `/mqtt`: the connection becomes
+    /// a task of its own.
     WebSocket(Box<ws::Request>),
     /// Give the connection to hyper.
     Hyper,
@@ -264,12 +265,8 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         _ => None,
     };
     if let Some(endpoint) = endpoint {
-        let has_body = parsed.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("transfer-encoding")
-                || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-        });
         // A handshake has no body; one with a body gets hyper's answer (400).
-        let route = if has_body {
+        let route = if parsed.headers.iter().any(announces_body) {
             Route::Hyper
         } else {
             Route::WebSocket(Box::new(websocket_request(endpoint, path, parsed.headers)))
@@ -281,11 +278,7 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
     let mut authorization = None;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        if name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || (name == header::CONTENT_LENGTH && h.value != b"0")
-            || name == header::EXPECT
-        {
+        if announces_body(h) || name == header::UPGRADE || name == header::EXPECT {
             return Some((Route::Hyper, len));
         }
         if name == header::CONNECTION && h.value.to_ascii_lowercase().windows(5).any(|w| w == b"close") {
@@ -293,8 +286,7 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         }
         cross_origin |= name == header::ORIGIN;
         if name == header::AUTHORIZATION {
-            // Read as the router's extractors read it (`HeaderValue::to_str`).
-            authorization = HeaderValue::from_bytes(h.value).ok().and_then(|v| v.to_str().ok().map(str::to_owned));
+            authorization = header_text(h.value);
         }
     }
     // A cross-origin poll goes through the router for its CORS headers.
@@ -309,6 +301,18 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
     Some((Route::Here(Box::new(req.body(Body::empty()).ok()?), keep_alive), len))
 }
 
+/// Whether a header says a body follows the head.
+fn announces_body(h: &httparse::Header<'_>) -> bool {
+    h.name.eq_ignore_ascii_case("transfer-encoding")
+        || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+}
+
+/// A header's value as the router's extractors read it (`HeaderValue::to_str`):
+/// visible ASCII, or nothing.
+fn header_text(value: &[u8]) -> Option<String> {
+    HeaderValue::from_bytes(value).ok().and_then(|v| v.to_str().ok().map(str::to_owned))
+}
+
 /// What a WebSocket connection needs of its request: query, credential, handshake.
 fn websocket_request(endpoint: ws::Endpoint, path: &str, headers: &[httparse::Header<'_>]) -> ws::Request {
     let mut handshake = Handshake::default();
@@ -316,7 +320,7 @@ fn websocket_request(endpoint: ws::Endpoint, path: &str, headers: &[httparse::He
     for h in headers {
         handshake.header(h.name, h.value);
         if h.name.eq_ignore_ascii_case("authorization") {
-            authorization = HeaderValue::from_bytes(h.value).ok().and_then(|v| v.to_str().ok().map(str::to_owned));
+            authorization = header_text(h.value);
         }
     }
     let query = path.split_once('?').map(|(_, q)| q.to_owned());

@@ -210,13 +210,9 @@ impl Subscription {
             Target::Channel(ch) => {
                 self.watch_inbox(&ch).await?;
                 let start = token.0.get(&ch).map_or(since, |id| Since::After(*id));
-                // Resolve `now` at once, after registering: anything published
-                // from here on is after this head.
-                let head = match start {
-                    Since::Now => self.head(&ch).await?,
-                    Since::After(_) => 0,
-                };
-                scheduled.extend(self.start_channel(ch.clone(), start, head).map(|from| (ch, from)));
+                // `now` on a channel was resolved before registering.
+                debug_assert!(!matches!(start, Since::Now), "resolve_now runs first");
+                scheduled.extend(self.start_channel(ch.clone(), start, 0).map(|from| (ch, from)));
             }
             Target::Filter(f) => {
                 let mut found = self.store.channels(f.clone()).await?;

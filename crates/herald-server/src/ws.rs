@@ -223,7 +223,7 @@ impl Session {
                     let end = match frame {
                         None => Some(End::Gone),
                         Some(Err(e)) => match e.close_code() {
-                            Some(code) => Some(End::Close(code, truncate(format!("bad frame: {e}")))),
+                            Some(code) => Some(End::Close(code, format!("bad frame: {e}"))),
                             None => Some(End::Gone),
                         },
                         // Handlers are boxed: they last a moment, and inline they
@@ -422,16 +422,4 @@ fn ws_frame(m: &Message) -> Bytes {
     out.extend_from_slice(b"{\"type\":\"message\",");
     out.extend_from_slice(&json[1..]);
     Bytes::from(out)
-}
-
-/// Close reasons are limited to 123 bytes.
-fn truncate(mut s: String) -> String {
-    if s.len() > 120 {
-        let mut cut = 120;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }

@@ -155,20 +155,15 @@ impl Session {
                 }
             }
             Delivery::Unread(n) => {
-                let counts: Vec<Outgoing> = self
-                    .subs
-                    .iter()
-                    .filter(|(f, _)| f.starts_with(UNREAD_PREFIX))
-                    .map(|(f, o)| Outgoing {
-                        topic: f.as_str().into(),
-                        payload: Bytes::from(format!("{{\"count\":{n}}}")),
-                        qos: o.qos,
-                        retain: false,
-                        meta: None,
-                        sub_ids: o.sub_id.into_iter().collect(),
-                        released: false,
-                    })
-                    .collect();
+                let counts = self.subs.iter().filter(|(f, _)| f.starts_with(UNREAD_PREFIX)).map(|(f, o)| Outgoing {
+                    topic: f.as_str().into(),
+                    payload: Bytes::from(format!("{{\"count\":{n}}}")),
+                    qos: o.qos,
+                    retain: false,
+                    meta: None,
+                    sub_ids: o.sub_id.into_iter().collect(),
+                    released: false,
+                });
                 self.queue.extend(counts);
             }
             Delivery::Gap(_) => {}
