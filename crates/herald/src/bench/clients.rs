@@ -18,6 +18,7 @@ use tokio::{
 
 use super::{
     Target, Transport,
+    http1::{Http1, split_url},
     peer::{Peer, http_date},
     tally::{Recorder, Tally, now_us, parse_payload, payload},
 };
@@ -49,11 +50,10 @@ struct Ctx {
     server: String,
     mqtt: String,
     /// For streams, which hold their connection for good: nothing to pool.
+    /// (Long polls keep one keep-alive connection each, as a browser would:
+    /// Nchan answers one message per request, and a new connection for each
+    /// would run the machine out of loopback ports during a burst.)
     streams: reqwest::Client,
-    /// For polls, on keep-alive connections as a browser would: Nchan answers
-    /// one message per request, and a new connection for each would run the
-    /// machine out of loopback ports during a burst.
-    polls: reqwest::Client,
     /// Where Nchan long pollers start (If-Modified-Since; tag 0): a second
     /// before the channel's primer (see `prime_nchan`), so their first poll
     /// is answered at once with the primer, which says "connected", and from
@@ -79,7 +79,6 @@ pub(super) async fn subscribe_all(
         server: target.server.clone(),
         mqtt: target.mqtt.clone(),
         streams: reqwest::Client::builder().pool_max_idle_per_host(0).build()?,
-        polls: reqwest::Client::new(),
         nchan_since,
     });
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(1024);
@@ -128,11 +127,9 @@ async fn run_one(transport: Transport, ctx: &Ctx, sub: &Sub) -> anyhow::Result<(
         (Transport::Sse, _) => sse(&ctx.streams, &peer.sse_url(server, channel), sub).await,
         (Transport::Ws, Peer::Herald) => ws_herald(&peer.ws_url(server, channel), sub).await,
         (Transport::Ws, Peer::Nchan) => ws_nchan(&peer.ws_url(server, channel), sub).await,
-        (Transport::Longpoll, Peer::Herald) => {
-            longpoll_herald(&ctx.polls, &peer.longpoll_url(server, channel), sub).await
-        }
+        (Transport::Longpoll, Peer::Herald) => longpoll_herald(server, &peer.longpoll_url(server, channel), sub).await,
         (Transport::Longpoll, Peer::Nchan) => {
-            longpoll_nchan(&ctx.polls, &peer.longpoll_url(server, channel), &ctx.nchan_since, sub).await
+            longpoll_nchan(server, &peer.longpoll_url(server, channel), &ctx.nchan_since, sub).await
         }
         (Transport::Mqtt0, _) => mqtt(&ctx.mqtt, QoS::Level0, sub).await,
         (Transport::Mqtt1, _) => mqtt(&ctx.mqtt, QoS::Level1, sub).await,
@@ -183,37 +180,57 @@ async fn ws_nchan(url: &str, sub: &Sub) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn longpoll_herald(http: &reqwest::Client, base: &str, sub: &Sub) -> anyhow::Result<()> {
-    let first: serde_json::Value = http.get(format!("{base}?since=now")).send().await?.json().await?;
-    let mut next = first["next"].as_u64().context("next")?;
+/// One page of Herald's poll answer: only what the bench reads.
+#[derive(serde::Deserialize)]
+struct Page<'a> {
+    #[serde(borrow)]
+    messages: Vec<PolledMessage<'a>>,
+    next: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct PolledMessage<'a> {
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+async fn longpoll_herald(server: &str, url: &str, sub: &Sub) -> anyhow::Result<()> {
+    let (_, path) = split_url(url)?;
+    let mut http = Http1::new(server)?;
+    let first = http.request("GET", &format!("{path}?since=now"), &[], b"").await?;
+    let mut next = serde_json::from_slice::<Page>(&first.body).context("the first poll's answer")?.next;
     sub.ready().await?;
     loop {
-        let res = http.get(format!("{base}?since={next}&wait=30&limit=1000")).send().await?;
-        if res.status() == 304 {
-            continue;
+        let res = http.request("GET", &format!("{path}?since={next}&wait=30&limit=1000"), &[], b"").await?;
+        match res.status {
+            200 => {
+                let page: Page = serde_json::from_slice(&res.body).context("a poll's answer")?;
+                for m in &page.messages {
+                    sub.record(m.data.get());
+                }
+                next = page.next;
+            }
+            304 => {}
+            s => bail!("long poll: {s}"),
         }
-        let page: serde_json::Value = res.json().await?;
-        for m in page["messages"].as_array().into_iter().flatten() {
-            sub.record(&m["data"].to_string());
-        }
-        next = page["next"].as_u64().unwrap_or(next);
     }
 }
 
 /// Nchan's long poll answers one message per request. Its cursor is the
 /// message's time (Last-Modified, in seconds) and its tag within that second
 /// (Etag), sent back as If-Modified-Since and If-None-Match.
-async fn longpoll_nchan(http: &reqwest::Client, url: &str, since: &str, sub: &Sub) -> anyhow::Result<()> {
+async fn longpoll_nchan(server: &str, url: &str, since: &str, sub: &Sub) -> anyhow::Result<()> {
+    let (_, path) = split_url(url)?;
+    let mut http = Http1::new(server)?;
     let (mut since, mut tag) = (since.to_owned(), "0".to_string());
     let mut ready = false;
     loop {
-        let res = http.get(url).header("if-modified-since", &since).header("if-none-match", &tag).send().await?;
-        match res.status().as_u16() {
+        let res = http.request("GET", path, &[("if-modified-since", &since), ("if-none-match", &tag)], b"").await?;
+        match res.status {
             200 => {
-                let header = |name: &str| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                since = header("last-modified").context("Nchan answer without Last-Modified")?;
-                tag = header("etag").context("Nchan answer without Etag")?;
-                sub.record(&res.text().await?);
+                since = res.header("last-modified").context("Nchan answer without Last-Modified")?.to_owned();
+                tag = res.header("etag").context("Nchan answer without Etag")?.to_owned();
+                sub.record(&String::from_utf8_lossy(&res.body));
                 if !ready {
                     ready = true;
                     sub.ready().await?;
@@ -323,17 +340,24 @@ pub(super) async fn publish(
     if via == Via::Mqtt {
         return publish_mqtt(&target.mqtt, channel, messages, rate).await;
     }
-    let http = reqwest::Client::new();
     let url = target.peer.publish_url(&target.server, channel);
+    let mut http = Http1::new(&target.server)?;
     let start = Instant::now();
     for seq in 0..messages {
         if rate > 0 {
             tokio::time::sleep_until((start + Duration::from_secs_f64(seq as f64 / f64::from(rate))).into()).await;
         }
-        let res = http.post(&url).header("content-type", "application/json").body(payload(seq)).send().await?;
-        if !res.status().is_success() {
-            bail!("publish {seq}: {}", res.status());
-        }
+        post_json(&mut http, &url, &payload(seq)).await.with_context(|| format!("publish {seq}"))?;
+    }
+    Ok(())
+}
+
+/// POSTs a JSON body and checks that it was accepted.
+pub(super) async fn post_json(http: &mut Http1, url: &str, body: &str) -> anyhow::Result<()> {
+    let (_, path) = split_url(url)?;
+    let res = http.request("POST", path, &[("content-type", "application/json")], body.as_bytes()).await?;
+    if !(200..300).contains(&res.status) {
+        bail!("{}: {}", res.status, String::from_utf8_lossy(&res.body));
     }
     Ok(())
 }

@@ -21,6 +21,7 @@
 //! Every report ends with one `summary key=value ...` line for scripts.
 
 mod clients;
+mod http1;
 mod peer;
 mod proc_stat;
 mod report;
@@ -398,22 +399,15 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
             (next.clone(), hist.clone(), prefix.clone(), a.target.server.clone(), a.target.peer);
         let (total, channels) = (a.messages, a.channels.max(1));
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let mut http = http1::Http1::new(&server)?;
             loop {
                 let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if seq >= total {
                     return Ok::<_, anyhow::Error>(());
                 }
                 let sent = Instant::now();
-                let res = http
-                    .post(peer.publish_url(&server, &format!("{prefix}/{}", seq % channels)))
-                    .header("content-type", "application/json")
-                    .body(payload(seq))
-                    .send()
-                    .await?;
-                if !res.status().is_success() {
-                    bail!("publish {seq}: {}", res.status());
-                }
+                let url = peer.publish_url(&server, &format!("{prefix}/{}", seq % channels));
+                clients::post_json(&mut http, &url, &payload(seq)).await.with_context(|| format!("publish {seq}"))?;
                 let _ = hist.lock().unwrap_or_else(|e| e.into_inner()).record(sent.elapsed().as_micros().max(1) as u64);
             }
         }));
