@@ -5,18 +5,17 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  TRANSPORTS, checkAssetsFresh, launchBrowser, messages, openChat, probe, send, startServer, waitForMessages, LIMIT,
+  TRANSPORTS, checkAssetsFresh, launchBrowser, messages, openChat, expectEndpoints, send, startServer, waitForMessages, LIMIT,
 } from './helpers.js';
 
 describe('chat between two pages', () => {
   let server;
   let browser;
-  let missing;
 
   before(async () => {
     server = await startServer();
     browser = await launchBrowser();
-    missing = await probe(server.url);
+    await expectEndpoints(server.url);
     await checkAssetsFresh(server.url);
   });
 
@@ -26,8 +25,7 @@ describe('chat between two pages', () => {
   });
 
   for (const transport of TRANSPORTS) {
-    test(`over ${transport}`, LIMIT, async t => {
-      if (missing[transport]) return t.skip(missing[transport]);
+    test(`over ${transport}`, LIMIT, async () => {
       const room = `room-${transport}`;
       const alice = await openChat(browser, server.url, { name: 'alice', room, transport });
       const bob = await openChat(browser, server.url, { name: 'bob', room, transport });

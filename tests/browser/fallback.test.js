@@ -6,7 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { launchBrowser, messages, openChat, probe, send, startServer, waitForMessages, LIMIT } from './helpers.js';
+import { launchBrowser, messages, openChat, expectEndpoints, send, startServer, waitForMessages, LIMIT } from './helpers.js';
 
 /** Init scripts replacing window.WebSocket; each counts attempts in window.__wsAttempts. */
 const FAILS = () => {
@@ -41,11 +41,10 @@ const THROWS = () => {
 describe('falling back when WebSocket is blocked', () => {
   let server;
   let browser;
-  let missing;
   before(async () => {
     server = await startServer();
     browser = await launchBrowser();
-    missing = await probe(server.url);
+    await expectEndpoints(server.url);
   });
   after(async () => {
     await browser?.close();
@@ -58,11 +57,9 @@ describe('falling back when WebSocket is blocked', () => {
     ['the socket is cut right after opening', { cut: true }],
   ];
   for (const [name, { init, cut }] of cases) {
-    test(name, LIMIT, async t => {
-      if (cut && missing.ws) return t.skip(missing.ws);
+    test(name, LIMIT, async () => {
       const room = `fallback-${name.replace(/\W+/g, '-')}`;
-      const other = missing.ws ? 'sse' : 'ws';
-      const bob = await openChat(browser, server.url, { name: 'bob', room, transport: other });
+      const bob = await openChat(browser, server.url, { name: 'bob', room, transport: 'ws' });
 
       let cuts = 0;
       const alice = await openChat(browser, server.url, {

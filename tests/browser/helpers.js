@@ -1,5 +1,5 @@
 // Shared by the browser tests: start the real server binary, launch Debian's
-// Chromium through playwright-core, probe what the server supports, and drive
+// Chromium through playwright-core, check that the server has every transport, and drive
 // the chat page.
 
 import { spawn } from 'node:child_process';
@@ -103,21 +103,19 @@ export async function publish(url, channel, data, event) {
 }
 
 /**
- * What this build of the server can do, so tests of endpoints still being
- * built skip with a reason instead of failing. Each value is null when
- * supported, or the reason to skip.
+ * Fails unless the server has every transport endpoint the suite drives
+ * (WebSocket, hidden iframe, MQTT over WebSocket): a route that went missing
+ * must fail the suite, not skip its tests.
  */
-export async function probe(url) {
-  const missing = {};
-  const ws = await fetch(`${url}/api/ws`);
-  missing.ws = ws.status === 404 ? 'the server has no WebSocket endpoint (GET /api/ws answers 404)' : null;
+export async function expectEndpoints(url) {
+  const missing = [];
+  if ((await fetch(`${url}/api/ws`)).status === 404) missing.push('GET /api/ws answers 404');
   const ctrl = new AbortController();
   const iframe = await fetch(`${url}/api/channels/probe/iframe?callback=cb&since=now`, { signal: ctrl.signal });
-  missing.iframe = iframe.status === 404 ? 'the server has no hidden-iframe endpoint (GET /api/channels/{c}/iframe answers 404)' : null;
+  if (iframe.status === 404) missing.push('GET /api/channels/{c}/iframe answers 404');
   ctrl.abort();
-  const mqtt = await fetch(`${url}/mqtt`);
-  missing.mqtt = mqtt.status === 404 ? 'the server has no MQTT-over-WebSocket endpoint (GET /mqtt answers 404)' : null;
-  return missing;
+  if ((await fetch(`${url}/mqtt`)).status === 404) missing.push('GET /mqtt answers 404');
+  if (missing.length) throw new Error(`the server lacks transport endpoints: ${missing.join('; ')}`);
 }
 
 /** Warns when the binary serves a different herald.js than the one on disk (rebuild needed). */

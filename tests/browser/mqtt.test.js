@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  checkAssetsFresh, launchBrowser, messages, newPage, openChat, probe, publish, send, startServer, waitForMessages, LIMIT,
+  checkAssetsFresh, launchBrowser, messages, newPage, openChat, expectEndpoints, publish, send, startServer, waitForMessages, LIMIT,
 } from './helpers.js';
 
 /** Opens the chat and records the WebSockets and vendor requests the page makes. */
@@ -47,12 +47,11 @@ async function history(url, room) {
 describe('MQTT over WebSocket in the browser', () => {
   let server;
   let browser;
-  let missing;
 
   before(async () => {
     server = await startServer();
     browser = await launchBrowser();
-    missing = await probe(server.url);
+    await expectEndpoints(server.url);
     await checkAssetsFresh(server.url);
   });
 
@@ -62,8 +61,7 @@ describe('MQTT over WebSocket in the browser', () => {
   });
 
   for (const [a, b] of [['mqtt', 'ws'], ['mqtt', 'mqtt']]) {
-    test(`chat both ways, ${a} and ${b}`, LIMIT, async t => {
-      if (missing.mqtt) return t.skip(missing.mqtt);
+    test(`chat both ways, ${a} and ${b}`, LIMIT, async () => {
       const room = `mqtt-${a}-${b}`;
       const alice = await chat(browser, server.url, { name: 'alice', room, transport: a });
       const bob = await chat(browser, server.url, { name: 'bob', room, transport: b });
@@ -127,8 +125,7 @@ describe('MQTT over WebSocket in the browser', () => {
     });
   }
 
-  test('a message published over HTTP reaches a page on MQTT', LIMIT, async t => {
-    if (missing.mqtt) return t.skip(missing.mqtt);
+  test('a message published over HTTP reaches a page on MQTT', LIMIT, async () => {
     const room = 'mqtt-http';
     const dave = await chat(browser, server.url, { name: 'dave', room, transport: 'mqtt' });
     const id = await publish(server.url, `chat/room/${room}`, { from: 'backend', msg: 'from the server' }, 'chat');
@@ -147,8 +144,7 @@ describe('MQTT over WebSocket in the browser', () => {
     await dave.context().close();
   });
 
-  test('a filter over MQTT', LIMIT, async t => {
-    if (missing.mqtt) return t.skip(missing.mqtt);
+  test('a filter over MQTT', LIMIT, async () => {
     const page = await newPage(browser, server.url);
     await page.goto(server.url);
     await page.evaluate(async () => {

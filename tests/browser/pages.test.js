@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  launchBrowser, messages, newPage, openChat, probe, publish, send, startServer, waitForMessages, LIMIT,
+  launchBrowser, messages, newPage, openChat, expectEndpoints, publish, send, startServer, waitForMessages, LIMIT,
 } from './helpers.js';
 
 describe('demo pages', () => {
@@ -129,8 +129,8 @@ describe('demo pages', () => {
     await bob.waitForSelector('#status[data-state="open"][data-transport="longpoll"]');
     await waitForMessages(bob, 2);
 
-    const missing = await probe(server.url);
-    const switches = ['poll', 'ws', 'iframe', 'sse'].filter(t => !missing[t]);
+    await expectEndpoints(server.url);
+    const switches = ['poll', 'ws', 'iframe', 'sse'];
     for (const transport of switches) {
       await bob.selectOption('#transport', transport);
       await send(alice, `while switching to ${transport}`);

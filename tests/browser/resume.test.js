@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  TRANSPORTS, launchBrowser, messages, openChat, probe, send, startServer, tempDir, waitForMessages, LIMIT,
+  TRANSPORTS, launchBrowser, messages, openChat, expectEndpoints, send, startServer, tempDir, waitForMessages, LIMIT,
 } from './helpers.js';
 
 const TEXTS = ['one', 'two', 'three', 'four', 'five', 'six'];
@@ -35,8 +35,8 @@ describe('resuming after being cut off', () => {
       const data = tempDir();
       let server = await startServer({ data: data.dir });
       try {
-        const missing = await probe(server.url);
-        const transports = TRANSPORTS.filter(t => !missing[t] && !(signal === 'SIGKILL' && t === 'iframe'));
+        await expectEndpoints(server.url);
+        const transports = TRANSPORTS.filter(t => !(signal === 'SIGKILL' && t === 'iframe'));
         const alice = await openChat(browser, server.url, { name: 'alice', room: 'restart', transport: 'sse' });
         const readers = await Promise.all(transports.map(transport =>
           openChat(browser, server.url, { name: `reader-${transport}`, room: 'restart', transport })));
@@ -68,8 +68,8 @@ describe('resuming after being cut off', () => {
   test('a reader that went offline', LIMIT, async () => {
     const server = await startServer();
     try {
-      const missing = await probe(server.url);
-      const transports = TRANSPORTS.filter(t => !missing[t]);
+      await expectEndpoints(server.url);
+      const transports = TRANSPORTS;
       const alice = await openChat(browser, server.url, { name: 'alice', room: 'offline', transport: 'sse' });
       const readers = await Promise.all(transports.map(transport =>
         openChat(browser, server.url, { name: `reader-${transport}`, room: 'offline', transport })));

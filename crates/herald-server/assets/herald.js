@@ -295,14 +295,17 @@ export class Herald {
     this._decision = null;
     // Two strikes, so that a server that came back between the failure and the
     // check does not cost the preferred transport (a timeout counts as both).
-    this._strikes = reachable ? this._strikes + (err?.code === 'timeout' ? 2 : 1) : 0;
+    // A refusal the server gave (4xx: a missing or expired token) is not the
+    // transport's fault, and costs it nothing.
+    const refused = err?.status >= 400 && err.status < 500;
+    if (!refused) this._strikes = reachable ? this._strikes + (err?.code === 'timeout' ? 2 : 1) : 0;
     if (this._strikes >= 2) {
       this._strikes = 0;
       this._index = (this._index + 1) % this.transports.length;
     }
     const firstRound = reachable && this._failures < 2 * this.transports.length;
     this._setStatus('reconnecting', this.transports[this._index], err?.message);
-    this._schedule(firstRound ? 50 : this._backoff());
+    this._schedule(firstRound && !refused ? 50 : this._backoff());
   }
 
   /** Does the server answer at all? (Any HTTP answer counts; `no-cors` so another origin works too.) */

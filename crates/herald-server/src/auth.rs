@@ -150,7 +150,11 @@ impl Auth {
             sub: sub.to_owned(),
             subscribe: filters(&claims.channels, "channels")?,
             publish: filters(&claims.publish, "publish")?,
-            expires_at: Some(claims.exp.saturating_mul(1000)),
+            // When the server stops admitting the token: validation refuses
+            // it once `exp < now - leeway` in whole seconds, so from the
+            // second after exp + leeway. A stream closed any earlier would be
+            // reopened with the same token and closed again at once.
+            expires_at: Some(claims.exp.saturating_add(self.leeway as i64 + 1).saturating_mul(1000)),
         })
     }
 

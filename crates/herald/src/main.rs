@@ -81,6 +81,10 @@ enum Command {
         /// Server URL.
         #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
         server: String,
+        /// An API key or a user token (JWT), sent as `Authorization: Bearer`;
+        /// needed once the server has auth configured.
+        #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Follow a channel over SSE, printing one JSON line per message; resumes
     /// by itself from the last id when the connection drops or the server restarts.
@@ -94,6 +98,9 @@ enum Command {
         count: Option<u64>,
         #[arg(long, env = "HERALD_URL", default_value = "http://127.0.0.1:8080")]
         server: String,
+        /// An API key or a user token (JWT), sent as `Authorization: Bearer`.
+        #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -111,11 +118,12 @@ fn main() -> ExitCode {
             }
             Command::Token { sub, channels, publish, ttl, config } => token(config, &sub, &channels, &publish, &ttl),
             Command::Bench(b) => bench::run(b).await,
-            Command::Publish { channel, data, event, json, text, server } => {
-                publish::run(&server, &channel, &data, event.as_deref(), publish::Kind::from_flags(json, text)).await
+            Command::Publish { channel, data, event, json, text, server, token } => {
+                let kind = publish::Kind::from_flags(json, text);
+                publish::run(&server, token.as_deref(), &channel, &data, event.as_deref(), kind).await
             }
-            Command::Subscribe { channel, since, count, server } => {
-                subscribe::run(&server, &channel, &since, count).await
+            Command::Subscribe { channel, since, count, server, token } => {
+                subscribe::run(&server, token.as_deref(), &channel, &since, count).await
             }
         }
     });

@@ -23,6 +23,7 @@ impl Kind {
 
 pub(crate) async fn run(
     server: &str,
+    token: Option<&str>,
     channel: &str,
     data: &str,
     event: Option<&str>,
@@ -49,13 +50,11 @@ pub(crate) async fn run(
         url.push_str(ev);
     }
     let content_type = if json { "application/json" } else { "text/plain; charset=utf-8" };
-    let res = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", content_type)
-        .body(data)
-        .send()
-        .await
-        .with_context(|| format!("could not reach {server}"))?;
+    let mut req = reqwest::Client::new().post(&url).header("content-type", content_type).body(data);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let res = req.send().await.with_context(|| format!("could not reach {server}"))?;
     let status = res.status();
     let body = res.text().await.unwrap_or_default();
     if !status.is_success() {

@@ -9,7 +9,13 @@ use anyhow::bail;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 
-pub(crate) async fn run(server: &str, channel: &str, since: &str, count: Option<u64>) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    server: &str,
+    token: Option<&str>,
+    channel: &str,
+    since: &str,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let base = format!("{}/api/channels/{channel}/events", server.trim_end_matches('/'));
     let mut last_id: Option<String> = None;
@@ -20,15 +26,29 @@ pub(crate) async fn run(server: &str, channel: &str, since: &str, count: Option<
         if let Some(id) = &last_id {
             req = req.header("last-event-id", id);
         }
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
         match req.send().await {
             Ok(res) if res.status().is_success() => {
                 backoff = Duration::from_millis(250);
                 let mut events = res.bytes_stream().eventsource();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { break };
-                    if event.event == "gap" {
-                        eprintln!("herald: messages lost before resuming: {}", event.data);
-                        continue;
+                    match event.event.as_str() {
+                        "gap" => {
+                            eprintln!("herald: messages lost before resuming: {}", event.data);
+                            continue;
+                        }
+                        // The server ends the stream and says why (an expired
+                        // token, shutdown, end of life): reconnect, and a
+                        // refusal (401) ends the command with its reason.
+                        "close" => {
+                            eprintln!("herald: the server closed the stream: {}", event.data);
+                            break;
+                        }
+                        "unread" => continue,
+                        _ => {}
                     }
                     if !event.id.is_empty() {
                         last_id = Some(event.id.clone());

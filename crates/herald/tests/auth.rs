@@ -2,10 +2,15 @@
 //! count, subscribe to, or mark user A's inbox works, on any transport or
 //! through any wildcard; bad tokens are refused everywhere.
 
+mod clients;
 mod common;
 
 use std::time::Duration;
 
+use clients::{
+    PATIENCE,
+    raw_mqtt::{closed_by_server, connect_code, connect_with_password, publish_topic, read_packet, subscribe_code},
+};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -124,13 +129,62 @@ async fn wildcards_never_deliver_another_users_inbox() {
         (v["type"].as_str(), v["code"].as_str(), v["ref"].as_i64()),
         (Some("error"), Some("forbidden"), Some(1))
     );
-    ws.send(Ws::text(r#"{"type":"subscribe","channel":"user/+","since":"now"}"#)).await.unwrap();
-    let v: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
-    assert_eq!(v["type"], "subscribed");
-    notify(&s, json!({"users":["a"],"title":"secret"})).await;
-    notify(&s, json!({"users":["b"],"title":"mine"})).await;
-    let v: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
-    assert_eq!((v["type"].as_str(), v["channel"].as_str()), (Some("message"), Some("user/b")), "{v}");
+    // Every wildcard form, each on a socket of its own.
+    for (filter, visible) in [("user/+", "user/b"), ("#", "user/b"), ("+/a", "x/a"), ("+/+", "user/b")] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}?token={b}", s.ws_url())).await.unwrap();
+        let subscribe = json!({"type":"subscribe","channel":filter,"since":"now"}).to_string();
+        ws.send(Ws::text(subscribe)).await.unwrap();
+        let v: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        assert_eq!(v["type"], "subscribed", "{filter}: {v}");
+        notify(&s, json!({"users":["a"],"title":"secret"})).await;
+        if visible == "x/a" {
+            assert_eq!(status(&s, "POST", "/api/channels/x/a", Some(KEY), Some(json!("visible"))).await.0, 200);
+        } else {
+            notify(&s, json!({"users":["b"],"title":"mine"})).await;
+        }
+        // Unread counts (B's own) may come between; the first message must be B's.
+        let first = loop {
+            let v: Value = serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+            assert_ne!(v["user"], "a", "{filter}: another user's count leaked: {v}");
+            if v["type"] == "message" {
+                break v;
+            }
+        };
+        assert_eq!(first["channel"], visible, "{filter}: {first}");
+    }
+}
+
+/// Over MQTT (TCP), with B's token: A's inbox and A's unread-count topic are
+/// refused by name, and no wildcard delivers either.
+#[tokio::test]
+async fn mqtt_never_delivers_another_users_inbox_or_count() {
+    let s = server();
+    let b = token("b", &["#"], &[]);
+    for level in [4, 5] {
+        let refused = if level == 5 { 0x87 } else { 0x80 };
+        let (mut tcp, code) = connect_code(&s, level, &format!("b-{level}"), &b).await;
+        assert_eq!(code, 0, "B's token connects");
+        for (pid, filter) in [(1, "user/a"), (2, "$herald/unread/a")] {
+            assert_eq!(subscribe_code(&mut tcp, level, pid, filter).await, refused, "v{level} {filter}");
+        }
+        // Whatever these are granted, they must not open A's inbox or count.
+        for (pid, filter) in
+            [(3, "#"), (4, "user/+"), (5, "+/a"), (6, "+/+"), (7, "$herald/unread/+"), (8, "$herald/#")]
+        {
+            subscribe_code(&mut tcp, level, pid, filter).await;
+        }
+        assert_eq!(subscribe_code(&mut tcp, level, 9, "$herald/unread/b").await, 1, "v{level}: B's own count");
+        notify(&s, json!({"users":["a"],"title":"secret"})).await;
+        notify(&s, json!({"users":["b"],"title":"mine"})).await;
+        // B's notification and count are the markers: A's came first.
+        let mut topics = Vec::new();
+        while !(topics.iter().any(|t: &String| t == "user/b") && topics.iter().any(|t| t == "$herald/unread/b")) {
+            if let Some(topic) = publish_topic(&read_packet(&mut tcp).await) {
+                topics.push(topic);
+            }
+        }
+        assert!(!topics.iter().any(|t| t.ends_with("/a")), "v{level}: A's inbox or count leaked: {topics:?}");
+    }
 }
 
 #[tokio::test]
@@ -178,6 +232,34 @@ async fn bad_tokens_are_refused_everywhere() {
     // The WebSocket handshake itself is refused.
     let err = tokio_tungstenite::connect_async(format!("{}?token=not-a-token", s.ws_url())).await.unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
+    // MQTT, over TCP and over WebSocket (/mqtt): CONNACK "bad user name or
+    // password" (3.1.1: 4; 5: 0x86) for every bad token.
+    for (name, tok, _) in &cases {
+        for (level, bad) in [(4, 4), (5, 0x86)] {
+            let (_, code) = connect_code(&s, level, "bad", tok).await;
+            assert_eq!(code, bad, "{name} over MQTT level {level}");
+            assert_eq!(mqtt_over_websocket_code(&s, level, tok).await, bad, "{name} over /mqtt level {level}");
+        }
+    }
+}
+
+/// CONNECTs over `/mqtt` with `password` and returns the CONNACK's code.
+async fn mqtt_over_websocket_code(s: &Server, level: u8, password: &str) -> u8 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/mqtt", s.url.replacen("http://", "ws://", 1)).into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Ws::binary(connect_with_password(level, "bad-ws", 0, Some(password)))).await.unwrap();
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await.expect("a CONNACK within 10 s") {
+            Some(Ok(Ws::Binary(b))) => {
+                assert_eq!(b[0], 0x20, "CONNACK expected, got {b:x?}");
+                return b[3];
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("the connection ended without a CONNACK: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -204,15 +286,21 @@ async fn publish_patterns_hold() {
 
 #[tokio::test]
 async fn streams_close_when_the_token_expires() {
-    let s = server();
-    let short = sign(Algorithm::HS256, SECRET, json!({"sub":"a","exp": now() + 2,"channels":["#"]}));
+    // Streams close when the server stops admitting the token: at exp plus
+    // the leeway (1 s here), so that a reconnect with it is refused.
+    let s = Server::start_with(&[
+        ("HERALD_AUTH_JWT_SECRET", SECRET),
+        ("HERALD_AUTH_API_KEYS", KEY),
+        ("HERALD_AUTH_LEEWAY", "1s"),
+    ]);
+    let short = sign(Algorithm::HS256, SECRET, json!({"sub":"a","exp": now() + 1,"channels":["#"]}));
     let mut ev = sse(&s, "/api/channels/news/events", &[("authorization", &format!("Bearer {short}"))]).await;
     let e = next_event(&mut ev).await.unwrap();
     assert_eq!(e.event, "close");
     assert_eq!(serde_json::from_str::<Value>(&e.data).unwrap()["code"], "token_expired");
     assert!(next_event(&mut ev).await.is_none(), "the stream ends after the close event");
 
-    let short = sign(Algorithm::HS256, SECRET, json!({"sub":"a","exp": now() + 2,"channels":["#"]}));
+    let short = sign(Algorithm::HS256, SECRET, json!({"sub":"a","exp": now() + 1,"channels":["#"]}));
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}?token={short}", s.ws_url())).await.unwrap();
     let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
     match frame {
@@ -222,6 +310,20 @@ async fn streams_close_when_the_token_expires() {
         }
         other => panic!("expected a close frame, got {other:?}"),
     }
+
+    // MQTT: a 5 client is told why (DISCONNECT 0x87, reason string
+    // token_expired); a 3.1.1 client's connection is closed. Both are
+    // refused when they come back with the same token.
+    let short = sign(Algorithm::HS256, SECRET, json!({"sub":"a","exp": now() + 1,"channels":["#"]}));
+    let (mut v3, code3) = connect_code(&s, 4, "expiring-3", &short).await;
+    let (mut v5, code5) = connect_code(&s, 5, "expiring-5", &short).await;
+    assert_eq!((code3, code5), (0, 0), "the token is valid for a second more, and the leeway");
+    let told = closed_by_server(&mut v5).await;
+    assert!(told.len() > 3 && told[0] == 0xe0 && told[2] == 0x87, "DISCONNECT 0x87 expected, got {told:x?}");
+    assert!(String::from_utf8_lossy(&told).contains("token_expired"), "reason string: {told:x?}");
+    closed_by_server(&mut v3).await;
+    assert_eq!(connect_code(&s, 4, "expiring-3", &short).await.1, 4);
+    assert_eq!(connect_code(&s, 5, "expiring-5", &short).await.1, 0x86);
 }
 
 #[tokio::test]
@@ -253,4 +355,54 @@ fn open_mode_refuses_a_network_address_unless_forced() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--allow-open") && err.contains("[auth]"), "{err}");
+    // Forced, it starts, and says at start that it is open.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--http", "0.0.0.0:0", "--mqtt", "off", "--memory", "--allow-open"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (mut listening, mut warning) = (String::new(), String::new());
+    std::io::BufRead::read_line(&mut stdout, &mut listening).unwrap();
+    while !warning.contains("OPEN MODE") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
+            break;
+        }
+        warning = line;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening.starts_with("herald listening on http://0.0.0.0:"), "{listening}");
+    assert!(warning.contains("OPEN MODE") && warning.contains("anyone"), "the start says it is open: {warning}");
+}
+
+/// RS256 and ES256 tokens checked with a configured public key (PEM files
+/// in tests/fixtures, made for these tests): the right key's tokens are
+/// admitted, and tokens signed with another key or another algorithm are not.
+#[tokio::test]
+async fn public_key_tokens_rs256_and_es256() {
+    let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let pem = |name: &str| std::fs::read(fixture(name)).unwrap();
+    let claims = json!({"sub": "a", "exp": now() + 3600, "channels": ["news"]});
+    let signed = |alg: Algorithm, key: EncodingKey| jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap();
+    let rsa = signed(Algorithm::RS256, EncodingKey::from_rsa_pem(&pem("rsa-private.pem")).unwrap());
+    let other_rsa = signed(Algorithm::RS256, EncodingKey::from_rsa_pem(&pem("rsa-other-private.pem")).unwrap());
+    let ec = signed(Algorithm::ES256, EncodingKey::from_ec_pem(&pem("ec-private.pem")).unwrap());
+    let hs = sign(Algorithm::HS256, SECRET, claims.clone());
+    for (public, good, bad) in
+        [("rsa-public.pem", &rsa, [&other_rsa, &ec, &hs]), ("ec-public.pem", &ec, [&rsa, &other_rsa, &hs])]
+    {
+        let s = Server::start_with(&[("HERALD_AUTH_JWT_PUBLIC_KEY", &fixture(public))]);
+        let (st, v) = status(&s, "GET", "/api/channels/news/messages", Some(good), None).await;
+        assert_eq!(st, 200, "{public}: {v}");
+        let (st, v) = status(&s, "GET", "/api/channels/other/messages", Some(good), None).await;
+        assert_eq!((st, v["code"].as_str()), (403, Some("forbidden")), "{public}: the grant still holds");
+        for token in bad {
+            let (st, v) = status(&s, "GET", "/api/channels/news/messages", Some(token), None).await;
+            assert_eq!((st, v["code"].as_str()), (401, Some("invalid_token")), "{public}: {v}");
+        }
+    }
 }

@@ -70,3 +70,34 @@ async fn subscribe_follows_and_resumes_after_a_restart() {
     let status = child.wait().unwrap();
     assert!(status.success(), "--count 4 exits after four messages");
 }
+
+/// With auth configured, both commands take `--token` (or HERALD_TOKEN): an
+/// API key publishes, a user token subscribes within its grant, and without
+/// one the server's refusal is printed and the command fails.
+#[tokio::test]
+async fn publish_and_subscribe_with_credentials() {
+    const SECRET: &str = "cli-test-secret-0123456789";
+    let s = Server::start_with(&[("HERALD_AUTH_JWT_SECRET", SECRET), ("HERALD_AUTH_API_KEYS", "cli-key")]);
+    let out = herald().args(["publish", "news", "no token", "--server", &s.url]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing_token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = herald().args(["publish", "news", "hello", "--server", &s.url, "--token", "cli-key"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let minted = herald()
+        .args(["token", "--sub", "u", "--channels", "news"])
+        .env("HERALD_AUTH_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let user = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let out = herald()
+        .args(["subscribe", "news", "--count", "1", "--server", &s.url])
+        .env("HERALD_TOKEN", &user)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), json!({"id":1,"data":"hello"}));
+    let out = herald().args(["subscribe", "other", "--server", &s.url, "--token", &user]).output().unwrap();
+    assert!(!out.status.success(), "outside the grant: refused, not retried");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -45,6 +45,11 @@ enum End {
     Close(DisconnectReasonCode),
     /// Another connection took the client id; the session went with it.
     TakenOver,
+    /// The token the client connected with expired: an MQTT 5 client is told
+    /// so (0x87 with the reason `token_expired`), and reconnects with a new
+    /// one; a 3.1.1 client sees the connection close, and a reconnect with
+    /// the old token is refused at CONNECT.
+    TokenExpired,
 }
 
 pub(crate) async fn serve<S>(state: SharedState, stream: S)
@@ -197,7 +202,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let resumable =
             |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
         let (mut session, present) = match previous {
-            Some(s) if !c.clean_start && resumable(&s) => (s, true),
+            Some(mut s) if !c.clean_start && resumable(&s) => {
+                // The same identity, with this connection's credential (and
+                // the expiry it brings).
+                s.principal = principal.clone();
+                (s, true)
+            }
             old => {
                 if let Some(old) = old {
                     broker.remove_routes(old.id);
@@ -317,6 +327,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let mut last_heard = Instant::now();
         let mut keep_alive = (!self.keep_alive.is_zero())
             .then(|| Box::pin(tokio::time::sleep_until(last_heard + self.keep_alive * 3 / 2)));
+        // Only a connection whose token expires holds this timer.
+        let mut expiry = self
+            .session()
+            .principal
+            .expires_at()
+            .map(|at| Box::pin(tokio::time::sleep_until(crate::stream::instant_of(at))));
         loop {
             if self.has_sendable() && Box::pin(self.drain_queue()).await.is_err() {
                 return End::Lost;
@@ -354,6 +370,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 _ = crate::stream::fired(&mut keep_alive) => {
                     return End::Close(DisconnectReasonCode::KeepAliveTimeout);
                 }
+                _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
                 d = session.herald.next(), if open => match d {
                     Ok(d) => Box::pin(self.on_delivery(d)).await,
                     Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),
@@ -793,8 +810,19 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// After the loop: tell an MQTT 5 client why, publish the will if due,
     /// and park or drop the session.
     async fn finish(mut self, end: End) {
-        if let End::Close(code) = &end {
-            let _ = self.send(&disconnect(*code)).await;
+        let told = match &end {
+            End::Close(code) => Some(disconnect(*code)),
+            End::TokenExpired => Some(v5::Packet::Disconnect(v5::Disconnect {
+                reason_code: DisconnectReasonCode::NotAuthorized,
+                properties: v5::DisconnectProperties {
+                    reason_string: Some(Arc::from("token_expired: reconnect with a new token")),
+                    ..Default::default()
+                },
+            })),
+            _ => None,
+        };
+        if let Some(packet) = told {
+            let _ = self.send(&packet).await;
             let _ = self.wr.flush().await;
         }
         let _ = self.wr.shutdown().await;

@@ -1,8 +1,9 @@
 //! Real clients for the transports `common` has no helper for: a WebSocket
 //! client (tokio-tungstenite) speaking Herald's JSON protocol, a raw WebSocket
 //! that never answers pings, and a hidden-iframe reader that splits the HTML
-//! stream into its script calls and comments. Shared by `ws.rs`, `iframe.rs`
-//! and `matrix.rs`; every wait is bounded so a hang fails instead of stalling.
+//! stream into its script calls and comments; and raw MQTT packets. Shared by
+//! `ws.rs`, `iframe.rs`, `matrix.rs`, `mqtt.rs` and `auth.rs`; every wait is
+//! bounded so a hang fails instead of stalling.
 #![allow(dead_code, unreachable_pub)]
 
 use std::{collections::VecDeque, time::Duration};
@@ -354,4 +355,149 @@ pub async fn publish_ids(s: &Server, channel: &str, ids: std::ops::RangeInclusiv
 /// The payload `publish_ids` gave message `id`.
 pub fn text_of(id: u64) -> String {
     format!("m{id}")
+}
+
+/// Raw MQTT over TCP, for what no well-behaved client sends (garbage,
+/// oversize packets, silence) and for exact bytes (reason codes, properties).
+pub mod raw_mqtt {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::PATIENCE;
+    use crate::common::Server;
+
+    /// A CONNECT packet: MQTT 3.1.1 (level 4) or 5 (level 5, empty properties).
+    pub fn connect_packet(level: u8, client_id: &str, keep_alive: u16) -> Vec<u8> {
+        connect_with_password(level, client_id, keep_alive, None)
+    }
+
+    /// A clean-start CONNECT, with a password (and a user name, which MQTT 3.1.1
+    /// requires beside one) when given.
+    pub fn connect_with_password(level: u8, client_id: &str, keep_alive: u16, password: Option<&str>) -> Vec<u8> {
+        let flags = 0x02 | if password.is_some() { 0xc0 } else { 0 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags];
+        body.extend(keep_alive.to_be_bytes());
+        if level == 5 {
+            body.push(0); // no properties
+        }
+        for field in [Some(client_id), password.map(|_| "user"), password].into_iter().flatten() {
+            body.extend((field.len() as u16).to_be_bytes());
+            body.extend(field.as_bytes());
+        }
+        let mut p = vec![0x10];
+        p.extend(remaining_length(body.len()));
+        p.extend(body);
+        p
+    }
+
+    pub fn remaining_length(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut b = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if n == 0 {
+                return out;
+            }
+        }
+    }
+
+    /// Reads one whole packet (fixed header included).
+    pub async fn read_packet(tcp: &mut TcpStream) -> Vec<u8> {
+        tokio::time::timeout(PATIENCE, async {
+            let mut p = vec![tcp.read_u8().await.expect("a packet")];
+            let mut len = 0usize;
+            for i in 0..4 {
+                let b = tcp.read_u8().await.expect("remaining length");
+                p.push(b);
+                len |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let start = p.len();
+            p.resize(start + len, 0);
+            tcp.read_exact(&mut p[start..]).await.expect("packet body");
+            p
+        })
+        .await
+        .expect("a packet within 10s")
+    }
+
+    /// A raw connection that has sent CONNECT and read a successful CONNACK.
+    pub async fn raw_connected(s: &Server, level: u8, client_id: &str, keep_alive: u16) -> TcpStream {
+        let mut tcp = TcpStream::connect(&s.mqtt).await.expect("TCP connect");
+        tcp.write_all(&connect_packet(level, client_id, keep_alive)).await.unwrap();
+        let connack = read_packet(&mut tcp).await;
+        assert_eq!(connack[0], 0x20, "CONNACK expected, got {connack:x?}");
+        assert_eq!(connack[3], 0, "CONNACK must accept, got {connack:x?}");
+        tcp
+    }
+
+    /// Reads until the server closes the connection (EOF or reset) and returns
+    /// what it sent first. Fails the test if it is still open after 10 s.
+    pub async fn closed_by_server(tcp: &mut TcpStream) -> Vec<u8> {
+        tokio::time::timeout(PATIENCE, async {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .expect("the server closes the connection within 10s")
+    }
+
+    /// Connects with `password` and returns the socket with the CONNACK's
+    /// return (3.1.1) or reason (5) code.
+    pub async fn connect_code(s: &Server, level: u8, client_id: &str, password: &str) -> (TcpStream, u8) {
+        let mut tcp = TcpStream::connect(&s.mqtt).await.expect("TCP connect");
+        tcp.write_all(&connect_with_password(level, client_id, 0, Some(password))).await.unwrap();
+        let connack = read_packet(&mut tcp).await;
+        assert_eq!(connack[0], 0x20, "CONNACK expected, got {connack:x?}");
+        (tcp, connack[3])
+    }
+
+    /// The topic of a PUBLISH packet (MQTT 3.1.1 or 5); `None` for any other.
+    pub fn publish_topic(packet: &[u8]) -> Option<String> {
+        if packet[0] >> 4 != 3 {
+            return None;
+        }
+        let header = 1 + packet[1..].iter().position(|b| b & 0x80 == 0)? + 1;
+        let len = usize::from(u16::from_be_bytes([packet[header], packet[header + 1]]));
+        Some(String::from_utf8_lossy(&packet[header + 2..header + 2 + len]).into_owned())
+    }
+
+    /// Subscribes to `filter` at QoS 1 and returns the SUBACK's code for it.
+    pub async fn subscribe_code(tcp: &mut TcpStream, level: u8, pid: u16, filter: &str) -> u8 {
+        let mut body = pid.to_be_bytes().to_vec();
+        if level == 5 {
+            body.push(0); // no properties
+        }
+        body.extend((filter.len() as u16).to_be_bytes());
+        body.extend(filter.as_bytes());
+        body.push(1);
+        let mut p = vec![0x82];
+        p.extend(remaining_length(body.len()));
+        p.extend(body);
+        tcp.write_all(&p).await.unwrap();
+        loop {
+            let packet = read_packet(tcp).await;
+            if packet[0] != 0x90 {
+                continue; // a retained message or a count may come first
+            }
+            // Fixed header (2 bytes: a SUBACK for one filter is short), packet
+            // id, and for MQTT 5 the properties with their one-byte length.
+            let start = 4 + if level == 5 { 1 + packet[4] as usize } else { 0 };
+            return packet[start];
+        }
+    }
 }
