@@ -8,7 +8,9 @@ use std::{
 };
 
 use herald_core::Hub;
-use herald_store::{InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig, SyncMode, system_clock};
+use herald_store::{
+    BrokerStore, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig, SyncMode, system_clock,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -48,19 +50,22 @@ impl Server {
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
         let hub = Hub::new(config.limits.subscriber_queue);
         let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: hub.clone() };
-        let (store, inbox_store): (Arc<dyn Store>, Arc<dyn InboxStore>) = if config.server.memory {
-            let s = Arc::new(MemoryStore::new(store_config));
-            (s.clone(), s)
-        } else {
-            let mut options = SqliteOptions::new(&config.server.data);
-            options.sync = match config.store.sync {
-                SyncSetting::Normal => SyncMode::Normal,
-                SyncSetting::Full => SyncMode::Full,
+        let (store, inbox_store, broker_store): (Arc<dyn Store>, Arc<dyn InboxStore>, Arc<dyn BrokerStore>) =
+            if config.server.memory {
+                let s = Arc::new(MemoryStore::new(store_config));
+                (s.clone(), s.clone(), s)
+            } else {
+                let mut options = SqliteOptions::new(&config.server.data);
+                options.sync = match config.store.sync {
+                    SyncSetting::Normal => SyncMode::Normal,
+                    SyncSetting::Full => SyncMode::Full,
+                };
+                options.max_batch = config.store.max_batch.max(1);
+                let s = Arc::new(SqliteStore::open(options, store_config)?);
+                (s.clone(), s.clone(), s)
             };
-            options.max_batch = config.store.max_batch.max(1);
-            let s = Arc::new(SqliteStore::open(options, store_config)?);
-            (s.clone(), s)
-        };
+        let mqtt = Arc::new(crate::mqtt::Broker::new(broker_store));
+        mqtt.restore().await?;
         let auth = Auth::from_config(&config.auth)?;
         if auth.is_open() && !config.server.http.ip().is_loopback() && !config.auth.allow_open {
             return Err(ServerError::OpenOnNetwork(config.server.http));
@@ -78,7 +83,7 @@ impl Server {
             stats: crate::stats::Stats::new(),
             auth,
             inbox,
-            mqtt: Default::default(),
+            mqtt,
         });
         let mqtt = match state.config.server.mqtt.trim() {
             "" | "off" => None,
@@ -117,13 +122,15 @@ impl Server {
     /// requests to finish and closes the store.
     pub async fn run(self) -> Result<(), ServerError> {
         let Server { state, listener, mqtt } = self;
+        // Every connection is tracked, so that shutdown waits for each to end
+        // (an MQTT session stores its state then) before the store closes.
+        let tracker = tokio_util::task::TaskTracker::new();
         if let Some(l) = mqtt {
-            crate::mqtt::spawn_tcp(state.clone(), l);
+            crate::mqtt::spawn_tcp(state.clone(), l, tracker.clone());
         }
         let shutdown = state.shutdown.clone();
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);
-        let tracker = tokio_util::task::TaskTracker::new();
         let front = crate::front::serve(listener, state.clone(), shutdown.clone(), tracker.clone());
         front.await;
         // Shutdown: streams end by themselves (they listen to the token, and

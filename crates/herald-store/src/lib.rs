@@ -130,6 +130,29 @@ pub trait InboxStore: Send + Sync + 'static {
     -> BoxFuture<'_, Result<(), StoreError>>;
 }
 
+/// What the MQTT broker keeps across restarts, in two tables of records the
+/// broker encodes itself: retained messages by topic, persistent sessions by
+/// client id. Small and rare next to messages (a write per retained publish,
+/// per subscription change and per disconnect of a persistent session).
+pub trait BrokerStore: Send + Sync + 'static {
+    /// Stores `value` under `key`, or deletes the key with `None`.
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Every record of `table`.
+    fn load(&self, table: BrokerTable) -> BoxFuture<'_, Result<Vec<BrokerRecord>, StoreError>>;
+}
+
+/// A key and the record stored under it.
+pub type BrokerRecord = (String, Vec<u8>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BrokerTable {
+    /// Topic to retained message.
+    Retained,
+    /// Client id to persistent session.
+    Sessions,
+}
+
 /// Keeps time monotonic per store, so ids and times order the same way even if
 /// the wall clock steps back (retention by age relies on it).
 pub(crate) fn monotonic(clock: &Clock, last: &mut i64) -> i64 {

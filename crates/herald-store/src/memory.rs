@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use herald_core::{Channel, Filter, Message, NewMessage, Window, inbox::ReadState};
 
-use crate::{BoxFuture, InboxStore, Page, Store, StoreConfig, StoreError, monotonic};
+use crate::{
+    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError, monotonic,
+};
 
 struct Log {
     head: u64,
@@ -24,6 +26,7 @@ struct State {
     /// group -> user -> joined after
     groups: BTreeMap<String, BTreeMap<String, u64>>,
     reads: HashMap<String, HashMap<Channel, ReadState>>,
+    broker: HashMap<BrokerTable, BTreeMap<String, Vec<u8>>>,
 }
 
 pub struct MemoryStore {
@@ -41,6 +44,7 @@ impl MemoryStore {
                 closed: false,
                 groups: BTreeMap::new(),
                 reads: HashMap::new(),
+                broker: HashMap::new(),
             }),
         }
     }
@@ -168,6 +172,27 @@ impl InboxStore for MemoryStore {
         Box::pin(async move {
             self.lock().reads.entry(user).or_default().extend(states);
             Ok(())
+        })
+    }
+}
+
+impl BrokerStore for MemoryStore {
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let records = st.broker.entry(table).or_default();
+            match value {
+                Some(v) => records.insert(key, v),
+                None => records.remove(&key),
+            };
+            Ok(())
+        })
+    }
+
+    fn load(&self, table: BrokerTable) -> BoxFuture<'_, Result<Vec<BrokerRecord>, StoreError>> {
+        Box::pin(async move {
+            let st = self.lock();
+            Ok(st.broker.get(&table).map_or_else(Vec::new, |r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
         })
     }
 }

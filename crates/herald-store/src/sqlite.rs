@@ -20,7 +20,10 @@ use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, Meta, New
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use crate::{BoxFuture, InboxStore, Page, Store, StoreConfig, StoreError, heads::HeadCache, monotonic};
+use crate::{
+    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError,
+    heads::HeadCache, monotonic,
+};
 
 /// How hard a commit insists on reaching the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,6 +100,14 @@ CREATE TABLE IF NOT EXISTS group_members (
     PRIMARY KEY (grp, user)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS group_members_by_user ON group_members (user, grp);
+CREATE TABLE IF NOT EXISTS mqtt_retained (
+    topic TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mqtt_sessions (
+    client_id TEXT PRIMARY KEY,
+    value     BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS read_state (
     user    TEXT NOT NULL,
     channel TEXT NOT NULL,
@@ -539,5 +550,40 @@ impl InboxStore for SqliteStore {
             }
             Ok(())
         }))
+    }
+}
+
+/// The broker's records: in their own tables, written on the inbox writer's
+/// connection (small, rare writes, serialised by SQLite with the messages').
+impl BrokerStore for SqliteStore {
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.with_inbox_writer(move |tx| {
+            match (table_sql(table), value) {
+                ((name, key_column), Some(v)) => tx
+                    .prepare_cached(&format!("INSERT OR REPLACE INTO {name} ({key_column}, value) VALUES (?1, ?2)"))?
+                    .execute(params![key, v])?,
+                ((name, key_column), None) => {
+                    tx.prepare_cached(&format!("DELETE FROM {name} WHERE {key_column} = ?1"))?.execute([key])?
+                }
+            };
+            Ok(())
+        }))
+    }
+
+    fn load(&self, table: BrokerTable) -> BoxFuture<'_, Result<Vec<BrokerRecord>, StoreError>> {
+        Box::pin(self.with_reader(move |conn| {
+            let (name, key_column) = table_sql(table);
+            let mut stmt = conn.prepare(&format!("SELECT {key_column}, value FROM {name}"))?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+            rows.collect()
+        }))
+    }
+}
+
+/// A broker table's name and key column (fixed strings, never user input).
+fn table_sql(table: BrokerTable) -> (&'static str, &'static str) {
+    match table {
+        BrokerTable::Retained => ("mqtt_retained", "topic"),
+        BrokerTable::Sessions => ("mqtt_sessions", "client_id"),
     }
 }

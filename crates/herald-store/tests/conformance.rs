@@ -7,7 +7,9 @@ use std::sync::{
 
 use herald_core::inbox::ReadState;
 use herald_core::{Channel, Data, Filter, Message, Meta, NewMessage, Retention, RetentionRules};
-use herald_store::{CommitSink, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig};
+use herald_store::{
+    BrokerStore, BrokerTable, CommitSink, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig,
+};
 
 /// Records what the store handed to its sink.
 #[derive(Default)]
@@ -22,6 +24,7 @@ impl CommitSink for Recorder {
 struct Fixture {
     store: Arc<dyn Store>,
     inbox: Arc<dyn InboxStore>,
+    broker: Arc<dyn BrokerStore>,
     sink: Arc<Recorder>,
     clock: Arc<AtomicI64>,
     _dir: Option<tempfile::TempDir>,
@@ -38,14 +41,14 @@ fn config(retention: RetentionRules) -> (StoreConfig, Arc<Recorder>, Arc<AtomicI
 fn memory(retention: RetentionRules) -> Fixture {
     let (config, sink, clock) = config(retention);
     let store = Arc::new(MemoryStore::new(config));
-    Fixture { store: store.clone(), inbox: store, sink, clock, _dir: None }
+    Fixture { store: store.clone(), inbox: store.clone(), broker: store, sink, clock, _dir: None }
 }
 
 fn sqlite(retention: RetentionRules) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (config, sink, clock) = config(retention);
     let store = Arc::new(SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap());
-    Fixture { store: store.clone(), inbox: store, sink, clock, _dir: Some(dir) }
+    Fixture { store: store.clone(), inbox: store.clone(), broker: store, sink, clock, _dir: Some(dir) }
 }
 
 fn ch(s: &str) -> Channel {
@@ -79,7 +82,25 @@ conformance!(
     group_membership,
     read_state_round_trips,
     cached_head_is_the_head_when_known,
+    broker_records_are_set_replaced_and_deleted,
 );
+
+async fn broker_records_are_set_replaced_and_deleted(make: fn(RetentionRules) -> Fixture) {
+    let f = make(RetentionRules::default());
+    let put = |t, k: &str, v: Option<&[u8]>| f.broker.put(t, k.to_owned(), v.map(<[u8]>::to_vec));
+    put(BrokerTable::Retained, "a/b", Some(b"one")).await.unwrap();
+    put(BrokerTable::Retained, "a/b", Some(b"two")).await.unwrap();
+    put(BrokerTable::Retained, "gone", Some(b"x")).await.unwrap();
+    put(BrokerTable::Retained, "gone", None).await.unwrap();
+    put(BrokerTable::Retained, "never", None).await.unwrap();
+    put(BrokerTable::Sessions, "a/b", Some(b"{}")).await.unwrap();
+    assert_eq!(f.broker.load(BrokerTable::Retained).await.unwrap(), [("a/b".to_string(), b"two".to_vec())]);
+    assert_eq!(
+        f.broker.load(BrokerTable::Sessions).await.unwrap(),
+        [("a/b".to_string(), b"{}".to_vec())],
+        "the tables are apart"
+    );
+}
 
 async fn group_membership(make: fn(RetentionRules) -> Fixture) {
     let f = make(RetentionRules::default());
@@ -306,6 +327,17 @@ async fn sqlite_reopens_with_history_and_continues_ids() {
     assert_eq!(ids(&page.messages), [1, 2]);
     assert_eq!(page.messages[1].meta, Some(mqtt_meta()), "MQTT properties survive a restart");
     assert_eq!(ids(&store.append(vec![new("c", "3")]).await.unwrap()), [3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_keeps_broker_records_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = config(RetentionRules::default());
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), config.clone()).unwrap();
+    store.put(BrokerTable::Sessions, "client".into(), Some(b"state".to_vec())).await.unwrap();
+    store.close().await;
+    let store = SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap();
+    assert_eq!(store.load(BrokerTable::Sessions).await.unwrap(), [("client".to_string(), b"state".to_vec())]);
 }
 
 /// A data directory written before messages had a `meta` column opens, keeps

@@ -545,6 +545,81 @@ async fn persistent_session_gets_every_message_published_while_away_v5() {
     }
 }
 
+/// What the broker keeps survives a restart (graceful or `kill -9`): retained
+/// messages, set and cleared, and persistent sessions with their
+/// subscriptions and cursors, which resume from the history.
+#[tokio::test]
+async fn retained_messages_and_persistent_sessions_survive_a_restart() {
+    let mut s = Server::start();
+    let (mut p, _) = v5::Client::connect(v5::opts(&s, "keep-pub")).await;
+    p.publish("keep/status", v5::QoS::AtLeastOnce, true, "retained-1").await;
+    p.publish("keep/cleared", v5::QoS::AtLeastOnce, true, "to-clear").await;
+    p.publish("keep/cleared", v5::QoS::AtLeastOnce, true, "").await;
+
+    let persistent = |s: &Server| {
+        let mut o = v5::opts(s, "keeper");
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+        o
+    };
+    let (mut c, _) = v5::Client::connect(persistent(&s)).await;
+    c.subscribe("keep/room/+", v5::QoS::AtLeastOnce).await;
+    c.subscribe("keep/exact", v5::QoS::AtLeastOnce).await;
+    publish(&s, "keep/room/a", "before").await;
+    assert_eq!(c.message().await.payload.as_ref(), b"before");
+    c.disconnect().await;
+    // Published while the session is away, then a graceful restart.
+    publish(&s, "keep/room/a", "away-1").await;
+    publish(&s, "keep/exact", "away-2").await;
+    assert!(s.stop().success());
+    s.restart();
+    publish(&s, "keep/room/b", "after-restart").await;
+
+    let (mut c, ack) = v5::Client::connect(persistent(&s)).await;
+    assert!(ack.session_present, "the stored session resumes");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = c.message().await;
+        got.push((v5::topic(&m).to_owned(), String::from_utf8_lossy(&m.payload).into_owned()));
+    }
+    got.sort();
+    let want = [("keep/exact", "away-2"), ("keep/room/a", "away-1"), ("keep/room/b", "after-restart")];
+    assert_eq!(got, want.map(|(t, p)| (t.to_owned(), p.to_owned())), "what it missed, once, and not 'before'");
+
+    // kill -9 while the session is connected: it comes back with its
+    // subscriptions (stored when they were made), and nothing is lost.
+    s.kill9();
+    c.kill();
+    s.restart();
+    publish(&s, "keep/room/c", "after-crash").await;
+    let (mut c, ack) = v5::Client::connect(persistent(&s)).await;
+    assert!(ack.session_present);
+    let got = c.messages_until("keep/room/c", b"after-crash").await;
+    assert!(
+        got.iter().all(|m| v5::topic(m).starts_with("keep/room/") || v5::topic(m) == "keep/exact"),
+        "only its own subscriptions: {got:?}"
+    );
+
+    // The retained message is still there, and the cleared one still gone.
+    let (mut fresh, _) = v5::Client::connect(v5::opts(&s, "keep-fresh")).await;
+    fresh.subscribe("keep/+", v5::QoS::AtLeastOnce).await;
+    let m = fresh.message().await;
+    assert_eq!((v5::topic(&m), m.payload.as_ref(), m.retain), ("keep/status", &b"retained-1"[..], true));
+    let (mut p, _) = v5::Client::connect(v5::opts(&s, "keep-pub")).await;
+    p.publish("keep/marker", v5::QoS::AtLeastOnce, false, "marker").await;
+    let got = fresh.messages_until("keep/marker", b"marker").await;
+    assert_eq!(got.len(), 1, "nothing else retained arrives before the marker: {got:?}");
+
+    // A clean start with no expiry drops the stored session for good.
+    let (c, ack) = v5::Client::connect(v5::opts(&s, "keeper")).await;
+    assert!(!ack.session_present);
+    c.disconnect().await;
+    assert!(s.stop().success());
+    s.restart();
+    let (_c, ack) = v5::Client::connect(persistent(&s)).await;
+    assert!(!ack.session_present, "nothing was kept");
+}
+
 // ========================================================= cross-protocol
 
 /// A QoS 2 publish whose PUBREL comes on the next connection of a persistent

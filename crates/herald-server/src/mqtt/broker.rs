@@ -1,6 +1,8 @@
 //! What MQTT connections share: parked persistent sessions and the live
 //! connection of each client id (for takeover), retained messages, the routes
-//! for topics that are not channels, and pending wills.
+//! for topics that are not channels, and pending wills. Retained messages and
+//! persistent sessions are also written to the store (`persist`), and read
+//! back at start.
 //!
 //! Channel topics never pass through here: they are stored and fanned out by
 //! the hub like any publish, and each session's Herald subscription picks them
@@ -20,7 +22,13 @@ use herald_core::Queue;
 use herald_core::{Channel, Filter, Meta, Principal, Since, Target};
 use tokio::sync::oneshot;
 
-use super::{session::Session, topic};
+use herald_store::{BrokerStore, BrokerTable, StoreError};
+
+use super::{
+    persist::{self, StoredSession},
+    session::Session,
+    topic,
+};
 use crate::{
     app::SharedState,
     subscription::{Delivery, Subscription},
@@ -80,8 +88,14 @@ struct Slot {
     live: Option<Live>,
 }
 
-#[derive(Default)]
 pub struct Broker {
+    store: Arc<dyn BrokerStore>,
+    /// Persistent sessions read back at start, until their client returns
+    /// (or they expire).
+    stored: Mutex<HashMap<String, StoredSession>>,
+    /// When this process started: a session stored while connected counts
+    /// as parked from then.
+    started_ms: i64,
     slots: Mutex<HashMap<String, Slot>>,
     retained: Mutex<BTreeMap<Arc<str>, Routed>>,
     routes: RwLock<Vec<Route>>,
@@ -115,6 +129,73 @@ pub(crate) enum Claim {
 }
 
 impl Broker {
+    pub fn new(store: Arc<dyn BrokerStore>) -> Self {
+        Broker {
+            store,
+            stored: Mutex::default(),
+            started_ms: herald_store::now_ms(),
+            slots: Mutex::default(),
+            retained: Mutex::default(),
+            routes: RwLock::default(),
+            wills: Mutex::default(),
+            shared: Mutex::default(),
+            next_id: SessionIds::default(),
+        }
+    }
+
+    /// Reads back the retained messages and persistent sessions of earlier
+    /// runs. Records this version cannot read, and expired sessions, are
+    /// dropped (and logged).
+    pub async fn restore(&self) -> Result<(), StoreError> {
+        let mut retained = BTreeMap::new();
+        for (topic, bytes) in self.store.load(BrokerTable::Retained).await? {
+            match persist::decode_retained(&topic, &bytes) {
+                Some(r) => drop(retained.insert(r.topic.clone(), r)),
+                None => tracing::warn!(topic, "a retained message in an unknown format was skipped"),
+            }
+        }
+        let now = herald_store::now_ms();
+        let mut sessions = HashMap::new();
+        let mut expired = Vec::new();
+        for (client_id, bytes) in self.store.load(BrokerTable::Sessions).await? {
+            match StoredSession::decode(&bytes) {
+                Some(s) if !s.expired(now, self.started_ms) => drop(sessions.insert(client_id, s)),
+                _ => expired.push(client_id),
+            }
+        }
+        for client_id in expired {
+            self.store.put(BrokerTable::Sessions, client_id, None).await?;
+        }
+        tracing::debug!(retained = retained.len(), sessions = sessions.len(), "MQTT state restored");
+        *self.retained.lock().unwrap_or_else(|e| e.into_inner()) = retained;
+        *self.stored.lock().unwrap_or_else(|e| e.into_inner()) = sessions;
+        Ok(())
+    }
+
+    /// The stored session of `client_id` from an earlier run, if it has not
+    /// expired; taken, as the connection that asks resumes or replaces it.
+    pub(crate) fn take_stored(&self, client_id: &str) -> Option<StoredSession> {
+        let s = self.stored.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id)?;
+        (!s.expired(herald_store::now_ms(), self.started_ms)).then_some(s)
+    }
+
+    /// Writes a persistent session's record (its connection ended at
+    /// `parked_at`, or it is connected: `None`).
+    pub(crate) async fn save_session(
+        &self,
+        client_id: &str,
+        session: &Session,
+        parked_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let record = StoredSession::of(session, parked_at).encode();
+        self.store.put(BrokerTable::Sessions, client_id.to_owned(), Some(record)).await
+    }
+
+    /// Deletes a session's record.
+    pub(crate) async fn forget_session(&self, client_id: &str) -> Result<(), StoreError> {
+        self.store.put(BrokerTable::Sessions, client_id.to_owned(), None).await
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.0.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -150,15 +231,18 @@ impl Broker {
         }
     }
 
-    /// Drops a parked session whose expiry came, unless it was resumed.
-    pub(crate) fn expire(&self, client_id: &str, session_id: u64) {
+    /// Drops a parked session whose expiry came, unless it was resumed;
+    /// true if it was dropped.
+    pub(crate) fn expire(&self, client_id: &str, session_id: u64) -> bool {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = slots.get_mut(client_id)
             && slot.live.is_none()
             && slot.parked.as_ref().is_some_and(|s| s.id == session_id)
         {
             slots.remove(client_id);
+            return true;
         }
+        false
     }
 
     pub(crate) fn schedule_will(&self, client_id: &str, token: u64) {
@@ -309,14 +393,18 @@ impl Broker {
         }
     }
 
-    /// Sets (or, with an empty payload, clears) the retained message of a topic.
-    pub(crate) fn retain(&self, msg: &Routed) {
+    /// Sets (or, with an empty payload, clears) the retained message of a
+    /// topic, in the store first: it resolves once the change is durable.
+    pub(crate) async fn retain(&self, msg: &Routed) -> Result<(), StoreError> {
+        let record = (!msg.payload.is_empty()).then(|| persist::encode_retained(msg));
+        self.store.put(BrokerTable::Retained, msg.topic.to_string(), record).await?;
         let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
             retained.remove(&msg.topic);
         } else {
             retained.insert(msg.topic.clone(), msg.clone());
         }
+        Ok(())
     }
 
     pub(crate) fn retained_matching(&self, filter: &str) -> Vec<Routed> {

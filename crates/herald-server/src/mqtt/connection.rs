@@ -26,11 +26,17 @@ use super::{
     broker::{Claim, Kick, Routed},
     codec::{self, Framer, ReadError, Version},
     outbox::Outbox,
+    persist::StoredSession,
     session::{Outgoing, Session, SubOpts},
 };
-use herald_store::now_ms;
+use herald_store::{StoreError, now_ms};
 
-use crate::{app::SharedState, coalesce::Coalescer, stats::Transport, subscription::Delivery};
+use crate::{
+    app::SharedState,
+    coalesce::Coalescer,
+    stats::Transport,
+    subscription::{Delivery, Subscription},
+};
 
 /// Bytes a packet may have beyond the payload limit (topic, properties).
 pub(crate) const PACKET_OVERHEAD: usize = 16 * 1024;
@@ -201,6 +207,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // A session resumes for the same identity only.
         let resumable =
             |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
+        // A session stored by an earlier run of the server, if this one has none.
+        let stored = if previous.is_none() { broker.take_stored(&client_id) } else { None };
         let (mut session, present) = match previous {
             Some(mut s) if !c.clean_start && resumable(&s) => {
                 // The same identity, with this connection's credential (and
@@ -209,14 +217,32 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 (s, true)
             }
             old => {
+                let had_record = old.as_ref().is_some_and(|s| s.stored) || stored.is_some();
                 if let Some(old) = old {
                     broker.remove_routes(old.id);
                     broker.leave_all_shared(old.id);
                 }
-                let cx = state.context(principal.clone(), true);
-                let herald =
-                    match crate::subscription::Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default())
-                        .await
+                let resumed = match stored {
+                    Some(rec) if !c.clean_start && rec.belongs_to(&principal) => {
+                        Box::pin(restore(&state, rec, principal.clone())).await
+                    }
+                    _ => None,
+                };
+                if let Some(s) = resumed {
+                    (s, true)
+                } else {
+                    if had_record && broker.forget_session(&client_id).await.is_err() {
+                        broker.release(&client_id, conn_id, None);
+                        refuse!(ConnectReasonCode::ServerUnavailable);
+                    }
+                    let cx = state.context(principal.clone(), true);
+                    let herald = match crate::subscription::Subscription::open(
+                        cx,
+                        Vec::new(),
+                        Since::Now,
+                        &CursorToken::default(),
+                    )
+                    .await
                     {
                         Ok(h) => h,
                         Err(_) => {
@@ -224,7 +250,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                             refuse!(ConnectReasonCode::ServerUnavailable);
                         }
                     };
-                (Session::new(broker.next_id(), herald, cfg.offline_queue, principal.clone()), false)
+                    (Session::new(broker.next_id(), herald, cfg.offline_queue, principal.clone()), false)
+                }
             }
         };
         session.expiry = expiry;
@@ -583,6 +610,9 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         UnsubscribeReasonCode::NoSubscriptionExisted
                     });
                 }
+                if self.save_if_persistent().await.is_err() {
+                    codes.iter_mut().for_each(|c| *c = UnsubscribeReasonCode::UnspecifiedError);
+                }
                 let ack =
                     v5::Packet::Unsuback(v5::Unsuback { pid: u.pid, properties: Default::default(), topics: codes });
                 return io(self.send(&ack).await);
@@ -680,6 +710,17 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         }
     }
 
+    /// Writes a persistent session's record (its subscriptions changed).
+    async fn save_if_persistent(&mut self) -> Result<(), StoreError> {
+        let s = self.session.as_ref().expect("session");
+        if s.expiry == 0 {
+            return Ok(());
+        }
+        self.state.mqtt.save_session(&self.client_id, s, None).await?;
+        self.session().stored = true;
+        Ok(())
+    }
+
     async fn on_subscribe(&mut self, sub: v5::Subscribe) -> Option<End> {
         let sub_id = sub.properties.subscription_id.map(|v| v.value());
         let mut codes = Vec::with_capacity(sub.topics.len());
@@ -688,6 +729,9 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             let filter: &str = filter;
             let code = self.subscribe_one(filter, opts, sub_id, &mut retained).await;
             codes.push(code);
+        }
+        if self.save_if_persistent().await.is_err() {
+            codes.iter_mut().for_each(|c| *c = SubscribeReasonCode::UnspecifiedError);
         }
         let ack = v5::Packet::Suback(v5::Suback { pid: sub.pid, properties: Default::default(), topics: codes });
         if self.send(&ack).await.is_err() {
@@ -775,6 +819,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     meta: Some(r.meta.clone()),
                     sub_ids: sub_id.into_iter().collect(),
                     released: false,
+                    id: None,
                 });
             }
         }
@@ -867,19 +912,29 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
             });
         }
+        let mut session = session;
         if session.expiry > 0 {
+            // Written before it is parked: on shutdown, before the store closes.
+            match broker.save_session(&self.client_id, &session, Some(now_ms())).await {
+                Ok(()) => session.stored = true,
+                Err(e) => tracing::error!(error = %e, client_id = self.client_id, "storing an MQTT session failed"),
+            }
             let (id, expiry) = (session.id, session.expiry);
             if broker.release(&self.client_id, self.conn_id, Some(session)) {
                 let client_id = self.client_id.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                    broker.expire(&client_id, id);
+                    if broker.expire(&client_id, id) {
+                        let _ = broker.forget_session(&client_id).await;
+                    }
                 });
             }
         } else {
             broker.remove_routes(session.id);
             broker.leave_all_shared(session.id);
-            broker.release(&self.client_id, self.conn_id, None);
+            if broker.release(&self.client_id, self.conn_id, None) && session.stored {
+                let _ = broker.forget_session(&self.client_id).await;
+            }
         }
     }
 }
@@ -948,7 +1003,10 @@ async fn publish(
         Err(_) => return Err(Refused::NotAuthorized),
     }
     if meta.retain {
-        state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None });
+        state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None }).await.map_err(|e| {
+            tracing::error!(error = %e, "storing a retained message failed");
+            Refused::Failed
+        })?;
     }
     Ok(())
 }
@@ -986,6 +1044,43 @@ fn granted(qos: u8) -> SubscribeReasonCode {
         1 => SubscribeReasonCode::GrantedQoS1,
         _ => SubscribeReasonCode::GrantedQoS2,
     }
+}
+
+/// Rebuilds a session an earlier run of the server stored, for `principal`
+/// (who it belongs to): its Herald subscription resumes each channel after
+/// its stored cursor (a channel with none, new since, from its start), and
+/// each filter the principal may still use is subscribed again. Shared
+/// subscriptions are not kept (see `persist`).
+async fn restore(state: &SharedState, rec: StoredSession, principal: Arc<Principal>) -> Option<Session> {
+    let allowed = |filter: &str| -> Option<Option<Target>> {
+        if let Some(user) = filter.strip_prefix(UNREAD_PREFIX) {
+            let ok = herald_core::channel::validate_segment(user).is_ok() && principal.may_access_inbox(user);
+            return ok.then_some(None);
+        }
+        if super::topic::shared(filter).is_some() {
+            return None;
+        }
+        match Filter::parse(filter) {
+            Ok(f) => Some(Target::from_filter(f)).filter(|t| principal.may_subscribe(t)).map(Some),
+            Err(_) => principal.is_admin().then_some(None),
+        }
+    };
+    let targets: Vec<Target> = rec.subs.iter().filter_map(|s| allowed(&s.filter).flatten()).collect();
+    let cx = state.context(principal.clone(), true);
+    let herald = Subscription::open(cx, targets, Since::After(0), &rec.cursor_token()).await.ok()?;
+    let mut session = Session::new(rec.id, herald, state.config.mqtt.offline_queue, principal.clone());
+    session.stored = true;
+    session.expiry = rec.expiry;
+    for sub in &rec.subs {
+        let Some(target) = allowed(&sub.filter) else { continue };
+        if let Some(user) = sub.filter.strip_prefix(UNREAD_PREFIX) {
+            session.herald.follow_unread(user).await.ok()?;
+        } else if !matches!(target, Some(Target::Channel(_))) {
+            state.mqtt.add_route(session.id, &sub.filter, session.routed.clone());
+        }
+        session.subs.insert(sub.filter.clone(), sub.opts());
+    }
+    Some(session)
 }
 
 fn disconnect(code: DisconnectReasonCode) -> v5::Packet {

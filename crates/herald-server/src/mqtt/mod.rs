@@ -9,6 +9,7 @@ mod broker;
 mod codec;
 mod connection;
 mod outbox;
+mod persist;
 mod session;
 mod topic;
 
@@ -22,8 +23,8 @@ use crate::{
     websocket::{ByteStream, WebSocket, switching_protocols},
 };
 
-/// Accepts MQTT over TCP until shutdown.
-pub fn spawn_tcp(state: SharedState, listener: TcpListener) {
+/// Accepts MQTT over TCP until shutdown; each connection is a task of `tracker`.
+pub fn spawn_tcp(state: SharedState, listener: TcpListener, tracker: tokio_util::task::TaskTracker) {
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -33,7 +34,7 @@ pub fn spawn_tcp(state: SharedState, listener: TcpListener) {
             match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection::serve(state.clone(), stream));
+                    tracker.spawn(connection::serve(state.clone(), stream));
                 }
                 Err(e) => tracing::warn!(error = %e, "MQTT accept failed"),
             }

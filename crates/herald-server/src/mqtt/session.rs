@@ -36,6 +36,9 @@ pub(crate) struct Outgoing {
     pub(crate) sub_ids: Vec<u32>,
     /// QoS 2 only: PUBREC received and PUBREL sent; waiting for PUBCOMP.
     pub(crate) released: bool,
+    /// The message's id in its channel (channel topics only): a stored
+    /// session resumes before the oldest one not yet acknowledged.
+    pub(crate) id: Option<u64>,
 }
 
 pub(crate) struct Session {
@@ -58,6 +61,9 @@ pub(crate) struct Session {
     /// Seconds the session outlives its connection (0: not at all).
     pub(crate) expiry: u32,
     pub(crate) principal: Arc<Principal>,
+    /// The store holds a record of it (see `persist`): forget it when the
+    /// session ends.
+    pub(crate) stored: bool,
 }
 
 impl Session {
@@ -73,6 +79,7 @@ impl Session {
             next_pid: 0,
             expiry: 0,
             principal,
+            stored: false,
         }
     }
 
@@ -112,7 +119,7 @@ impl Session {
             sub_ids.extend(opts.sub_id);
         }
         let qos = qos?.min(msg_qos);
-        Some(Outgoing { topic: topic.into(), payload, qos, retain, meta, sub_ids, released: false })
+        Some(Outgoing { topic: topic.into(), payload, qos, retain, meta, sub_ids, released: false, id: None })
     }
 
     /// A routed message (non-channel topic, or handed over by a shared
@@ -131,6 +138,7 @@ impl Session {
                     meta: Some(r.meta.clone()),
                     sub_ids: sub_id.into_iter().collect(),
                     released: false,
+                    id: None,
                 })
             }
             None => self.outgoing(&r.topic, r.payload.clone(), r.meta.qos, Some(r.meta.clone()), now_ms),
@@ -140,7 +148,8 @@ impl Session {
     /// A committed Herald message as an MQTT message for this session.
     pub(crate) fn message_outgoing(&self, m: &Message, now_ms: i64) -> Option<Outgoing> {
         let qos = m.meta.as_ref().map_or(1, |meta| meta.qos);
-        self.outgoing(m.channel.as_str(), m.data.bytes().clone(), qos, m.meta.clone(), now_ms)
+        let o = self.outgoing(m.channel.as_str(), m.data.bytes().clone(), qos, m.meta.clone(), now_ms)?;
+        Some(Outgoing { id: Some(m.id), ..o })
     }
 
     /// Queues what a delivery from the Herald subscription means here: a
@@ -163,6 +172,7 @@ impl Session {
                     meta: None,
                     sub_ids: o.sub_id.into_iter().collect(),
                     released: false,
+                    id: None,
                 });
                 self.queue.extend(counts);
             }
