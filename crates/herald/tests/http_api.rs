@@ -204,3 +204,73 @@ async fn raw_http_edge_cases_get_proper_answers() {
 
     assert_eq!(get_json(&s, "/healthz").await.0, 200, "still serving");
 }
+
+/// Publishes on one kept-alive connection, framed every way a client may:
+/// a body that arrives in two pieces, a chunked body (hyper's), two
+/// publishes pipelined in one write, and a second Content-Length (refused).
+/// Each is answered once, in order, and stored as sent.
+#[tokio::test]
+async fn publishes_with_bodies_framed_every_way_on_one_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start();
+    let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    // Reads until `n` responses have arrived, whole (each says its length).
+    async fn answers(tcp: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, String)> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let mut chunk = [0u8; 4096];
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut chunk)).await;
+            let got = got.expect("an answer within 10 s").unwrap();
+            assert!(got > 0, "the connection closed after {} answers", out.len());
+            buf.extend_from_slice(&chunk[..got]);
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() < end + 4 + len {
+                    break;
+                }
+                let status = head[9..12].parse().unwrap();
+                out.push((status, String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned()));
+                buf.drain(..end + 4 + len);
+            }
+        }
+        out
+    }
+    let post = |body: &str| {
+        format!(
+            "POST /api/channels/framed HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let first = post("in two pieces");
+    let (a, b) = first.split_at(first.len() - 6);
+    tcp.write_all(a.as_bytes()).await.unwrap();
+    tcp.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    tcp.write_all(b.as_bytes()).await.unwrap();
+    assert_eq!(answers(&mut tcp, 1).await, [(200, r#"{"channel":"framed","id":1}"#.to_string())]);
+    let pipelined = format!("{}{}", post("pipelined 1"), post("pipelined 2"));
+    tcp.write_all(pipelined.as_bytes()).await.unwrap();
+    let got = answers(&mut tcp, 2).await;
+    assert_eq!(got.iter().map(|(st, _)| *st).collect::<Vec<_>>(), [200, 200], "{got:?}");
+    tcp.write_all(
+        b"POST /api/channels/framed HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nchunked\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answers(&mut tcp, 1).await, [(200, r#"{"channel":"framed","id":4}"#.to_string())]);
+    let (_, page) = get_json(&s, "/api/channels/framed/messages").await;
+    let data: Vec<&str> = page["messages"].as_array().unwrap().iter().map(|m| m["data"].as_str().unwrap()).collect();
+    assert_eq!(data, ["in two pieces", "pipelined 1", "pipelined 2", "chunked"]);
+
+    // Two Content-Length headers: refused (400), never guessed.
+    let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    tcp.write_all(b"POST /api/channels/framed HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+        .await
+        .unwrap();
+    assert_eq!(answers(&mut tcp, 1).await[0].0, 400);
+}
