@@ -333,22 +333,16 @@ def test_will_delay_is_waited_out_and_cancelled_by_resuming_the_session(herald, 
     assert (m.topic, m.payload) == ("wd/back", b"marker")
 
 
-BUG_WILL_TAKEOVER = (
-    "server bug: a new connection with the client id cancels the old connection's will "
-    "(Broker::claim drops it; End::TakenOver never publishes it), even when the spec "
-    "says it is sent: 3.1.4 step 1 [MQTT-3.1.4-3] and the 3.1.3.2.2 comment"
-)
-
 
 @pytest.mark.parametrize(
     "how, old_expiry, delay, clean_start, published",
     [
         # A takeover that resumes the session within the delay: not sent.
         ("takeover", 30, 5, False, False),
-        pytest.param("takeover", 30, 0, False, True, marks=pytest.mark.xfail(strict=True, reason=BUG_WILL_TAKEOVER)),
-        pytest.param("takeover", 30, 5, True, True, marks=pytest.mark.xfail(strict=True, reason=BUG_WILL_TAKEOVER)),
-        pytest.param("takeover", 0, 5, False, True, marks=pytest.mark.xfail(strict=True, reason=BUG_WILL_TAKEOVER)),
-        pytest.param("after loss", 30, 5, True, True, marks=pytest.mark.xfail(strict=True, reason=BUG_WILL_TAKEOVER)),
+        pytest.param("takeover", 30, 0, False, True),
+        pytest.param("takeover", 30, 5, True, True),
+        pytest.param("takeover", 0, 5, False, True),
+        pytest.param("after loss", 30, 5, True, True),
     ],
 )
 def test_will_when_the_client_id_connects_again(herald, request, how, old_expiry, delay, clean_start, published):
@@ -434,14 +428,7 @@ def test_clean_start_discards_the_session_and_the_new_one_persists(herald, reque
     assert c.message().payload == b"kept"
 
 
-BUG_TAKEOVER_EXPIRY_0 = (
-    "server bug: on takeover the live connection hands its session over (Connection::hand_over) "
-    "even when its Session Expiry Interval is 0, so the new connection (Clean Start 0) resumes a "
-    "session that ended with the old connection, and CONNACK says Session Present 1"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=BUG_TAKEOVER_EXPIRY_0)
 def test_session_with_expiry_0_ends_on_takeover(herald, request):
     # Spec 3.1.2.11.2: with expiry 0 "the Session ends when the Network
     # Connection is closed"; 3.1.4 step 1 (comment): "If the Session Expiry
@@ -480,16 +467,7 @@ def test_session_is_taken_over_from_a_connection_that_stopped_reading(herald, re
     assert again.session_present
 
 
-BUG_RECONNECT_RACE = (
-    "server bug: Connection::finish closes the socket, then awaits Broker::save_session (a SQLite "
-    "write) before Broker::release parks the session; a client reconnecting as soon as it sees the "
-    "close claims its id while the old connection still holds it: Broker::claim says Claim::Live, "
-    "the kick is never polled, the newcomer gets a new session (Session Present 0) and release() "
-    "then drops the old one (and a will scheduled after the claim is published)"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=BUG_RECONNECT_RACE)
 def test_session_is_resumed_by_a_client_that_reconnects_as_soon_as_it_is_closed(herald, request):
     # Spec 3.1.2.4 [MQTT-3.1.2-5], 3.2.2.1.1 [MQTT-3.2.2-3]: within its
     # expiry the session is resumed, however soon the client comes back. A
@@ -502,17 +480,7 @@ def test_session_is_resumed_by_a_client_that_reconnects_as_soon_as_it_is_closed(
         assert c.until_closed()[1] is None  # ...and the server closes its side
 
 
-BUG_SQLITE_BUSY = (
-    "server bug: the store's message writer runs a deferred transaction that reads first "
-    "(SELECT cid, head FROM channels, for a channel whose head is not cached) and then writes, "
-    "while MQTT session and retained records are written on another connection (the inbox "
-    "writer); when that one writes in between, SQLite answers SQLITE_BUSY at once ('database is "
-    "locked', logged 'store commit failed'; the busy timeout does not apply to a read upgrading "
-    "to a write) and every publish of the commit group fails (PUBACK 0x80, a will is lost)"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=BUG_SQLITE_BUSY)
 def test_publishes_succeed_while_persistent_sessions_are_saved(herald, request):
     # Every publish to a channel is stored and acknowledged with success (the
     # design), whatever else the server writes meanwhile: here persistent
@@ -834,14 +802,7 @@ def test_topic_alias_to_client(herald, request):
     assert all(prop(m, "TopicAlias") is None for m in got)
 
 
-BUG_OVERSIZED_ALIAS = (
-    "server bug: Connection::drain_queue assigns a new outbound topic alias (alias()) before "
-    "send_with_ids drops the packet as over the client's Maximum Packet Size, so the next "
-    "message on that topic is sent with an empty topic and an alias the client never saw"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=BUG_OVERSIZED_ALIAS)
 def test_a_message_dropped_as_too_large_does_not_leave_an_unknown_alias(herald, request):
     # Spec 3.1.2.11.4 [MQTT-3.1.2-25] (discarded, as if sent) and 3.3.2.3.4: a
     # receiver must know an alias before it is used with an empty topic.
@@ -858,15 +819,8 @@ def test_a_message_dropped_as_too_large_does_not_leave_an_unknown_alias(herald, 
 
 # --- flow control ------------------------------------------------------------
 
-BUG_OVERSIZED_INFLIGHT = (
-    "server bug: a QoS 1/2 message over the client's Maximum Packet Size is put in flight "
-    "(Connection::drain_queue) and then not sent (send_with_ids), so it is never acknowledged "
-    "and holds a slot of the client's Receive Maximum forever: with Receive Maximum 1 nothing "
-    "more is delivered. [MQTT-3.1.2-25]: behave as if it had completed sending it"
-)
 
-
-@pytest.mark.parametrize("qos", [0, pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=BUG_OVERSIZED_INFLIGHT))])
+@pytest.mark.parametrize("qos", [0, 1])
 def test_message_over_the_client_maximum_packet_size_is_not_sent(herald, request, qos):
     # Spec 3.1.2.11.4: the server does not send a packet over the client's
     # Maximum Packet Size [MQTT-3.1.2-24]; it discards it and behaves as if it

@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, Meta, NewMessage, Window, inbox::ReadState};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -188,7 +188,11 @@ impl SqliteStore {
         let conn = self.inbox_writer.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = conn.transaction()?;
+            // IMMEDIATE: the write lock is taken up front, so a concurrent
+            // commit of the message writer waits (busy timeout) instead of
+            // failing at once, as a read-then-write (deferred) transaction
+            // does when another connection wrote in between.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
             tx.commit()?;
             Ok::<T, rusqlite::Error>(out)
@@ -391,7 +395,12 @@ impl Writer {
     }
 
     fn write(&mut self, batches: Vec<Vec<NewMessage>>, now: i64) -> rusqlite::Result<Vec<Vec<Arc<Message>>>> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE, as the inbox writer's: with two writing connections, a
+        // deferred transaction that reads a new channel's row and then writes
+        // failed with "database is locked" when the other had written in
+        // between (its busy timeout does not apply to that upgrade), and
+        // the whole group of publishes with it.
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut touched: HashMap<i64, (u64, u64)> = HashMap::new();
         let mut out = Vec::with_capacity(batches.len());
         for batch in batches {

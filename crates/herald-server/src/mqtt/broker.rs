@@ -72,7 +72,12 @@ struct Route {
 
 /// A request from a new connection to the live one holding its client id:
 /// hand over the session (or drop it when the newcomer starts clean).
-pub(crate) type Kick = oneshot::Sender<Option<Session>>;
+pub(crate) struct Kick {
+    pub(crate) reply: oneshot::Sender<Option<Session>>,
+    /// The newcomer's Clean Start: whether the session goes on, which
+    /// decides the old connection's will (MQTT 5, 3.1.3.2.2).
+    pub(crate) clean_start: bool,
+}
 
 struct Live {
     conn: u64,
@@ -88,6 +93,13 @@ struct Slot {
     live: Option<Live>,
 }
 
+/// A will waiting out its delay: the disconnect it belongs to, and how to
+/// tell its task to publish at once (the session ended early).
+struct PendingWill {
+    token: u64,
+    now: Arc<tokio::sync::Notify>,
+}
+
 pub struct Broker {
     store: Arc<dyn BrokerStore>,
     /// Persistent sessions read back at start, until their client returns
@@ -100,7 +112,7 @@ pub struct Broker {
     retained: Mutex<BTreeMap<Arc<str>, Routed>>,
     routes: RwLock<Vec<Route>>,
     /// Client ids with a will waiting out its delay, and the disconnect it belongs to.
-    wills: Mutex<HashMap<String, u64>>,
+    wills: Mutex<HashMap<String, PendingWill>>,
     /// Shared subscriptions by (group, filter).
     shared: Mutex<HashMap<(String, String), SharedGroup>>,
     next_id: SessionIds,
@@ -202,8 +214,17 @@ impl Broker {
 
     /// Registers `conn` as the live connection of `client_id` and returns what
     /// held the id before. Cancels a pending will of that client.
-    pub(crate) fn claim(&self, client_id: &str, conn: u64, kick: oneshot::Sender<Kick>) -> Claim {
-        self.wills.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
+    pub(crate) fn claim(&self, client_id: &str, conn: u64, kick: oneshot::Sender<Kick>, clean_start: bool) -> Claim {
+        // A client that comes back before its will's delay ran out cancels
+        // the will, unless it starts clean: its old session ends now, and
+        // the will goes with it (MQTT 5, 3.1.3.2.2).
+        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        if clean_start && let Some(w) = wills.get(client_id) {
+            w.now.notify_one();
+        } else {
+            wills.remove(client_id);
+        }
+        drop(wills);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots.entry(client_id.to_owned()).or_default();
         let previous = slot.live.replace(Live { conn, kick });
@@ -215,19 +236,25 @@ impl Broker {
     }
 
     /// The connection `conn` ends; its session is parked (`Some`) or dropped.
-    /// Returns false when another connection took the id over meanwhile.
-    pub(crate) fn release(&self, client_id: &str, conn: u64, session: Option<Session>) -> bool {
+    /// When another connection claimed the id meanwhile, the session comes
+    /// back: that connection waits for it (a kick is on its way).
+    pub(crate) fn release(
+        &self,
+        client_id: &str,
+        conn: u64,
+        session: Option<Box<Session>>,
+    ) -> Result<(), Option<Box<Session>>> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(slot) = slots.get_mut(client_id) else { return false };
+        let Some(slot) = slots.get_mut(client_id) else { return Err(session) };
         if slot.live.as_ref().is_some_and(|l| l.conn == conn) {
             slot.live = None;
-            slot.parked = session.map(Box::new);
+            slot.parked = session;
             if slot.parked.is_none() {
                 slots.remove(client_id);
             }
-            true
+            Ok(())
         } else {
-            false
+            Err(session)
         }
     }
 
@@ -245,14 +272,19 @@ impl Broker {
         false
     }
 
-    pub(crate) fn schedule_will(&self, client_id: &str, token: u64) {
-        self.wills.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.to_owned(), token);
+    /// Registers a will that waits `token`'s delay; what is returned fires
+    /// when it must go at once.
+    pub(crate) fn schedule_will(&self, client_id: &str, token: u64) -> Arc<tokio::sync::Notify> {
+        let now = Arc::new(tokio::sync::Notify::new());
+        let will = PendingWill { token, now: now.clone() };
+        self.wills.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.to_owned(), will);
+        now
     }
 
     /// True (once) if the will is still due: nobody reconnected meanwhile.
     pub(crate) fn take_will(&self, client_id: &str, token: u64) -> bool {
         let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
-        if wills.get(client_id) == Some(&token) {
+        if wills.get(client_id).is_some_and(|w| w.token == token) {
             wills.remove(client_id);
             true
         } else {

@@ -187,11 +187,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         };
         let conn_id = broker.next_id();
         let (kick_tx, kick) = oneshot::channel();
-        let previous = match broker.claim(&client_id, conn_id, kick_tx) {
+        let previous = match broker.claim(&client_id, conn_id, kick_tx, c.clean_start) {
             Claim::Parked(s) => Some(*s),
             Claim::Live(other) => {
                 let (tx, rx) = oneshot::channel();
-                let _ = other.send(tx);
+                let _ = other.send(Kick { reply: tx, clean_start: c.clean_start });
                 tokio::time::timeout(Duration::from_secs(5), rx).await.ok().and_then(Result::ok).flatten()
             }
             Claim::None => None,
@@ -210,7 +210,9 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // A session stored by an earlier run of the server, if this one has none.
         let stored = if previous.is_none() { broker.take_stored(&client_id) } else { None };
         let (mut session, present) = match previous {
-            Some(mut s) if !c.clean_start && resumable(&s) => {
+            // A session with no expiry ended with its connection, even one
+            // taken over (MQTT 5, 3.1.2.11.2).
+            Some(mut s) if !c.clean_start && s.expiry > 0 && resumable(&s) => {
                 // The same identity, with this connection's credential (and
                 // the expiry it brings).
                 s.principal = principal.clone();
@@ -232,7 +234,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     (s, true)
                 } else {
                     if had_record && broker.forget_session(&client_id).await.is_err() {
-                        broker.release(&client_id, conn_id, None);
+                        let _ = broker.release(&client_id, conn_id, None);
                         refuse!(ConnectReasonCode::ServerUnavailable);
                     }
                     let cx = state.context(principal.clone(), true);
@@ -246,7 +248,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     {
                         Ok(h) => h,
                         Err(_) => {
-                            broker.release(&client_id, conn_id, None);
+                            let _ = broker.release(&client_id, conn_id, None);
                             refuse!(ConnectReasonCode::ServerUnavailable);
                         }
                     };
@@ -383,8 +385,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
                 kick = &mut self.kick, if !self.kicked => {
                     self.kicked = true;
-                    if let Ok(reply) = kick {
-                        Box::pin(self.hand_over(reply)).await;
+                    if let Ok(kick) = kick {
+                        let _ = self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await;
+                        let _ = self.wr.flush().await;
+                        let session = self.session.take().expect("session");
+                        self.hand_over(kick, session);
                         return End::TakenOver;
                     }
                 }
@@ -418,12 +423,17 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         !s.queue.is_empty() && s.inflight.len() < self.window
     }
 
-    /// Another connection took the client id: tell this client, and hand the
-    /// session over.
-    async fn hand_over(&mut self, reply: Kick) {
-        let _ = self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await;
-        let _ = self.wr.flush().await;
-        let _ = reply.send(self.session.take());
+    /// Another connection took the client id: the session goes to it, and
+    /// this connection's will is published unless the session goes on and
+    /// the will is delayed (MQTT 5, 3.1.3.2.2: the new connection came before
+    /// the delay ran out).
+    fn hand_over(&mut self, kick: Kick, session: Session) {
+        let goes_on = !kick.clean_start && session.expiry > 0;
+        let delayed = self.will.as_ref().is_some_and(|w| w.properties.delay_interval.unwrap_or(0) > 0);
+        if !(goes_on && delayed) {
+            self.publish_will(session.principal.clone(), session.id, 0);
+        }
+        let _ = kick.reply.send(Some(session));
     }
 
     /// Queues a delivery from the Herald subscription, with whatever else is
@@ -488,16 +498,37 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 return Ok(());
             }
             let Some(o) = s.queue.pop_front() else { return Ok(()) };
-            let pid = (o.qos > 0).then(|| {
-                let pid = s.next_pid();
-                s.inflight.insert(pid, o.clone());
-                pid
-            });
+            let pid = (o.qos > 0).then(|| s.next_pid());
             let mut p = self.publish_packet(&o, pid, false);
+            if self.too_big(&p, &o.sub_ids) {
+                // MQTT 5 (3.1.2.25): not sent, and handled as if it had been
+                // (no packet id held, no topic alias assigned that the
+                // client would never learn).
+                continue;
+            }
+            if let Some(pid) = pid {
+                self.session().inflight.insert(pid, o.clone());
+            }
             self.alias(&mut p);
             self.send_with_ids(&p, o.sub_ids.get(1..).unwrap_or_default()).await?;
             self.state.stats.delivered(1);
         }
+    }
+
+    /// Whether a publish is over the client's maximum packet size (checked
+    /// only for clients that set one). Measured with its full topic: one
+    /// that would fit only once its topic is replaced by an alias is dropped
+    /// too.
+    fn too_big(&self, p: &v5::Packet, sub_ids: &[u32]) -> bool {
+        if self.max_out == usize::MAX {
+            return false;
+        }
+        let encoded = codec::encode(self.version, p);
+        let encoded = match (self.version, sub_ids.len() > 1) {
+            (Version::V5, true) => encoded.and_then(|b| codec::add_subscription_ids(b, &sub_ids[1..])),
+            _ => encoded,
+        };
+        encoded.is_none_or(|b| b.len() > self.max_out)
     }
 
     /// Replaces the topic with an alias the client already knows, or assigns
@@ -872,8 +903,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         }
         let _ = self.wr.shutdown().await;
         let broker = self.state.mqtt.clone();
-        let Some(session) = self.session.take() else {
-            return; // taken over: the session lives on in the new connection
+        let Some(mut session) = self.session.take() else {
+            return; // taken over: the session and the will were seen to then
         };
         let will_due = match &end {
             End::Clean { with_will } => *with_will,
@@ -881,61 +912,96 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             End::Close(DisconnectReasonCode::ServerShuttingDown) => false,
             _ => true,
         };
-        if let (true, Some(will)) = (will_due, self.will.take()) {
-            let delay = u64::from(will.properties.delay_interval.unwrap_or(0).min(session.expiry));
-            let state = self.state.clone();
-            let principal = session.principal.clone();
-            let origin = session.id;
-            let token = broker.next_id();
-            broker.schedule_will(&self.client_id, token);
-            let client_id = self.client_id.clone();
-            tokio::spawn(async move {
-                if delay > 0 {
-                    tokio::time::sleep(Duration::from_secs(delay)).await;
-                }
-                if state.mqtt.take_will(&client_id, token) {
-                    let wp = &will.properties;
-                    let meta = meta(
-                        will.qos,
-                        will.retain,
-                        origin,
-                        Props {
-                            user: &wp.user_properties,
-                            content_type: wp.content_type.as_deref(),
-                            response_topic: wp.response_topic.as_deref(),
-                            correlation: wp.correlation_data.as_ref(),
-                            utf8: wp.payload_is_utf8,
-                            expiry: wp.message_expiry_interval,
-                        },
-                    );
-                    let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
-                }
-            });
-        }
-        let mut session = session;
-        if session.expiry > 0 {
+        let expiry = session.expiry;
+        if expiry > 0 {
             // Written before it is parked: on shutdown, before the store closes.
             match broker.save_session(&self.client_id, &session, Some(now_ms())).await {
                 Ok(()) => session.stored = true,
                 Err(e) => tracing::error!(error = %e, client_id = self.client_id, "storing an MQTT session failed"),
             }
-            let (id, expiry) = (session.id, session.expiry);
-            if broker.release(&self.client_id, self.conn_id, Some(session)) {
-                let client_id = self.client_id.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                    if broker.expire(&client_id, id) {
-                        let _ = broker.forget_session(&client_id).await;
-                    }
-                });
-            }
         } else {
             broker.remove_routes(session.id);
             broker.leave_all_shared(session.id);
-            if broker.release(&self.client_id, self.conn_id, None) && session.stored {
-                let _ = broker.forget_session(&self.client_id).await;
+        }
+        // The will waits for its delay, or the session's end if sooner.
+        let (principal, origin, stored) = (session.principal.clone(), session.id, session.stored);
+        let delay = self.will.as_ref().map_or(0, |w| w.properties.delay_interval.unwrap_or(0)).min(expiry);
+        match broker.release(&self.client_id, self.conn_id, (expiry > 0).then(|| Box::new(session))) {
+            Ok(()) => {
+                if will_due {
+                    self.publish_will(principal, origin, delay);
+                }
+                if expiry > 0 {
+                    let client_id = self.client_id.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+                        if broker.expire(&client_id, origin) {
+                            let _ = broker.forget_session(&client_id).await;
+                        }
+                    });
+                } else if stored {
+                    let _ = broker.forget_session(&self.client_id).await;
+                }
+            }
+            // A new connection claimed the id while this one was ending (a
+            // client that reconnects as soon as it sees the socket close): it
+            // waits for the session as from a live connection, and its kick is
+            // on the way.
+            Err(session) => {
+                let kick = match self.kicked {
+                    true => None,
+                    false => {
+                        tokio::time::timeout(Duration::from_secs(5), &mut self.kick).await.ok().and_then(Result::ok)
+                    }
+                };
+                match (kick, session) {
+                    (Some(kick), Some(session)) if will_due => self.hand_over(kick, *session),
+                    (Some(kick), session) => {
+                        let _ = kick.reply.send(session.map(|s| *s));
+                        if will_due {
+                            self.publish_will(principal, origin, 0);
+                        }
+                    }
+                    (None, _) if will_due => self.publish_will(principal, origin, delay),
+                    (None, _) => {}
+                }
             }
         }
+    }
+
+    /// Publishes this connection's will, if it has one, after `delay`
+    /// seconds, unless the client connects again first (its claim cancels it).
+    fn publish_will(&mut self, principal: Arc<Principal>, origin: u64, delay: u32) {
+        let Some(will) = self.will.take() else { return };
+        let state = self.state.clone();
+        let token = state.mqtt.next_id();
+        let now = state.mqtt.schedule_will(&self.client_id, token);
+        let client_id = self.client_id.clone();
+        tokio::spawn(async move {
+            if delay > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {}
+                    _ = now.notified() => {}
+                }
+            }
+            if state.mqtt.take_will(&client_id, token) {
+                let wp = &will.properties;
+                let meta = meta(
+                    will.qos,
+                    will.retain,
+                    origin,
+                    Props {
+                        user: &wp.user_properties,
+                        content_type: wp.content_type.as_deref(),
+                        response_topic: wp.response_topic.as_deref(),
+                        correlation: wp.correlation_data.as_ref(),
+                        utf8: wp.payload_is_utf8,
+                        expiry: wp.message_expiry_interval,
+                    },
+                );
+                let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
+            }
+        });
     }
 }
 
