@@ -999,6 +999,42 @@ async fn malformed_and_oversize_packets_close_only_that_connection() {
     raw_connected(&s, 4, "after-abuse", 0).await;
 }
 
+/// A client that sends more QoS 2 publishes than the server's receive
+/// maximum without releasing them (a flood) is disconnected with 0x93; what
+/// the server acknowledged (PUBREC) before is stored, what came after is not.
+#[tokio::test]
+async fn a_publisher_over_the_receive_maximum_is_disconnected_and_keeps_what_was_acknowledged() {
+    let s = Server::start_with(&[("HERALD_MQTT_RECEIVE_MAX", "3")]);
+    let mut t = raw_connected(&s, 5, "flood", 0).await;
+    let mut flood = Vec::new();
+    for pid in 1u16..=5 {
+        let mut body = Vec::new();
+        body.extend((7u16).to_be_bytes());
+        body.extend(b"flood/x");
+        body.extend(pid.to_be_bytes());
+        body.push(0); // no properties
+        body.extend(format!("m{pid}").as_bytes());
+        flood.push(0x34); // PUBLISH, QoS 2
+        flood.extend(remaining_length(body.len()));
+        flood.extend(body);
+    }
+    t.write_all(&flood).await.unwrap();
+    let got = closed_by_server(&mut t).await;
+    let mut packets = Vec::new();
+    let mut rest = &got[..];
+    while rest.len() >= 2 {
+        let len = 2 + rest[1] as usize; // every answer here is short
+        packets.push(rest[..len].to_vec());
+        rest = &rest[len..];
+    }
+    let pubrecs: Vec<u16> = packets.iter().filter(|p| p[0] == 0x50).map(|p| u16::from_be_bytes([p[2], p[3]])).collect();
+    assert_eq!(pubrecs, [1, 2, 3], "{packets:x?}");
+    let last = packets.last().unwrap();
+    assert!(last[0] == 0xe0 && last[2] == 0x93, "DISCONNECT 0x93 (receive maximum exceeded) expected: {packets:x?}");
+    let stored: Vec<String> = poll_all(&s, "flood/x").await.into_iter().map(|(_, v)| v.to_string()).collect();
+    assert_eq!(stored, [r#""m1""#, r#""m2""#, r#""m3""#]);
+}
+
 #[tokio::test]
 async fn silent_client_is_disconnected_after_its_keep_alive() {
     let s = Server::start();
