@@ -41,6 +41,10 @@ use crate::{
 /// Bytes a packet may have beyond the payload limit (topic, properties).
 pub(crate) const PACKET_OVERHEAD: usize = 16 * 1024;
 
+/// How long the last words to a client (DISCONNECT, the socket's close) may
+/// take: one that no longer reads gets no longer.
+const WRITE_GRACE: Duration = Duration::from_secs(1);
+
 /// Why a connection ends.
 enum End {
     /// The client said DISCONNECT (normally: no will).
@@ -366,8 +370,25 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             if self.has_sendable() && Box::pin(self.drain_queue()).await.is_err() {
                 return End::Lost;
             }
-            if self.wr.has_pending() && Box::pin(self.wr.flush()).await.is_err() {
-                return End::Lost;
+            if self.wr.has_pending() {
+                // A client that stops reading blocks this write: a takeover
+                // or shutdown must still get through (the session goes on
+                // without this socket).
+                let flushed = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
+                    kick = &mut self.kick, if !self.kicked => {
+                        self.kicked = true;
+                        match kick {
+                            Ok(kick) => return Box::pin(self.taken_over(kick)).await,
+                            Err(_) => continue,
+                        }
+                    }
+                    r = Box::pin(self.wr.flush()) => r,
+                };
+                if flushed.is_err() {
+                    return End::Lost;
+                }
             }
             if let Some(timer) = keep_alive.as_mut() {
                 let deadline = last_heard + self.keep_alive * 3 / 2;
@@ -386,11 +407,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 kick = &mut self.kick, if !self.kicked => {
                     self.kicked = true;
                     if let Ok(kick) = kick {
-                        let _ = self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await;
-                        let _ = self.wr.flush().await;
-                        let session = self.session.take().expect("session");
-                        self.hand_over(kick, session);
-                        return End::TakenOver;
+                        return Box::pin(self.taken_over(kick)).await;
                     }
                 }
                 r = framer.next() => {
@@ -427,6 +444,20 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// this connection's will is published unless the session goes on and
     /// the will is delayed (MQTT 5, 3.1.3.2.2: the new connection came before
     /// the delay ran out).
+    /// A new connection claimed the client id: the session goes to it at
+    /// once, then this client is told (as far as a socket it may no longer
+    /// read allows: a moment).
+    async fn taken_over(&mut self, kick: Kick) -> End {
+        let session = self.session.take().expect("a running connection has its session");
+        self.hand_over(kick, session);
+        let tell = async {
+            self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await?;
+            self.wr.flush().await
+        };
+        let _ = tokio::time::timeout(WRITE_GRACE, tell).await;
+        End::TakenOver
+    }
+
     fn hand_over(&mut self, kick: Kick, session: Session) {
         let goes_on = !kick.clean_start && session.expiry > 0;
         let delayed = self.will.as_ref().is_some_and(|w| w.properties.delay_interval.unwrap_or(0) > 0);
@@ -492,6 +523,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// Sends queued messages while the in-flight window has room.
     async fn drain_queue(&mut self) -> std::io::Result<()> {
         loop {
+            if self.wr.is_full() {
+                // The loop writes it out, watching for a takeover meanwhile.
+                return Ok(());
+            }
             let window = self.window;
             let s = self.session();
             if s.inflight.len() >= window {
@@ -897,11 +932,14 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             })),
             _ => None,
         };
-        if let Some(packet) = told {
-            let _ = self.send(&packet).await;
-            let _ = self.wr.flush().await;
-        }
-        let _ = self.wr.shutdown().await;
+        // Bounded: a client that no longer reads must not hold the session.
+        let close = async {
+            if let Some(packet) = told {
+                let _ = self.send(&packet).await;
+            }
+            self.wr.shutdown().await
+        };
+        let _ = tokio::time::timeout(WRITE_GRACE, close).await;
         let broker = self.state.mqtt.clone();
         let Some(mut session) = self.session.take() else {
             return; // taken over: the session and the will were seen to then

@@ -7,7 +7,8 @@
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// Gathered bytes are written out early past this size.
+/// Past this size the connection stops gathering and writes out (see
+/// `is_full`).
 const HIGH_WATER: usize = 16 * 1024;
 
 pub(crate) struct Outbox<W> {
@@ -22,13 +23,17 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         Outbox { inner, buf: Vec::new(), unflushed: false }
     }
 
-    /// Queues `bytes`; writes what is gathered once it is large.
+    /// Queues `bytes`, to be written by the next `flush`. Writing only
+    /// there keeps every wait on the socket in one place, which the
+    /// connection's loop races against a takeover and shutdown.
     pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= HIGH_WATER {
-            self.write_out().await?;
-        }
         Ok(())
+    }
+
+    /// Whether enough is gathered to stop queueing more and flush.
+    pub(crate) fn is_full(&self) -> bool {
+        self.buf.len() >= HIGH_WATER
     }
 
     /// Whether anything waits for a flush.
