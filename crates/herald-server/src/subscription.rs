@@ -264,6 +264,12 @@ impl Subscription {
     }
 
     /// The last id handed out for each channel: the cursor a client resumes from.
+    /// The credential it reads with from now on (a resumed MQTT session's
+    /// new connection); the caller has removed what it no longer grants.
+    pub fn set_principal(&mut self, principal: Arc<Principal>) {
+        self.principal = principal;
+    }
+
     pub fn cursors(&self) -> &Cursors {
         &self.cursors
     }

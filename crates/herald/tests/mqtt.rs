@@ -20,7 +20,7 @@ use std::{
 
 use clients::{
     Ws,
-    raw_mqtt::{closed_by_server, connect_packet, raw_connected, read_packet, remaining_length},
+    raw_mqtt::{self, closed_by_server, connect_packet, raw_connected, read_packet, remaining_length},
 };
 use common::{Server, client, get_json, next_event, publish, publish_json, sse};
 use serde_json::{Value, json};
@@ -618,6 +618,113 @@ async fn retained_messages_and_persistent_sessions_survive_a_restart() {
     s.restart();
     let (_c, ack) = v5::Client::connect(persistent(&s)).await;
     assert!(!ack.session_present, "nothing was kept");
+}
+
+/// A QoS 0 burst larger than the connection's write buffer reaches a client
+/// that sends nothing meanwhile (no PUBACKs, no keep-alive): the loop goes
+/// on writing, rather than waiting for the client to speak.
+#[tokio::test]
+async fn a_qos_0_burst_reaches_a_silent_subscriber_whole() {
+    let s = Server::start();
+    let (mut t, code) = raw_mqtt::connect_code(&s, 5, "silent-sub", "").await;
+    assert_eq!(code, 0);
+    raw_mqtt::subscribe_code(&mut t, 5, 1, "burst/+").await;
+    let big = "x".repeat(1024);
+    for _ in 0..100 {
+        publish(&s, "burst/a", &big).await;
+    }
+    let mut got = 0;
+    while got < 100 {
+        if read_packet(&mut t).await[0] >> 4 == 3 {
+            got += 1;
+        }
+    }
+}
+
+fn persistent(s: &Server, id: &str, expiry: u32) -> rumqttc::v5::MqttOptions {
+    let mut o = v5::opts(s, id);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(expiry));
+    o
+}
+
+/// A resumed session's record is rewritten as connected: a crash long
+/// after its last disconnect (past its expiry counted from then) does not
+/// lose it. Waits out a 2 s expiry.
+#[tokio::test]
+async fn a_session_connected_through_a_crash_is_kept_however_long_ago_it_last_parked() {
+    let mut s = Server::start();
+    let (mut c, _) = v5::Client::connect(persistent(&s, "long-lived", 2)).await;
+    c.subscribe("long/+", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let (c, ack) = v5::Client::connect(persistent(&s, "long-lived", 2)).await;
+    assert!(ack.session_present);
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past 2 s from the last parking
+    s.kill9();
+    c.kill();
+    s.restart();
+    let (mut c, ack) = v5::Client::connect(persistent(&s, "long-lived", 2)).await;
+    assert!(ack.session_present, "connected at the crash: kept, counted from the restart");
+    publish(&s, "long/a", "still subscribed").await;
+    assert_eq!(c.message().await.payload.as_ref(), b"still subscribed");
+}
+
+/// A session stored while connected, whose client never comes back after a
+/// restart, expires (counted from the restart) and is not restored again
+/// by the next one. Waits out a 1 s expiry.
+#[tokio::test]
+async fn a_restored_session_whose_client_never_returns_expires() {
+    let mut s = Server::start();
+    let (mut c, _) = v5::Client::connect(persistent(&s, "never-back", 1)).await;
+    c.subscribe("gone/+", v5::QoS::AtLeastOnce).await;
+    s.kill9();
+    c.kill();
+    s.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(s.stop().success());
+    s.restart();
+    let (_c, ack) = v5::Client::connect(persistent(&s, "never-back", 1)).await;
+    assert!(!ack.session_present, "expired a second after the first restart");
+}
+
+/// The expiry timer of a session's first parking does not end it after it
+/// was resumed and parked again. Waits out a 3 s expiry.
+#[tokio::test]
+async fn an_old_expiry_timer_does_not_end_a_session_parked_again() {
+    let s = Server::start();
+    let (mut c, _) = v5::Client::connect(persistent(&s, "twice-parked", 3)).await;
+    c.subscribe("twice/+", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await; // first parking: its timer ends at +3 s
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (c, ack) = v5::Client::connect(persistent(&s, "twice-parked", 3)).await;
+    assert!(ack.session_present);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.disconnect().await; // second parking, at about +2 s: ends at +5 s
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the first timer
+    let (_c, ack) = v5::Client::connect(persistent(&s, "twice-parked", 3)).await;
+    assert!(ack.session_present, "the first parking's timer must not end the second");
+}
+
+/// A session resumed with a token that grants fewer channels keeps only
+/// what the new token grants.
+#[tokio::test]
+async fn a_resumed_session_keeps_only_what_the_new_token_grants() {
+    let s = auth_server();
+    let connect = |token: String| {
+        let mut o = persistent(&s, "narrowed", 600);
+        o.set_credentials("u", token);
+        o
+    };
+    let (mut c, _) = v5::Client::connect(connect(mint("u", "chat/#,news/#"))).await;
+    c.subscribe("chat/+", v5::QoS::AtLeastOnce).await;
+    c.subscribe("news/+", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let (mut c, ack) = v5::Client::connect(connect(mint("u", "chat/#"))).await;
+    assert!(ack.session_present);
+    publish_with_key(&s, "news/x", "revoked").await;
+    publish_with_key(&s, "chat/x", "granted").await;
+    let m = c.message().await;
+    assert_eq!((v5::topic(&m), m.payload.as_ref()), ("chat/x", &b"granted"[..]), "news/+ was dropped");
 }
 
 // ========================================================= cross-protocol

@@ -17,6 +17,8 @@ use std::{
     },
 };
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use herald_core::Queue;
 use herald_core::{Channel, Filter, Meta, Principal, Since, Target};
@@ -90,6 +92,9 @@ struct Slot {
     /// Boxed: the map holds a slot per connected client, and a session
     /// inline would make every slot the size of one.
     parked: Option<Box<Session>>,
+    /// The connection that parked it: an expiry timer set then ends it only
+    /// if it was not resumed and parked again since.
+    parked_by: u64,
     live: Option<Live>,
 }
 
@@ -157,8 +162,10 @@ impl Broker {
 
     /// Reads back the retained messages and persistent sessions of earlier
     /// runs. Records this version cannot read, and expired sessions, are
-    /// dropped (and logged).
-    pub async fn restore(&self) -> Result<(), StoreError> {
+    /// dropped (and logged). A session that was connected when the process
+    /// stopped counts as parked from this start (its record says so from
+    /// now on), and each waits for its client until it expires.
+    pub async fn restore(self: &Arc<Self>) -> Result<(), StoreError> {
         let mut retained = BTreeMap::new();
         for (topic, bytes) in self.store.load(BrokerTable::Retained).await? {
             match persist::decode_retained(&topic, &bytes) {
@@ -171,12 +178,38 @@ impl Broker {
         let mut expired = Vec::new();
         for (client_id, bytes) in self.store.load(BrokerTable::Sessions).await? {
             match StoredSession::decode(&bytes) {
-                Some(s) if !s.expired(now, self.started_ms) => drop(sessions.insert(client_id, s)),
+                Some(mut s) if !s.expired(now, self.started_ms) => {
+                    if s.parked_at.is_none() {
+                        s.parked_at = Some(self.started_ms);
+                        self.store.put(BrokerTable::Sessions, client_id.clone(), Some(s.encode())).await?;
+                    }
+                    sessions.insert(client_id, s);
+                }
                 _ => expired.push(client_id),
             }
         }
         for client_id in expired {
             self.store.put(BrokerTable::Sessions, client_id, None).await?;
+        }
+        for (client_id, s) in &sessions {
+            if s.expiry == u32::MAX {
+                continue;
+            }
+            let due = s.parked_at.unwrap_or(self.started_ms).saturating_add(i64::from(s.expiry) * 1000);
+            let wait = Duration::from_millis(due.saturating_sub(now).max(0) as u64);
+            let (broker, client_id, id) = (self.clone(), client_id.clone(), s.id);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                // Still waiting for its client (not taken by a connection)?
+                let gone = {
+                    let mut stored = broker.stored.lock().unwrap_or_else(|e| e.into_inner());
+                    let waiting = stored.get(&client_id).is_some_and(|s| s.id == id);
+                    waiting && stored.remove(&client_id).is_some()
+                };
+                if gone {
+                    let _ = broker.forget_session(&client_id).await;
+                }
+            });
         }
         tracing::debug!(retained = retained.len(), sessions = sessions.len(), "MQTT state restored");
         *self.retained.lock().unwrap_or_else(|e| e.into_inner()) = retained;
@@ -184,11 +217,24 @@ impl Broker {
         Ok(())
     }
 
-    /// The stored session of `client_id` from an earlier run, if it has not
-    /// expired; taken, as the connection that asks resumes or replaces it.
-    pub(crate) fn take_stored(&self, client_id: &str) -> Option<StoredSession> {
-        let s = self.stored.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id)?;
-        (!s.expired(herald_store::now_ms(), self.started_ms)).then_some(s)
+    /// The stored session of `client_id` from an earlier run; taken, as the
+    /// connection that asks resumes or replaces it. One that expired is
+    /// deleted (a timer does that too, within the moment).
+    pub(crate) async fn take_stored(&self, client_id: &str) -> Result<Option<StoredSession>, StoreError> {
+        let taken = self.stored.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
+        match taken {
+            Some(s) if s.expired(herald_store::now_ms(), self.started_ms) => {
+                self.forget_session(client_id).await?;
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Puts back a stored session a connection took and could not resume
+    /// (a store error): the next attempt finds it again.
+    pub(crate) fn put_back_stored(&self, client_id: &str, s: StoredSession) {
+        self.stored.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.to_owned(), s);
     }
 
     /// Writes a persistent session's record (its connection ended at
@@ -249,6 +295,7 @@ impl Broker {
         if slot.live.as_ref().is_some_and(|l| l.conn == conn) {
             slot.live = None;
             slot.parked = session;
+            slot.parked_by = conn;
             if slot.parked.is_none() {
                 slots.remove(client_id);
             }
@@ -258,13 +305,15 @@ impl Broker {
         }
     }
 
-    /// Drops a parked session whose expiry came, unless it was resumed;
-    /// true if it was dropped.
-    pub(crate) fn expire(&self, client_id: &str, session_id: u64) -> bool {
+    /// Drops the session connection `conn` parked, when its expiry came,
+    /// unless it was resumed (and perhaps parked again) since; true if it
+    /// was dropped.
+    pub(crate) fn expire(&self, client_id: &str, conn: u64) -> bool {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = slots.get_mut(client_id)
             && slot.live.is_none()
-            && slot.parked.as_ref().is_some_and(|s| s.id == session_id)
+            && slot.parked.is_some()
+            && slot.parked_by == conn
         {
             slots.remove(client_id);
             return true;

@@ -41,6 +41,10 @@ use crate::{
 /// Bytes a packet may have beyond the payload limit (topic, properties).
 pub(crate) const PACKET_OVERHEAD: usize = 16 * 1024;
 
+/// How long a new connection's CONNACK (and what it resends) may take to
+/// write.
+const FIRST_FLUSH: Duration = Duration::from_secs(10);
+
 /// How long the last words to a client (DISCONNECT, the socket's close) may
 /// take: one that no longer reads gets no longer.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
@@ -73,7 +77,7 @@ where
     // connection for its whole life: 1.9 KB a task, -Zprint-type-sizes).
     let Some((mut conn, mut framer)) = Box::pin(handshake(state, stream)).await else { return };
     let end = conn.run(&mut framer).await;
-    let closing = matches!(end, End::Close(_));
+    let closing = matches!(end, End::Close(_) | End::TokenExpired);
     Box::pin(conn.finish(end)).await;
     if closing {
         // Keep reading (and dropping) until the client closes: closing a socket
@@ -212,14 +216,23 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let resumable =
             |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
         // A session stored by an earlier run of the server, if this one has none.
-        let stored = if previous.is_none() { broker.take_stored(&client_id) } else { None };
+        let stored = match previous {
+            Some(_) => None,
+            None => match broker.take_stored(&client_id).await {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = broker.release(&client_id, conn_id, None);
+                    refuse!(ConnectReasonCode::ServerUnavailable);
+                }
+            },
+        };
         let (mut session, present) = match previous {
             // A session with no expiry ended with its connection, even one
             // taken over (MQTT 5, 3.1.2.11.2).
             Some(mut s) if !c.clean_start && s.expiry > 0 && resumable(&s) => {
                 // The same identity, with this connection's credential (and
-                // the expiry it brings).
-                s.principal = principal.clone();
+                // the expiry it brings): what it no longer grants goes.
+                revalidate(&state, &mut s, principal.clone());
                 (s, true)
             }
             old => {
@@ -230,7 +243,15 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
                 let resumed = match stored {
                     Some(rec) if !c.clean_start && rec.belongs_to(&principal) => {
-                        Box::pin(restore(&state, rec, principal.clone())).await
+                        match Box::pin(restore(&state, rec.clone(), principal.clone())).await {
+                            Some(s) => Some(s),
+                            None => {
+                                // A store error: the record stays for the next try.
+                                broker.put_back_stored(&client_id, rec);
+                                let _ = broker.release(&client_id, conn_id, None);
+                                refuse!(ConnectReasonCode::ServerUnavailable);
+                            }
+                        }
                     }
                     _ => None,
                 };
@@ -261,6 +282,17 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             }
         };
         session.expiry = expiry;
+        // A persistent session's record says it is connected, with this
+        // connection's expiry: a crash from here on counts from the restart.
+        if expiry > 0 {
+            match broker.save_session(&client_id, &session, None).await {
+                Ok(()) => session.stored = true,
+                Err(_) => {
+                    let _ = broker.release(&client_id, conn_id, Some(Box::new(session)));
+                    refuse!(ConnectReasonCode::ServerUnavailable);
+                }
+            }
+        }
         let mut keep_alive = c.keep_alive;
         let cap = cfg.max_keepalive.as_secs().min(u64::from(u16::MAX)) as u16;
         let server_keep_alive = (cap > 0 && (keep_alive == 0 || keep_alive > cap)).then(|| {
@@ -321,7 +353,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             let more = if o.released { &[][..] } else { o.sub_ids.get(1..).unwrap_or_default() };
             conn.send_with_ids(&p, more).await.ok()?;
         }
-        conn.wr.flush().await.ok()?;
+        // Bounded like every other write: a client that does not read its
+        // CONNACK ends as a lost connection (its session parks or ends).
+        if !matches!(tokio::time::timeout(FIRST_FLUSH, conn.wr.flush()).await, Ok(Ok(()))) {
+            Box::pin(conn.finish(End::Lost)).await;
+            return None;
+        }
         Some(conn)
     }
 
@@ -370,10 +407,16 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             if self.has_sendable() && Box::pin(self.drain_queue()).await.is_err() {
                 return End::Lost;
             }
+            if let Some(timer) = keep_alive.as_mut() {
+                let deadline = last_heard + self.keep_alive * 3 / 2;
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+            }
             if self.wr.has_pending() {
-                // A client that stops reading blocks this write: a takeover
-                // or shutdown must still get through (the session goes on
-                // without this socket).
+                // A client that stops reading blocks this write: a takeover,
+                // shutdown, its keep-alive or its token's expiry must still
+                // get through (the session goes on without this socket).
                 let flushed = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
@@ -384,16 +427,16 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                             Err(_) => continue,
                         }
                     }
+                    _ = crate::stream::fired(&mut keep_alive) => return End::Close(DisconnectReasonCode::KeepAliveTimeout),
+                    _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
                     r = Box::pin(self.wr.flush()) => r,
                 };
                 if flushed.is_err() {
                     return End::Lost;
                 }
-            }
-            if let Some(timer) = keep_alive.as_mut() {
-                let deadline = last_heard + self.keep_alive * 3 / 2;
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
+                if self.has_sendable() {
+                    // The drain stopped at the outbox's high-water mark: go on.
+                    continue;
                 }
             }
             let open = {
@@ -464,7 +507,11 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         if !(goes_on && delayed) {
             self.publish_will(session.principal.clone(), session.id, 0);
         }
-        let _ = kick.reply.send(Some(session));
+        if let Err(Some(session)) = kick.reply.send(Some(session)) {
+            // The newcomer gave up waiting: the session ends here.
+            self.state.mqtt.remove_routes(session.id);
+            self.state.mqtt.leave_all_shared(session.id);
+        }
     }
 
     /// Queues a delivery from the Herald subscription, with whatever else is
@@ -971,9 +1018,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
                 if expiry > 0 {
                     let client_id = self.client_id.clone();
+                    let parked_by = self.conn_id;
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                        if broker.expire(&client_id, origin) {
+                        if broker.expire(&client_id, parked_by) {
                             let _ = broker.forget_session(&client_id).await;
                         }
                     });
@@ -995,9 +1043,13 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 match (kick, session) {
                     (Some(kick), Some(session)) if will_due => self.hand_over(kick, *session),
                     (Some(kick), session) => {
+                        let ended = session.is_none();
                         let _ = kick.reply.send(session.map(|s| *s));
                         if will_due {
                             self.publish_will(principal, origin, 0);
+                        }
+                        if ended && stored {
+                            let _ = broker.forget_session(&self.client_id).await;
                         }
                     }
                     (None, _) if will_due => self.publish_will(principal, origin, delay),
@@ -1156,19 +1208,7 @@ fn granted(qos: u8) -> SubscribeReasonCode {
 /// each filter the principal may still use is subscribed again. Shared
 /// subscriptions are not kept (see `persist`).
 async fn restore(state: &SharedState, rec: StoredSession, principal: Arc<Principal>) -> Option<Session> {
-    let allowed = |filter: &str| -> Option<Option<Target>> {
-        if let Some(user) = filter.strip_prefix(UNREAD_PREFIX) {
-            let ok = herald_core::channel::validate_segment(user).is_ok() && principal.may_access_inbox(user);
-            return ok.then_some(None);
-        }
-        if super::topic::shared(filter).is_some() {
-            return None;
-        }
-        match Filter::parse(filter) {
-            Ok(f) => Some(Target::from_filter(f)).filter(|t| principal.may_subscribe(t)).map(Some),
-            Err(_) => principal.is_admin().then_some(None),
-        }
-    };
+    let allowed = |filter: &str| permitted(&principal, filter);
     let targets: Vec<Target> = rec.subs.iter().filter_map(|s| allowed(&s.filter).flatten()).collect();
     let cx = state.context(principal.clone(), true);
     let herald = Subscription::open(cx, targets, Since::After(0), &rec.cursor_token()).await.ok()?;
@@ -1176,6 +1216,9 @@ async fn restore(state: &SharedState, rec: StoredSession, principal: Arc<Princip
     session.stored = true;
     session.expiry = rec.expiry;
     for sub in &rec.subs {
+        if super::topic::shared(&sub.filter).is_some() {
+            continue;
+        }
         let Some(target) = allowed(&sub.filter) else { continue };
         if let Some(user) = sub.filter.strip_prefix(UNREAD_PREFIX) {
             session.herald.follow_unread(user).await.ok()?;
@@ -1185,6 +1228,48 @@ async fn restore(state: &SharedState, rec: StoredSession, principal: Arc<Princip
         session.subs.insert(sub.filter.clone(), sub.opts());
     }
     Some(session)
+}
+
+/// Whether `principal` may hold the subscription `filter`: `None` if not,
+/// else the Herald target it stands for (`None` inside for an unread-count
+/// topic, a shared subscription's or a topic outside the channel names).
+fn permitted(principal: &Principal, filter: &str) -> Option<Option<Target>> {
+    if let Some(user) = filter.strip_prefix(UNREAD_PREFIX) {
+        let ok = herald_core::channel::validate_segment(user).is_ok() && principal.may_access_inbox(user);
+        return ok.then_some(None);
+    }
+    if let Some((_, inner)) = super::topic::shared(filter) {
+        let ok = match Filter::parse(inner) {
+            Ok(f) => principal.may_subscribe(&Target::from_filter(f)),
+            Err(_) => principal.is_admin() && !inner.contains("$share"),
+        };
+        return ok.then_some(None);
+    }
+    match Filter::parse(filter) {
+        Ok(f) => Some(Target::from_filter(f)).filter(|t| principal.may_subscribe(t)).map(Some),
+        Err(_) => principal.is_admin().then_some(None),
+    }
+}
+
+/// A session resumed with a new credential keeps only the subscriptions
+/// that credential grants (a token reissued with fewer channels takes effect
+/// on the next connection, not the next session).
+fn revalidate(state: &SharedState, session: &mut Session, principal: Arc<Principal>) {
+    let refused: Vec<String> =
+        session.subs.iter().map(|(f, _)| f.clone()).filter(|f| permitted(&principal, f).is_none()).collect();
+    for filter in refused {
+        session.subs.remove(filter.as_str());
+        if let Some((group, inner)) = super::topic::shared(&filter) {
+            state.mqtt.leave_shared(group, inner, session.id);
+        } else {
+            state.mqtt.remove_route(session.id, &filter);
+            if let Ok(f) = Filter::parse(&filter) {
+                session.herald.remove(&Target::from_filter(f));
+            }
+        }
+    }
+    session.herald.set_principal(principal.clone());
+    session.principal = principal;
 }
 
 fn disconnect(code: DisconnectReasonCode) -> v5::Packet {
