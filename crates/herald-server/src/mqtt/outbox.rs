@@ -14,13 +14,17 @@ const HIGH_WATER: usize = 16 * 1024;
 pub(crate) struct Outbox<W> {
     inner: W,
     buf: Vec<u8>,
+    /// How much of `buf` is already written: a flush cancelled half-way (a
+    /// takeover or shutdown won the race) goes on from there, never sending
+    /// the same bytes twice.
+    sent: usize,
     /// Written to `inner` since its last flush.
     unflushed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Outbox<W> {
     pub(crate) fn new(inner: W) -> Self {
-        Outbox { inner, buf: Vec::new(), unflushed: false }
+        Outbox { inner, buf: Vec::new(), sent: 0, unflushed: false }
     }
 
     /// Queues `bytes`, to be written by the next `flush`. Writing only
@@ -54,12 +58,19 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         self.inner.shutdown().await
     }
 
+    /// Cancel-safe: each `write` either wrote some bytes (counted in `sent`)
+    /// or none.
     async fn write_out(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.inner.write_all(&self.buf).await?;
+        while self.sent < self.buf.len() {
+            let n = self.inner.write(&self.buf[self.sent..]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.sent += n;
             self.unflushed = true;
         }
         self.buf = Vec::new();
+        self.sent = 0;
         Ok(())
     }
 }
@@ -80,5 +91,25 @@ mod tests {
         tokio::io::AsyncReadExt::read_exact(&mut server, &mut got).await.unwrap();
         assert_eq!(&got[..3], b"one");
         assert!(got[3..].iter().all(|b| *b == b'x'));
+    }
+
+    /// A flush cancelled while the peer reads slowly, then finished: every
+    /// byte arrives once, in order.
+    #[tokio::test]
+    async fn a_cancelled_flush_goes_on_where_it_stopped() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut out = Outbox::new(client);
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        out.write_all(&data).await.unwrap();
+        // The pipe holds 64 bytes: the flush cannot finish, and is cancelled.
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(20), out.flush()).await;
+        assert!(cut.is_err(), "the flush was cut off half-way");
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 1000];
+            tokio::io::AsyncReadExt::read_exact(&mut server, &mut got).await.unwrap();
+            got
+        });
+        out.flush().await.unwrap();
+        assert_eq!(reader.await.unwrap(), data);
     }
 }
