@@ -192,10 +192,7 @@ impl Broker {
             self.store.put(BrokerTable::Sessions, client_id, None).await?;
         }
         for (client_id, s) in &sessions {
-            if s.expiry == u32::MAX {
-                continue;
-            }
-            let due = s.parked_at.unwrap_or(self.started_ms).saturating_add(i64::from(s.expiry) * 1000);
+            let Some(due) = s.expires_at(self.started_ms) else { continue };
             let wait = Duration::from_millis(due.saturating_sub(now).max(0) as u64);
             let (broker, client_id, id) = (self.clone(), client_id.clone(), s.id);
             tokio::spawn(async move {
@@ -355,8 +352,10 @@ impl Broker {
             .retain(|r| !(r.session == session && r.filter == filter));
     }
 
-    pub(crate) fn remove_routes(&self, session: u64) {
+    /// A session ends: its routes and its places in shared groups go.
+    pub(crate) fn end_session(&self, session: u64) {
         self.routes.write().unwrap_or_else(|e| e.into_inner()).retain(|r| r.session != session);
+        self.leave_all_shared(session);
     }
 
     /// Adds a member to a shared subscription; the first member starts the
@@ -418,7 +417,7 @@ impl Broker {
         }
     }
 
-    pub(crate) fn leave_all_shared(&self, session: u64) {
+    fn leave_all_shared(&self, session: u64) {
         let keys: Vec<(String, String)> = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             shared

@@ -120,7 +120,7 @@ where
             properties: Default::default(),
         });
         if let Some(bytes) = codec::encode(Version::V3, &refuse) {
-            let _ = wr.write_all(&bytes).await;
+            wr.push(&bytes);
             let _ = wr.flush().await;
         }
         return None;
@@ -170,7 +170,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     properties: Default::default(),
                 });
                 if let Some(b) = codec::encode(version, &p) {
-                    let _ = wr.write_all(&b).await;
+                    wr.push(&b);
                     let _ = wr.flush().await;
                 }
                 return None;
@@ -194,6 +194,14 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             c.client_id.to_string()
         };
         let conn_id = broker.next_id();
+        // Past the claim, a refusal gives the client id back first (parking
+        // the session when there is one to keep).
+        macro_rules! unavailable {
+            ($parked:expr) => {{
+                let _ = broker.release(&client_id, conn_id, $parked);
+                refuse!(ConnectReasonCode::ServerUnavailable);
+            }};
+        }
         let (kick_tx, kick) = oneshot::channel();
         let previous = match broker.claim(&client_id, conn_id, kick_tx, c.clean_start) {
             Claim::Parked(s) => Some(*s),
@@ -212,17 +220,16 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             Version::V3 => u32::MAX,
         }
         .min(max_expiry);
-        // A session resumes for the same identity only.
-        let resumable =
-            |s: &Session| s.principal.user() == principal.user() && s.principal.is_admin() == principal.is_admin();
+        // A session resumes for the same identity only: the same user, or
+        // an admin (API key, open mode: no user) for an admin's.
+        let resumable = |s: &Session| s.principal.user() == principal.user();
         // A session stored by an earlier run of the server, if this one has none.
         let stored = match previous {
             Some(_) => None,
             None => match broker.take_stored(&client_id).await {
                 Ok(s) => s,
                 Err(_) => {
-                    let _ = broker.release(&client_id, conn_id, None);
-                    refuse!(ConnectReasonCode::ServerUnavailable);
+                    unavailable!(None);
                 }
             },
         };
@@ -238,8 +245,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             old => {
                 let had_record = old.as_ref().is_some_and(|s| s.stored) || stored.is_some();
                 if let Some(old) = old {
-                    broker.remove_routes(old.id);
-                    broker.leave_all_shared(old.id);
+                    broker.end_session(old.id);
                 }
                 let resumed = match stored {
                     Some(rec) if !c.clean_start && rec.belongs_to(&principal) => {
@@ -248,8 +254,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                             None => {
                                 // A store error: the record stays for the next try.
                                 broker.put_back_stored(&client_id, rec);
-                                let _ = broker.release(&client_id, conn_id, None);
-                                refuse!(ConnectReasonCode::ServerUnavailable);
+                                unavailable!(None);
                             }
                         }
                     }
@@ -259,8 +264,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     (s, true)
                 } else {
                     if had_record && broker.forget_session(&client_id).await.is_err() {
-                        let _ = broker.release(&client_id, conn_id, None);
-                        refuse!(ConnectReasonCode::ServerUnavailable);
+                        unavailable!(None);
                     }
                     let cx = state.context(principal.clone(), true);
                     let herald = match crate::subscription::Subscription::open(
@@ -273,8 +277,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     {
                         Ok(h) => h,
                         Err(_) => {
-                            let _ = broker.release(&client_id, conn_id, None);
-                            refuse!(ConnectReasonCode::ServerUnavailable);
+                            unavailable!(None);
                         }
                     };
                     (Session::new(broker.next_id(), herald, cfg.offline_queue, principal.clone()), false)
@@ -288,8 +291,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             match broker.save_session(&client_id, &session, None).await {
                 Ok(()) => session.stored = true,
                 Err(_) => {
-                    let _ = broker.release(&client_id, conn_id, Some(Box::new(session)));
-                    refuse!(ConnectReasonCode::ServerUnavailable);
+                    unavailable!(Some(Box::new(session)));
                 }
             }
         }
@@ -341,7 +343,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             kicked: false,
             coalesce: Coalescer::default(),
         };
-        conn.send(&connack).await.ok()?;
+        conn.send(&connack);
         // A resumed session first repeats what was in flight.
         let resend: Vec<(u16, Outgoing)> = conn
             .session
@@ -351,7 +353,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         for (pid, o) in resend {
             let p = if o.released { codec::pubrel(pid_of(pid)) } else { conn.publish_packet(&o, Some(pid), true) };
             let more = if o.released { &[][..] } else { o.sub_ids.get(1..).unwrap_or_default() };
-            conn.send_with_ids(&p, more).await.ok()?;
+            conn.send_with_ids(&p, more);
         }
         // Bounded like every other write: a client that does not read its
         // CONNACK ends as a lost connection (its session parks or ends).
@@ -362,13 +364,15 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         Some(conn)
     }
 
-    async fn send(&mut self, p: &v5::Packet) -> std::io::Result<()> {
-        self.send_with_ids(p, &[]).await
+    /// Queues a packet for the loop's next flush (see `Outbox`): nothing here
+    /// waits on the socket or fails.
+    fn send(&mut self, p: &v5::Packet) {
+        self.send_with_ids(p, &[]);
     }
 
-    /// Sends a packet; `more_ids` are subscription identifiers beyond the one
-    /// the PUBLISH carries (MQTT 5).
-    async fn send_with_ids(&mut self, p: &v5::Packet, more_ids: &[u32]) -> std::io::Result<()> {
+    /// Queues a packet; `more_ids` are subscription identifiers beyond the
+    /// one the PUBLISH carries (MQTT 5).
+    fn send_with_ids(&mut self, p: &v5::Packet, more_ids: &[u32]) {
         let encoded = codec::encode(self.version, p);
         let encoded = match (self.version, more_ids.is_empty()) {
             (Version::V5, false) => encoded.and_then(|b| codec::add_subscription_ids(b, more_ids)),
@@ -377,11 +381,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         if let Some(bytes) = encoded {
             if bytes.len() > self.max_out {
                 // MQTT 5: a packet over the client's maximum is not sent.
-                return Ok(());
+                return;
             }
-            self.wr.write_all(&bytes).await?;
+            self.wr.push(&bytes);
         }
-        Ok(())
     }
 
     fn session(&mut self) -> &mut Session {
@@ -404,8 +407,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             .expires_at()
             .map(|at| Box::pin(tokio::time::sleep_until(crate::stream::instant_of(at))));
         loop {
-            if self.has_sendable() && Box::pin(self.drain_queue()).await.is_err() {
-                return End::Lost;
+            if self.has_sendable() {
+                self.drain_queue();
             }
             if let Some(timer) = keep_alive.as_mut() {
                 let deadline = last_heard + self.keep_alive * 3 / 2;
@@ -493,11 +496,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     async fn taken_over(&mut self, kick: Kick) -> End {
         let session = self.session.take().expect("a running connection has its session");
         self.hand_over(kick, session);
-        let tell = async {
-            self.send(&disconnect(DisconnectReasonCode::SessionTakenOver)).await?;
-            self.wr.flush().await
-        };
-        let _ = tokio::time::timeout(WRITE_GRACE, tell).await;
+        self.send(&disconnect(DisconnectReasonCode::SessionTakenOver));
+        let _ = tokio::time::timeout(WRITE_GRACE, self.wr.flush()).await;
         End::TakenOver
     }
 
@@ -509,8 +509,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         }
         if let Err(Some(session)) = kick.reply.send(Some(session)) {
             // The newcomer gave up waiting: the session ends here.
-            self.state.mqtt.remove_routes(session.id);
-            self.state.mqtt.leave_all_shared(session.id);
+            self.state.mqtt.end_session(session.id);
         }
     }
 
@@ -568,18 +567,18 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     }
 
     /// Sends queued messages while the in-flight window has room.
-    async fn drain_queue(&mut self) -> std::io::Result<()> {
+    fn drain_queue(&mut self) {
         loop {
             if self.wr.is_full() {
                 // The loop writes it out, watching for a takeover meanwhile.
-                return Ok(());
+                return;
             }
             let window = self.window;
             let s = self.session();
             if s.inflight.len() >= window {
-                return Ok(());
+                return;
             }
-            let Some(o) = s.queue.pop_front() else { return Ok(()) };
+            let Some(o) = s.queue.pop_front() else { return };
             let pid = (o.qos > 0).then(|| s.next_pid());
             let mut p = self.publish_packet(&o, pid, false);
             if self.too_big(&p, &o.sub_ids) {
@@ -592,7 +591,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 self.session().inflight.insert(pid, o.clone());
             }
             self.alias(&mut p);
-            self.send_with_ids(&p, o.sub_ids.get(1..).unwrap_or_default()).await?;
+            self.send_with_ids(&p, o.sub_ids.get(1..).unwrap_or_default());
             self.state.stats.delivered(1);
         }
     }
@@ -672,7 +671,6 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
 
     /// Handles one inbound packet; `Some` ends the connection.
     async fn handle(&mut self, p: v5::Packet) -> Option<End> {
-        let io = |r: std::io::Result<()>| r.err().map(|_| End::Lost);
         match p {
             v5::Packet::Publish(p) => return self.on_publish(p).await,
             v5::Packet::Puback(a) => {
@@ -688,7 +686,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     if let Some(o) = s.inflight.get_mut(&pid) {
                         o.released = true;
                     }
-                    return io(self.send(&codec::pubrel(a.pid)).await);
+                    self.send(&codec::pubrel(a.pid));
                 }
             }
             v5::Packet::Pubrel(a) => {
@@ -697,7 +695,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     self.unacked = self.unacked.saturating_sub(1);
                 }
                 let code = if known { PubcompReasonCode::Success } else { PubcompReasonCode::PacketIdentifierNotFound };
-                return io(self.send(&codec::pubcomp(a.pid, code)).await);
+                self.send(&codec::pubcomp(a.pid, code));
             }
             v5::Packet::Pubcomp(a) => {
                 self.session().inflight.remove(&a.pid.value());
@@ -728,9 +726,9 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
                 let ack =
                     v5::Packet::Unsuback(v5::Unsuback { pid: u.pid, properties: Default::default(), topics: codes });
-                return io(self.send(&ack).await);
+                self.send(&ack);
             }
-            v5::Packet::Pingreq => return io(self.send(&v5::Packet::Pingresp).await),
+            v5::Packet::Pingreq => self.send(&v5::Packet::Pingresp),
             v5::Packet::Disconnect(d) => {
                 if let Some(expiry) = d.properties.session_expiry_interval {
                     if self.session().expiry == 0 && expiry > 0 {
@@ -779,7 +777,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         {
             // A resent QoS 2 publish we already have: acknowledge again only.
             self.unacked = self.unacked.saturating_sub(1);
-            return self.send(&codec::pubrec(pid, PubrecReasonCode::Success)).await.err().map(|_| End::Lost);
+            self.send(&codec::pubrec(pid, PubrecReasonCode::Success));
+            return None;
         }
         let session_id = self.session().id;
         let principal = self.session().principal.clone();
@@ -806,10 +805,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         match qos {
             QoS::Level1 => {
                 self.unacked = self.unacked.saturating_sub(1);
-                self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success)))
-                    .await
-                    .err()
-                    .map(|_| End::Lost)
+                self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success)));
             }
             _ => {
                 let code = outcome.map_or_else(Refused::pubrec, |_| PubrecReasonCode::Success);
@@ -818,9 +814,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 } else {
                     self.unacked = self.unacked.saturating_sub(1);
                 }
-                self.send(&codec::pubrec(pid, code)).await.err().map(|_| End::Lost)
+                self.send(&codec::pubrec(pid, code));
             }
         }
+        None
     }
 
     /// Writes a persistent session's record (its subscriptions changed).
@@ -847,9 +844,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             codes.iter_mut().for_each(|c| *c = SubscribeReasonCode::UnspecifiedError);
         }
         let ack = v5::Packet::Suback(v5::Suback { pid: sub.pid, properties: Default::default(), topics: codes });
-        if self.send(&ack).await.is_err() {
-            return Some(End::Lost);
-        }
+        self.send(&ack);
         // Retained messages follow the SUBACK.
         self.session().queue.extend(retained);
         None
@@ -980,13 +975,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             _ => None,
         };
         // Bounded: a client that no longer reads must not hold the session.
-        let close = async {
-            if let Some(packet) = told {
-                let _ = self.send(&packet).await;
-            }
-            self.wr.shutdown().await
-        };
-        let _ = tokio::time::timeout(WRITE_GRACE, close).await;
+        if let Some(packet) = told {
+            self.send(&packet);
+        }
+        let _ = tokio::time::timeout(WRITE_GRACE, self.wr.shutdown()).await;
         let broker = self.state.mqtt.clone();
         let Some(mut session) = self.session.take() else {
             return; // taken over: the session and the will were seen to then
@@ -1005,8 +997,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 Err(e) => tracing::error!(error = %e, client_id = self.client_id, "storing an MQTT session failed"),
             }
         } else {
-            broker.remove_routes(session.id);
-            broker.leave_all_shared(session.id);
+            broker.end_session(session.id);
         }
         // The will waits for its delay, or the session's end if sooner.
         let (principal, origin, stored) = (session.principal.clone(), session.id, session.stored);

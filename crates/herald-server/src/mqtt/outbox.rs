@@ -30,9 +30,8 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
     /// Queues `bytes`, to be written by the next `flush`. Writing only
     /// there keeps every wait on the socket in one place, which the
     /// connection's loop races against a takeover and shutdown.
-    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
-        Ok(())
     }
 
     /// Whether enough is gathered to stop queueing more and flush.
@@ -83,8 +82,8 @@ mod tests {
     async fn gathers_until_flushed_and_keeps_nothing() {
         let (client, mut server) = tokio::io::duplex(64 * 1024);
         let mut out = Outbox::new(client);
-        out.write_all(b"one").await.unwrap();
-        out.write_all(&[b'x'; 2000]).await.unwrap();
+        out.push(b"one");
+        out.push(&[b'x'; 2000]);
         out.flush().await.unwrap();
         assert_eq!(out.buf.capacity(), 0, "nothing is held between bursts");
         let mut got = vec![0u8; 2003];
@@ -100,7 +99,7 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(64);
         let mut out = Outbox::new(client);
         let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-        out.write_all(&data).await.unwrap();
+        out.push(&data);
         // The pipe holds 64 bytes: the flush cannot finish, and is cancelled.
         let cut = tokio::time::timeout(std::time::Duration::from_millis(20), out.flush()).await;
         assert!(cut.is_err(), "the flush was cut off half-way");

@@ -56,9 +56,10 @@ pub(crate) struct StoredSession {
     /// The session's id, kept so that the no-local mark of messages it
     /// published still matches it after a restart.
     pub(crate) id: u64,
-    /// Whose it is: only the same identity may resume it.
+    /// Whose it is: only the same identity may resume it (the user; none
+    /// for an admin's). Records written before also hold `admin`, which
+    /// this already says; it is ignored.
     pub(crate) user: Option<String>,
-    pub(crate) admin: bool,
     /// Seconds it outlives its connection.
     pub(crate) expiry: u32,
     /// When its connection ended (ms since the epoch); `None` while it was
@@ -108,7 +109,6 @@ impl StoredSession {
         StoredSession {
             id: session.id,
             user: session.principal.user().map(str::to_owned),
-            admin: session.principal.is_admin(),
             expiry: session.expiry,
             parked_at,
             subs: session
@@ -136,14 +136,18 @@ impl StoredSession {
 
     /// Whether `principal` may resume it (the same rule as for a parked session).
     pub(crate) fn belongs_to(&self, principal: &Principal) -> bool {
-        self.user.as_deref() == principal.user() && self.admin == principal.is_admin()
+        self.user.as_deref() == principal.user()
     }
 
-    /// Whether it has expired at `now_ms`, counting a session that was
-    /// connected when saved as parked at `restarted_ms`.
-    pub(crate) fn expired(&self, now_ms: i64, restarted_ms: i64) -> bool {
+    /// When it expires (ms since the epoch; `None`: never), counting a
+    /// session that was connected when saved as parked at `restarted_ms`.
+    pub(crate) fn expires_at(&self, restarted_ms: i64) -> Option<i64> {
         let since = self.parked_at.unwrap_or(restarted_ms);
-        self.expiry != u32::MAX && since.saturating_add(i64::from(self.expiry) * 1000) <= now_ms
+        (self.expiry != u32::MAX).then(|| since.saturating_add(i64::from(self.expiry) * 1000))
+    }
+
+    pub(crate) fn expired(&self, now_ms: i64, restarted_ms: i64) -> bool {
+        self.expires_at(restarted_ms).is_some_and(|at| at <= now_ms)
     }
 
     pub(crate) fn cursor_token(&self) -> CursorToken {
@@ -175,7 +179,6 @@ mod tests {
         let s = StoredSession {
             id: 7,
             user: Some("u".into()),
-            admin: false,
             expiry: 60,
             parked_at: Some(1_000),
             subs: vec![StoredSub {
@@ -194,5 +197,7 @@ mod tests {
         let forever = StoredSession { expiry: u32::MAX, ..s.clone() };
         assert!(!forever.expired(i64::MAX, 0));
         assert_eq!(s.cursor_token().encode(), "a/b=4");
+        let earlier = br#"{"id":1,"user":null,"admin":true,"expiry":5,"parked_at":null,"subs":[],"cursors":""}"#;
+        assert!(StoredSession::decode(earlier).is_some(), "a record with the old `admin` field still reads");
     }
 }
