@@ -138,6 +138,8 @@ nchan_args() { echo --peer nchan --server $N_URL --pid "$nchan_pid"; }
 mosq_args() { echo --mqtt 127.0.0.1:$MOSQ_PORT --pid "$mosq_pid"; }
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# The resident split: "ANON FILE" kB (the heap and stacks; the mapped binary and libraries).
+rss_split_kb() { awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {print a, f}' "/proc/$1/status"; }
 cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 
 # --- 1. fan-out in a burst, and latency at a steady rate ------------------------
@@ -202,6 +204,7 @@ mix_run() {
   done
   sleep 2 # let the server settle its buffers before reading memory
   MIX_CONNECTED=${ready#* } MIX_RSS0=$rss0 MIX_RSS=$(rss_kb "$herald_pid")
+  read -r MIX_ANON MIX_FILE < <(rss_split_kb "$herald_pid")
   local cpu0
   cpu0=$(cpu_ticks "$herald_pid")
   bench "mix/publish" fanout --subscribers 0 --messages "$MIX_MSGS" --channel bench/mix $(herald_args)
@@ -226,7 +229,7 @@ mix_run() {
     }')
   stop_all
 }
-MIX_CONNECTED=0 MIX_RSS0=0 MIX_RSS=0 MIX_CPU_MS=0 MIX_N=0 MIX_P50=- MIX_P99=- MIX_MAX=-
+MIX_CONNECTED=0 MIX_RSS0=0 MIX_RSS=0 MIX_ANON=0 MIX_FILE=0 MIX_CPU_MS=0 MIX_N=0 MIX_P50=- MIX_P99=- MIX_MAX=-
 mix_run || echo "the mixed-connection run failed" >&2
 stop_all
 
@@ -284,6 +287,7 @@ mix_table() {
   echo "| connections (transports $MIX_TRANSPORTS, round-robin) | $MIX_CONNECTED over $MIX_PROCS processes |"
   echo "| connect rate, all processes together | $(awk -v n="$MIX_CONNECTED" -v s="$slowest" 'BEGIN { if (s > 0) printf "%.0f/s", n / s }') |"
   echo "| server RSS before → all connected | $(awk -v a="$MIX_RSS0" -v b="$MIX_RSS" 'BEGIN { printf "%.1f MB → %.1f MB", a / 1024, b / 1024 }') |"
+  echo "| … of which anonymous (heap, stacks) / file-backed (binary, libraries) | $(awk -v a="$MIX_ANON" -v f="$MIX_FILE" 'BEGIN { printf "%.1f MB / %.1f MB", a / 1024, f / 1024 }') |"
   echo "| memory per connection | $(awk -v a="$MIX_RSS0" -v b="$MIX_RSS" -v n="$MIX_CONNECTED" 'BEGIN { if (n > 0) printf "%.2f KB", (b - a) / n }') |"
   echo "| messages to all | $MIX_MSGS |"
   echo "| deliveries | $d of $e |"

@@ -155,7 +155,9 @@ async fn channel_get(
     match resource {
         "messages" => {
             drop(headers);
-            Box::pin(poll::messages(state, principal, channel, &query, &mut Default::default())).await
+            let params = poll::Params::parse(&query, &state)?;
+            drop(query);
+            Box::pin(poll::messages(state, principal, channel, params, &mut Default::default())).await
         }
         "events" => Box::pin(sse::single_channel(state, principal, channel, &headers, &query)).await,
         _ => Box::pin(iframe::stream(state, principal, channel, &query)).await,

@@ -117,56 +117,59 @@ fn connection(
                 Ok(true) => {}
                 _ => return,
             }
-            let (route, head_len) = match route(&pending) {
-                Some((r, len)) => (r, len),
-                None => (Route::Hyper, 0),
-            };
-            // A body, a pipelined request behind this one, or anything unusual:
-            // hyper takes over with what was read so far. (After a WebSocket
-            // handshake, what follows is the client's first frames.)
-            let whole = head_len == pending.len() || matches!(route, Route::WebSocket(_));
-            let route = if whole { route } else { Route::Hyper };
-            // Nothing is kept while the response is produced or streamed.
-            let head = std::mem::take(&mut pending);
-            // Answering and writing a head are boxed: they last a moment (a long
-            // poll's wait aside), and inline they would size the task of every
-            // connection, streaming or idle, for their largest state (measured:
-            // 1,032 bytes inline, 464 boxed).
-            let (res, keep_alive) = match route {
-                Route::Hyper => return Box::pin(hand_to_hyper(tcp, head.freeze(), router, shutdown)).await,
-                Route::WebSocket(request) => {
-                    let early = Bytes::copy_from_slice(&head[head_len..]);
-                    drop(head);
-                    let endpoint = request.endpoint;
-                    let opening = Box::new(ws::Opening { tcp, state, request, early });
-                    // A task of its own, and this one ends: awaited here, the
-                    // session would keep this task's state (768 bytes, heaptrack)
-                    // beside its own for the connection's life.
-                    match endpoint {
-                        ws::Endpoint::Herald => tracker.spawn(ws::serve(opening)),
-                        ws::Endpoint::Mqtt => tracker.spawn(crate::mqtt::serve_websocket(opening)),
-                    };
-                    return;
+            // Scoped: what is only needed until the head is written does not
+            // take room in this task's future while a body streams.
+            let (body, keep_alive, close) = {
+                // A body, a pipelined request behind this one, or anything unusual:
+                // hyper takes over with what was read so far. (After a WebSocket
+                // handshake, what follows is the client's first frames.)
+                let (route, head_len) = match route(&pending) {
+                    Some((r, len)) if len == pending.len() || matches!(r, Route::WebSocket(_)) => (r, len),
+                    _ => (Route::Hyper, 0),
+                };
+                // Nothing is kept while the response is produced or streamed.
+                let head = std::mem::take(&mut pending);
+                // Answering and writing a head are boxed: they last a moment (a long
+                // poll's wait aside), and inline they would size the task of every
+                // connection, streaming or idle, for their largest state (measured:
+                // 1,032 bytes inline, 464 boxed).
+                let (res, keep_alive) = match route {
+                    Route::Hyper => return Box::pin(hand_to_hyper(tcp, head.freeze(), router, shutdown)).await,
+                    Route::WebSocket(request) => {
+                        let early = Bytes::copy_from_slice(&head[head_len..]);
+                        drop(head);
+                        let endpoint = request.endpoint;
+                        let opening = Box::new(ws::Opening { tcp, state, request, early });
+                        // A task of its own, and this one ends: awaited here, the
+                        // session would keep this task's state (768 bytes, heaptrack)
+                        // beside its own for the connection's life.
+                        match endpoint {
+                            ws::Endpoint::Herald => tracker.spawn(ws::serve(opening)),
+                            ws::Endpoint::Mqtt => tracker.spawn(crate::mqtt::serve_websocket(opening)),
+                        };
+                        return;
+                    }
+                    Route::Here(req, keep_alive) => {
+                        // Dropped here, not at the end of the iteration: it would
+                        // be held for as long as the response streams (1 KiB of
+                        // every idle SSE connection, heaptrack).
+                        drop(head);
+                        let answer =
+                            async { router.clone().oneshot(*req).await.unwrap_or_else(|never| match never {}) };
+                        (Box::pin(respond(&mut tcp, Box::pin(answer), &mut pending)).await, keep_alive)
+                    }
+                    Route::Poll(req, keep_alive) => {
+                        drop(head);
+                        let answer = Box::pin(poll::direct(state.clone(), *req, &mut coalesce));
+                        (Box::pin(respond(&mut tcp, answer, &mut pending)).await, keep_alive)
+                    }
+                };
+                let Some(res) = res else { return };
+                match Box::pin(write_head(&mut tcp, res)).await {
+                    Ok(Written::Whole { close }) => (None, keep_alive, close),
+                    Ok(Written::Head { body, close }) => (Some(body), keep_alive, close),
+                    Err(_) => return,
                 }
-                Route::Here(req, keep_alive) => {
-                    // Dropped here, not at the end of the iteration: it would
-                    // be held for as long as the response streams (1 KiB of
-                    // every idle SSE connection, heaptrack).
-                    drop(head);
-                    let answer = async { router.clone().oneshot(*req).await.unwrap_or_else(|never| match never {}) };
-                    (Box::pin(respond(&mut tcp, Box::pin(answer), &mut pending)).await, keep_alive)
-                }
-                Route::Poll(req, keep_alive) => {
-                    drop(head);
-                    let answer = Box::pin(poll::direct(state.clone(), *req, &mut coalesce));
-                    (Box::pin(respond(&mut tcp, answer, &mut pending)).await, keep_alive)
-                }
-            };
-            let Some(res) = res else { return };
-            let (body, close) = match Box::pin(write_head(&mut tcp, res)).await {
-                Ok(Written::Whole { close }) => (None, close),
-                Ok(Written::Head { body, close }) => (Some(body), close),
-                Err(_) => return,
             };
             let streamed = match body {
                 Some(body) => stream_body(&mut tcp, body, &mut pending).await,

@@ -11,6 +11,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use futures_util::{FutureExt, future::Either};
 use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
 use crate::{
@@ -21,72 +22,96 @@ use crate::{
 /// Messages per answer when the client does not say.
 const DEFAULT_LIMIT: usize = 100;
 
+/// What a poll asks for, read from its query string up front: the strings
+/// are not kept while a long poll waits.
+pub(crate) struct Params {
+    since: Since,
+    limit: usize,
+    wait: Option<Duration>,
+    /// The unread count the client already shows: a different one is news.
+    known_unread: Option<u64>,
+}
+
+impl Params {
+    pub(crate) fn parse(query: &Query, state: &SharedState) -> Result<Self, ApiError> {
+        Ok(Params {
+            since: query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0)),
+            limit: query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit),
+            wait: query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait)),
+            known_unread: query.get("unread").map(cursor::parse_id).transpose()?,
+        })
+    }
+}
+
 /// `coalesce`: the connection's, when it outlives this request (the front
 /// door's keep-alive connections). A long poll on a connection that was
 /// answered within the coalescing window waits out the rest of it before
 /// answering, gathering what else arrives: in a burst a poller gets a batch
 /// per window instead of a request per message or two (the request and its
 /// answer are most of a long poll's cost). A quiet poller is answered at once.
-pub(crate) async fn messages(
+///
+/// A block, not an `async fn`, and `params` read in place: an async fn's
+/// arguments, and locals moved out of them, keep their room in the future
+/// after moving on, and this future is what a long poll holds while it waits.
+#[allow(clippy::manual_async_fn)] // see above: the block is the point
+pub(crate) fn messages(
     state: SharedState,
     principal: Arc<Principal>,
     channel: Channel,
-    query: &Query,
+    mut params: Params,
     coalesce: &mut Coalescer,
-) -> Result<Response, ApiError> {
-    let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
-    let limit = query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit);
-    let mut wait = query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait));
-    // The unread count the client already shows: a different one is news.
-    let known_unread = query.get("unread").map(cursor::parse_id).transpose()?;
-    if let (Some(w), Some(exp)) = (wait.as_mut(), principal.expires_at()) {
-        // Never wait past the token's expiry; the next poll is then refused.
-        *w = (*w).min(stream::instant_of(exp).saturating_duration_since(tokio::time::Instant::now()));
-    }
-    let waiting = wait.is_some_and(|w| !w.is_zero());
+) -> impl Future<Output = Result<Response, ApiError>> + Send {
+    async move {
+        if let (Some(w), Some(exp)) = (params.wait.as_mut(), principal.expires_at()) {
+            // Never wait past the token's expiry; the next poll is then refused.
+            *w = (*w).min(stream::instant_of(exp).saturating_duration_since(tokio::time::Instant::now()));
+        }
+        let waiting = params.wait.is_some_and(|w| !w.is_zero());
 
-    let _connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
-    let targets = vec![Target::Channel(channel.clone())];
-    // The set-up and read futures are boxed: they are big and short-lived, and
-    // inline they would size the future a long poll holds while it waits.
-    let mut sub = Box::pin(state.subscribe(principal, targets, since, &CursorToken::default(), waiting)).await?;
-    let mut answer = Answer::default();
-    while answer.messages.len() < limit {
-        match Box::pin(sub.next_ready()).await? {
-            Some(d) => answer.push(d),
-            None => break,
-        }
-    }
-    let news = answer.has_news(known_unread);
-    if !news && let Some(wait) = wait.filter(|_| waiting) {
-        tokio::select! {
-            d = sub.next() => answer.push(d?),
-            _ = tokio::time::sleep(wait) => return Ok(not_modified()),
-            _ = state.shutdown.cancelled() => return Ok(not_modified()),
-        }
-    }
-    if waiting && answer.messages.len() < limit {
-        // A busy poller waits for company; then whatever else is already
-        // here goes in the same answer.
-        Box::pin(coalesce.ready()).await;
-        while answer.messages.len() < limit {
-            match sub.try_next() {
+        let _connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
+        let targets = vec![Target::Channel(channel.clone())];
+        // The set-up and read futures are boxed: they are big and short-lived, and
+        // inline they would size the future a long poll holds while it waits.
+        let mut sub =
+            Box::pin(state.subscribe(principal, targets, params.since, &CursorToken::default(), waiting)).await?;
+        let mut answer = Answer::default();
+        while answer.messages.len() < params.limit {
+            match Box::pin(sub.next_ready()).await? {
                 Some(d) => answer.push(d),
                 None => break,
             }
         }
+        let news = answer.has_news(params.known_unread);
+        if !news && let Some(wait) = params.wait.filter(|_| waiting) {
+            tokio::select! {
+                d = sub.next() => answer.push(d?),
+                _ = tokio::time::sleep(wait) => return Ok(not_modified()),
+                _ = state.shutdown.cancelled() => return Ok(not_modified()),
+            }
+        }
+        if waiting && answer.messages.len() < params.limit {
+            // A busy poller waits for company; then whatever else is already
+            // here goes in the same answer.
+            Box::pin(coalesce.ready()).await;
+            while answer.messages.len() < params.limit {
+                match sub.try_next() {
+                    Some(d) => answer.push(d),
+                    None => break,
+                }
+            }
+        }
+        if waiting {
+            coalesce.wrote();
+        }
+        if let Some(owner) = channel.inbox_owner() {
+            // The count as of now: a message can reach this poll before the count
+            // it raises has been pushed to watchers.
+            answer.unread = Some(Box::pin(state.inbox.count(owner)).await?);
+        }
+        state.stats.delivered(answer.messages.len() as u64);
+        let next = sub.cursors().get(&channel).unwrap_or(0);
+        Ok(answer.into_response(&channel, next))
     }
-    if waiting {
-        coalesce.wrote();
-    }
-    if let Some(owner) = channel.inbox_owner() {
-        // The count as of now: a message can reach this poll before the count
-        // it raises has been pushed to watchers.
-        answer.unread = Some(Box::pin(state.inbox.count(owner)).await?);
-    }
-    state.stats.delivered(answer.messages.len() as u64);
-    let next = sub.cursors().get(&channel).unwrap_or(0);
-    Ok(answer.into_response(&channel, next))
 }
 
 /// A poll the HTTP front door parsed itself (no `Origin`, no
@@ -102,22 +127,27 @@ pub(crate) struct Direct {
 /// request (no request object, routing, extractors or layers), which for a
 /// long poll is every delivery.
 ///
-/// A block, not an `async fn`: an async fn's arguments keep their room in the
-/// future after moving on, and this future is what a long poll holds.
-#[allow(clippy::manual_async_fn)] // see above: the block is the point
+/// The request is read before the future is made: its strings (query,
+/// credential) are freed before a long poll starts waiting.
 pub(crate) fn direct(
     state: SharedState,
     req: Direct,
     coalesce: &mut Coalescer,
 ) -> impl Future<Output = Response> + Send {
-    async move {
+    let asked = {
         let query = Query::parse(req.query.as_deref());
         let credential = crate::auth::bearer(req.authorization.as_deref(), &query);
-        let principal = match state.auth.authenticate_credential(credential) {
-            Ok(p) => p,
-            Err(e) => return e.into_response(),
-        };
-        messages(state, principal, req.channel, &query, coalesce).await.unwrap_or_else(IntoResponse::into_response)
+        state
+            .auth
+            .authenticate_credential(credential)
+            .and_then(|principal| Params::parse(&query, &state).map(|params| (principal, params)))
+    };
+    match asked {
+        Ok((principal, params)) => Either::Left(
+            messages(state, principal, req.channel, params, coalesce)
+                .map(|answer| answer.unwrap_or_else(IntoResponse::into_response)),
+        ),
+        Err(e) => Either::Right(std::future::ready(e.into_response())),
     }
 }
 
@@ -231,14 +261,14 @@ mod tests {
 
         // A quiet connection is answered at once.
         let start = Instant::now();
-        let query = Query::parse(Some("since=0&wait=30"));
-        let res = messages(state.clone(), admin.clone(), channel.clone(), &query, &mut coalesce).await.unwrap();
+        let params = Params::parse(&Query::parse(Some("since=0&wait=30")), &state).unwrap();
+        let res = messages(state.clone(), admin.clone(), channel.clone(), params, &mut coalesce).await.unwrap();
         assert_eq!(ids(res).await, [1]);
         assert_eq!(Instant::now(), start, "nothing waited");
 
         // Answered just now, it waits out the window for what else comes.
-        let query = Query::parse(Some("since=1&wait=30"));
-        let poll = messages(state.clone(), admin.clone(), channel.clone(), &query, &mut coalesce);
+        let params = Params::parse(&Query::parse(Some("since=1&wait=30")), &state).unwrap();
+        let poll = messages(state.clone(), admin.clone(), channel.clone(), params, &mut coalesce);
         let burst = async {
             for text in ["2", "3", "4"] {
                 publish(&state, text).await;

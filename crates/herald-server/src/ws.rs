@@ -30,7 +30,7 @@ use crate::{
     stats::Transport,
     stream,
     subscription::{Delivery, Subscription},
-    websocket::{Handshake, Incoming, Refusal, WebSocket, switching_protocols},
+    websocket::{Handshake, Incoming, Refusal, WebSocket, WsError, switching_protocols},
 };
 
 /// Room for the frame's own fields around a maximal payload.
@@ -201,6 +201,13 @@ async fn close(mut s: Session, end: End) {
     }
 }
 
+/// What woke a connection's task.
+enum Event {
+    Frame(Option<Result<Incoming, WsError>>),
+    Delivery(Delivery),
+    Ping,
+}
+
 impl Session {
     async fn run(&mut self) -> End {
         let every = self.state.config.ws.ping;
@@ -212,7 +219,10 @@ impl Session {
         let mut expiry =
             self.principal.expires_at().map(|at| Box::pin(tokio::time::sleep_until(stream::instant_of(at))));
         loop {
-            tokio::select! {
+            // The wait only names what happened; one boxed call handles it. An
+            // idle connection's task is sized for the wait alone, not for a
+            // frame or a delivery kept beside each handler's state.
+            let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(1012, "server restarting; reconnect and resume".into()),
                 _ = stream::fired(&mut expiry) => {
@@ -220,47 +230,49 @@ impl Session {
                 }
                 frame = self.socket.recv() => {
                     last_heard = Instant::now();
-                    let end = match frame {
-                        None => Some(End::Gone),
-                        Some(Err(e)) => match e.close_code() {
-                            Some(code) => Some(End::Close(code, format!("bad frame: {e}"))),
-                            None => Some(End::Gone),
-                        },
-                        // Handlers are boxed: they last a moment, and inline they
-                        // would size every idle connection's task for their
-                        // largest state.
-                        Some(Ok(Incoming::Text(text))) => Box::pin(self.on_text(&text)).await,
-                        Some(Ok(Incoming::Binary(_))) => {
-                            let why = "binary frames are not supported; send JSON text";
-                            Box::pin(self.bad_frame(None, "invalid_frame", why)).await
-                        }
-                        // The closing handshake: answer with the client's code.
-                        Some(Ok(Incoming::Close(code))) => Some(End::Reply(code.unwrap_or(1000))),
-                        Some(Ok(Incoming::Ping(payload))) => {
-                            self.socket.feed_pong(&payload);
-                            Box::pin(self.socket.flush()).await.err().map(|_| End::Gone)
-                        }
-                        Some(Ok(Incoming::Pong)) => None,
-                    };
-                    if let Some(end) = end {
-                        return end;
-                    }
+                    Event::Frame(frame)
                 }
-                d = self.sub.next() => {
-                    let Ok(d) = d else { return End::Close(1011, "store unavailable; reconnect and resume".into()) };
-                    if Box::pin(self.deliver(d)).await.is_err() {
-                        return End::Gone;
-                    }
-                }
+                d = self.sub.next() => match d {
+                    Ok(d) => Event::Delivery(d),
+                    Err(_) => return End::Close(1011, "store unavailable; reconnect and resume".into()),
+                },
                 _ = ping.tick() => {
                     if last_heard.elapsed() > every * 2 {
                         return End::Close(1001, "no answer to pings".into());
                     }
-                    self.socket.feed_ping();
-                    if Box::pin(self.socket.flush()).await.is_err() {
-                        return End::Gone;
-                    }
+                    Event::Ping
                 }
+            };
+            if let Some(end) = Box::pin(self.on_event(event)).await {
+                return end;
+            }
+        }
+    }
+
+    /// Handles what the wait in `run` returned; `Some` ends the connection.
+    async fn on_event(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Frame(None) => Some(End::Gone),
+            Event::Frame(Some(Err(e))) => match e.close_code() {
+                Some(code) => Some(End::Close(code, format!("bad frame: {e}"))),
+                None => Some(End::Gone),
+            },
+            Event::Frame(Some(Ok(Incoming::Text(text)))) => self.on_text(&text).await,
+            Event::Frame(Some(Ok(Incoming::Binary(_)))) => {
+                let why = "binary frames are not supported; send JSON text";
+                self.bad_frame(None, "invalid_frame", why).await
+            }
+            // The closing handshake: answer with the client's code.
+            Event::Frame(Some(Ok(Incoming::Close(code)))) => Some(End::Reply(code.unwrap_or(1000))),
+            Event::Frame(Some(Ok(Incoming::Ping(payload)))) => {
+                self.socket.feed_pong(&payload);
+                self.socket.flush().await.err().map(|_| End::Gone)
+            }
+            Event::Frame(Some(Ok(Incoming::Pong))) => None,
+            Event::Delivery(d) => self.deliver(d).await.err().map(|_| End::Gone),
+            Event::Ping => {
+                self.socket.feed_ping();
+                self.socket.flush().await.err().map(|_| End::Gone)
             }
         }
     }

@@ -11,6 +11,7 @@
 
 mod heads;
 mod memory;
+mod readers;
 mod sqlite;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};

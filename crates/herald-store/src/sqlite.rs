@@ -4,8 +4,8 @@
 //! queue (up to `max_batch` messages), writes them in one transaction, commits,
 //! hands them to the sink, and only then answers the publishers: group commit, so
 //! throughput grows with concurrency while each publish is still acknowledged
-//! only once durable. Reads use a small pool of separate connections, which WAL
-//! lets run alongside the writer.
+//! only once durable. Reads run on a few reader threads with connections of
+//! their own (`readers`), which WAL lets run alongside the writer.
 
 use std::{
     collections::HashMap,
@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError,
-    heads::HeadCache, monotonic,
+    heads::HeadCache, monotonic, readers::Readers,
 };
 
 /// How hard a commit insists on reaching the disk.
@@ -61,17 +61,20 @@ struct Append {
 }
 
 pub struct SqliteStore {
-    path: PathBuf,
     config: StoreConfig,
     jobs: Mutex<Option<mpsc::Sender<Append>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    readers: Arc<Mutex<Vec<Connection>>>,
+    readers: Readers,
     /// Inbox writes (membership, read state) are small and rare next to
     /// messages; they use their own connection, and SQLite serialises them
     /// with the message writer.
     inbox_writer: Arc<Mutex<Connection>>,
     cached_heads: Arc<HeadCache>,
 }
+
+/// Reader threads, each with its own connection (see `readers`). Two cores
+/// measured; a read is mostly CPU, so more would only queue for the cores.
+const READERS: usize = 4;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -131,6 +134,10 @@ fn open(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    open(path, SyncMode::Normal)
+}
+
 /// Data directories from before MQTT properties were stored lack the
 /// `meta` column; their messages read back with none, as they did then.
 fn add_meta_column(conn: &Connection) -> rusqlite::Result<()> {
@@ -169,12 +176,12 @@ impl SqliteStore {
             .name("herald-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(backend)?;
+        let readers = Readers::start(READERS, path, open_reader)?;
         Ok(SqliteStore {
-            path,
             config,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
-            readers: Arc::new(Mutex::new(Vec::new())),
+            readers,
             inbox_writer,
             cached_heads,
         })
@@ -202,25 +209,12 @@ impl SqliteStore {
         .map_err(backend)
     }
 
-    /// Runs `f` on a pooled read connection on the blocking pool.
+    /// Runs `f` on a reader thread's connection.
     async fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let pool = self.readers.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let pooled = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let conn = match pooled {
-                Some(c) => c,
-                None => open(&path, SyncMode::Normal).map_err(backend)?,
-            };
-            let out = f(&conn).map_err(backend);
-            pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
-            out
-        })
-        .await
-        .map_err(backend)?
+        self.readers.run(f).await
     }
 }
 
@@ -317,6 +311,7 @@ impl Store for SqliteStore {
             if let Some(h) = handle {
                 let _ = tokio::task::spawn_blocking(move || h.join()).await;
             }
+            self.readers.close().await;
         })
     }
 }

@@ -66,29 +66,47 @@ enum End {
     TokenExpired,
 }
 
-pub(crate) async fn serve<S>(state: SharedState, stream: S)
+/// A block, not an `async fn`, with the handshake's future made before it:
+/// an async fn's arguments keep their room in its future after moving on,
+/// and this future is every MQTT connection's task.
+#[allow(clippy::manual_async_fn)] // the block is the point
+pub(crate) fn serve<S>(state: SharedState, stream: S) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _connection = state.stats.connect(Transport::Mqtt);
+    let connection = state.stats.connect(Transport::Mqtt);
     // Boxed, as are `handle` and `finish`: big futures that live only for a
     // moment would otherwise size the task every idle connection keeps
     // (the handshake's CONNECT and refusal were laid out beside the
     // connection for its whole life: 1.9 KB a task, -Zprint-type-sizes).
-    let Some((mut conn, mut framer)) = Box::pin(handshake(state, stream)).await else { return };
-    let end = conn.run(&mut framer).await;
-    let closing = matches!(end, End::Close(_) | End::TokenExpired);
-    Box::pin(conn.finish(end)).await;
-    if closing {
-        // Keep reading (and dropping) until the client closes: closing a socket
-        // with unread data resets it, and the client would lose the DISCONNECT
-        // telling it why.
-        let mut rd = framer.into_inner();
-        let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::copy(&mut rd, &mut tokio::io::sink())).await;
+    let handshake = Box::pin(handshake(state, stream));
+    async move {
+        let Some((mut conn, mut framer)) = handshake.await else { return };
+        let end = conn.run(&mut framer).await;
+        let closing = matches!(end, End::Close(_) | End::TokenExpired);
+        Box::pin(conn.finish(end)).await;
+        if closing {
+            // Keep reading (and dropping) until the client closes: closing a socket
+            // with unread data resets it, and the client would lose the DISCONNECT
+            // telling it why.
+            let mut rd = framer.into_inner();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), tokio::io::copy(&mut rd, &mut tokio::io::sink())).await;
+        }
+        // Counted as connected until here (or until an early return drops it
+        // with this future).
+        drop(connection);
     }
 }
 
 type Halves<S> = (Connection<WriteHalf<S>>, Framer<ReadHalf<S>>);
+
+/// What woke a connection's packet loop.
+enum Event {
+    Kick(Kick),
+    Packet(Result<Bytes, ReadError>),
+    Delivery(Delivery),
+}
 
 /// A connection's MQTT 5 topic aliases.
 #[derive(Default)]
@@ -394,88 +412,114 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// The connection's life after CONNECT. The loop's wait is what every idle
     /// connection holds, so each handler runs boxed (they last a moment, and
     /// inline they would size the task for their largest state: measured
-    /// 2.3 KB a task before) and the keep-alive timer is allocated once.
-    async fn run<R: AsyncRead + Unpin>(&mut self, framer: &mut Framer<R>) -> End {
-        let shutdown = self.state.shutdown.clone();
-        let mut last_heard = Instant::now();
-        let mut keep_alive = (!self.keep_alive.is_zero())
-            .then(|| Box::pin(tokio::time::sleep_until(last_heard + self.keep_alive * 3 / 2)));
-        // Only a connection whose token expires holds this timer.
-        let mut expiry = self
-            .session()
-            .principal
-            .expires_at()
-            .map(|at| Box::pin(tokio::time::sleep_until(crate::stream::instant_of(at))));
-        loop {
-            if self.has_sendable() {
-                self.drain_queue();
-            }
-            if let Some(timer) = keep_alive.as_mut() {
-                let deadline = last_heard + self.keep_alive * 3 / 2;
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
+    /// 2.3 KB a task before) and the keep-alive timer is allocated once. For
+    /// the same reason it is a block, not an `async fn`: an async fn keeps a
+    /// second copy of its arguments.
+    #[allow(clippy::manual_async_fn)] // the block is the point
+    fn run<'a, R: AsyncRead + Unpin>(&'a mut self, framer: &'a mut Framer<R>) -> impl Future<Output = End> + 'a {
+        async move {
+            let shutdown = self.state.shutdown.clone();
+            let mut last_heard = Instant::now();
+            let mut keep_alive = (!self.keep_alive.is_zero())
+                .then(|| Box::pin(tokio::time::sleep_until(last_heard + self.keep_alive * 3 / 2)));
+            // Only a connection whose token expires holds this timer.
+            let mut expiry = self
+                .session()
+                .principal
+                .expires_at()
+                .map(|at| Box::pin(tokio::time::sleep_until(crate::stream::instant_of(at))));
+            loop {
+                if self.has_sendable() {
+                    self.drain_queue();
                 }
-            }
-            if self.wr.has_pending() {
-                // A client that stops reading blocks this write: a takeover,
-                // shutdown, its keep-alive or its token's expiry must still
-                // get through (the session goes on without this socket).
-                let flushed = tokio::select! {
+                if let Some(timer) = keep_alive.as_mut() {
+                    let deadline = last_heard + self.keep_alive * 3 / 2;
+                    if timer.deadline() != deadline {
+                        timer.as_mut().reset(deadline);
+                    }
+                }
+                if self.wr.has_pending() {
+                    // A client that stops reading blocks this write: a takeover,
+                    // shutdown, its keep-alive or its token's expiry must still
+                    // get through (the session goes on without this socket).
+                    let flushed = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
+                        kick = &mut self.kick, if !self.kicked => {
+                            self.kicked = true;
+                            match kick {
+                                Ok(kick) => return Box::pin(self.taken_over(kick)).await,
+                                Err(_) => continue,
+                            }
+                        }
+                        _ = crate::stream::fired(&mut keep_alive) => return End::Close(DisconnectReasonCode::KeepAliveTimeout),
+                        _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
+                        r = Box::pin(self.wr.flush()) => r,
+                    };
+                    if flushed.is_err() {
+                        return End::Lost;
+                    }
+                    if self.has_sendable() {
+                        // The drain stopped at the outbox's high-water mark: go on.
+                        continue;
+                    }
+                }
+                let open = {
+                    let s = self.session.as_ref().expect("session");
+                    s.inflight.len() < self.window && s.queue.is_empty()
+                };
+                let session = self.session.as_mut().expect("session");
+                // The wait only names what happened; one boxed call handles it, so
+                // an idle connection's task is sized for the wait alone (a packet
+                // or a delivery kept beside each handler's state was 72 bytes of
+                // every task, -Zprint-type-sizes).
+                let event = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
                     kick = &mut self.kick, if !self.kicked => {
                         self.kicked = true;
                         match kick {
-                            Ok(kick) => return Box::pin(self.taken_over(kick)).await,
+                            Ok(kick) => Event::Kick(kick),
                             Err(_) => continue,
                         }
                     }
-                    _ = crate::stream::fired(&mut keep_alive) => return End::Close(DisconnectReasonCode::KeepAliveTimeout),
+                    r = framer.next() => {
+                        last_heard = Instant::now();
+                        Event::Packet(r)
+                    }
+                    _ = crate::stream::fired(&mut keep_alive) => {
+                        return End::Close(DisconnectReasonCode::KeepAliveTimeout);
+                    }
                     _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
-                    r = Box::pin(self.wr.flush()) => r,
+                    d = session.herald.next(), if open => match d {
+                        Ok(d) => Event::Delivery(d),
+                        Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),
+                    },
+                    r = session.routed.recv(), if open => {
+                        if let Some(r) = r {
+                            let s = self.session();
+                            if let Some(o) = s.routed_outgoing(&r, now_ms()) {
+                                s.queue.push_back(o);
+                            }
+                        }
+                        continue;
+                    }
                 };
-                if flushed.is_err() {
-                    return End::Lost;
-                }
-                if self.has_sendable() {
-                    // The drain stopped at the outbox's high-water mark: go on.
-                    continue;
+                if let Some(end) = Box::pin(self.on_event(event)).await {
+                    return end;
                 }
             }
-            let open = {
-                let s = self.session.as_ref().expect("session");
-                s.inflight.len() < self.window && s.queue.is_empty()
-            };
-            let session = self.session.as_mut().expect("session");
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return End::Close(DisconnectReasonCode::ServerShuttingDown),
-                kick = &mut self.kick, if !self.kicked => {
-                    self.kicked = true;
-                    if let Ok(kick) = kick {
-                        return Box::pin(self.taken_over(kick)).await;
-                    }
-                }
-                r = framer.next() => {
-                    last_heard = Instant::now();
-                    if let Some(end) = Box::pin(self.on_frame(r)).await {
-                        return end;
-                    }
-                }
-                _ = crate::stream::fired(&mut keep_alive) => {
-                    return End::Close(DisconnectReasonCode::KeepAliveTimeout);
-                }
-                _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
-                d = session.herald.next(), if open => match d {
-                    Ok(d) => Box::pin(self.on_delivery(d)).await,
-                    Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),
-                },
-                r = session.routed.recv(), if open => if let Some(r) = r {
-                    let s = self.session();
-                    if let Some(o) = s.routed_outgoing(&r, now_ms()) {
-                        s.queue.push_back(o);
-                    }
-                },
+        }
+    }
+
+    /// Handles what the wait in `run` returned; `Some` ends the connection.
+    async fn on_event(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Kick(kick) => Some(self.taken_over(kick).await),
+            Event::Packet(r) => self.on_frame(r).await,
+            Event::Delivery(d) => {
+                self.on_delivery(d).await;
+                None
             }
         }
     }
