@@ -261,14 +261,17 @@ impl Broker {
         // A client that comes back before its will's delay ran out cancels
         // the will, unless it starts clean: its old session ends now, and
         // the will goes with it (MQTT 5, 3.1.3.2.2).
-        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
-        if clean_start && let Some(w) = wills.get(client_id) {
-            w.now.notify_one();
-        } else {
-            wills.remove(client_id);
-        }
-        drop(wills);
+        // Slots, then wills, as in `release`: a will registered as its
+        // session parks is seen here whole, or not yet parked at all.
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+            if clean_start && let Some(w) = wills.get(client_id) {
+                w.now.notify_one();
+            } else {
+                wills.remove(client_id);
+            }
+        }
         let slot = slots.entry(client_id.to_owned()).or_default();
         let previous = slot.live.replace(Live { conn, kick });
         match (slot.parked.take(), previous) {
@@ -281,12 +284,18 @@ impl Broker {
     /// The connection `conn` ends; its session is parked (`Some`) or dropped.
     /// When another connection claimed the id meanwhile, the session comes
     /// back: that connection waits for it (a kick is on its way).
+    ///
+    /// `will`: the token of a will that waits out a delay, registered in the
+    /// same step (what is returned fires when it must go at once), so a
+    /// client that reconnects at once either finds it and cancels it, or
+    /// claims before this release, which then fails.
     pub(crate) fn release(
         &self,
         client_id: &str,
         conn: u64,
         session: Option<Box<Session>>,
-    ) -> Result<(), Option<Box<Session>>> {
+        will: Option<u64>,
+    ) -> Result<Option<Arc<tokio::sync::Notify>>, Option<Box<Session>>> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let Some(slot) = slots.get_mut(client_id) else { return Err(session) };
         if slot.live.as_ref().is_some_and(|l| l.conn == conn) {
@@ -296,7 +305,7 @@ impl Broker {
             if slot.parked.is_none() {
                 slots.remove(client_id);
             }
-            Ok(())
+            Ok(will.map(|token| self.schedule_will(client_id, token)))
         } else {
             Err(session)
         }
@@ -490,5 +499,51 @@ impl Broker {
     pub(crate) fn retained_matching(&self, filter: &str) -> Vec<Routed> {
         let retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         retained.values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_core::hub::Hub;
+    use herald_store::{MemoryStore, StoreConfig};
+
+    use super::*;
+
+    fn broker() -> Broker {
+        let config = StoreConfig { retention: Default::default(), clock: Arc::new(|| 0), sink: Hub::new(8) };
+        Broker::new(Arc::new(MemoryStore::new(config)))
+    }
+
+    fn claim(b: &Broker, conn: u64, clean_start: bool) -> Claim {
+        b.claim("c", conn, oneshot::channel().0, clean_start)
+    }
+
+    #[test]
+    fn a_client_back_after_its_connection_parked_cancels_the_delayed_will() {
+        let b = broker();
+        claim(&b, 1, false);
+        let registered = b.release("c", 1, None, Some(7));
+        assert!(matches!(registered, Ok(Some(_))), "the will is registered as the connection lets go");
+        claim(&b, 2, false);
+        assert!(!b.take_will("c", 7), "the reconnect cancelled it");
+    }
+
+    #[test]
+    fn a_client_back_before_its_connection_parked_leaves_no_will_behind() {
+        let b = broker();
+        claim(&b, 1, false);
+        claim(&b, 2, false);
+        assert!(b.release("c", 1, None, Some(7)).is_err(), "the id is the newcomer's");
+        assert!(!b.take_will("c", 7), "nothing was registered");
+    }
+
+    #[tokio::test]
+    async fn a_clean_start_sends_the_delayed_will_at_once() {
+        let b = broker();
+        claim(&b, 1, false);
+        let Ok(Some(now)) = b.release("c", 1, None, Some(7)) else { panic!("its own id: released") };
+        claim(&b, 2, true);
+        now.notified().await;
+        assert!(b.take_will("c", 7), "still due: it goes now");
     }
 }

@@ -216,7 +216,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // the session when there is one to keep).
         macro_rules! unavailable {
             ($parked:expr) => {{
-                let _ = broker.release(&client_id, conn_id, $parked);
+                let _ = broker.release(&client_id, conn_id, $parked, None);
                 refuse!(ConnectReasonCode::ServerUnavailable);
             }};
         }
@@ -549,7 +549,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let goes_on = !kick.clean_start && session.expiry > 0;
         let delayed = self.will.as_ref().is_some_and(|w| w.properties.delay_interval.unwrap_or(0) > 0);
         if !(goes_on && delayed) {
-            self.publish_will(session.principal.clone(), session.id, 0);
+            self.publish_will(session.principal.clone(), session.id, 0, None);
         }
         if let Err(Some(session)) = kick.reply.send(Some(session)) {
             // The newcomer gave up waiting: the session ends here.
@@ -1046,10 +1046,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // The will waits for its delay, or the session's end if sooner.
         let (principal, origin, stored) = (session.principal.clone(), session.id, session.stored);
         let delay = self.will.as_ref().map_or(0, |w| w.properties.delay_interval.unwrap_or(0)).min(expiry);
-        match broker.release(&self.client_id, self.conn_id, (expiry > 0).then(|| Box::new(session))) {
-            Ok(()) => {
+        // A delayed will is registered as the session parks (see `release`).
+        let delayed_will = (will_due && delay > 0 && self.will.is_some()).then(|| broker.next_id());
+        match broker.release(&self.client_id, self.conn_id, (expiry > 0).then(|| Box::new(session)), delayed_will) {
+            Ok(registered) => {
                 if will_due {
-                    self.publish_will(principal, origin, delay);
+                    self.publish_will(principal, origin, delay, registered.zip(delayed_will));
                 }
                 if expiry > 0 {
                     let client_id = self.client_id.clone();
@@ -1081,13 +1083,13 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         let ended = session.is_none();
                         let _ = kick.reply.send(session.map(|s| *s));
                         if will_due {
-                            self.publish_will(principal, origin, 0);
+                            self.publish_will(principal, origin, 0, None);
                         }
                         if ended && stored {
                             let _ = broker.forget_session(&self.client_id).await;
                         }
                     }
-                    (None, _) if will_due => self.publish_will(principal, origin, delay),
+                    (None, _) if will_due => self.publish_will(principal, origin, delay, None),
                     (None, _) => {}
                 }
             }
@@ -1096,36 +1098,50 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
 
     /// Publishes this connection's will, if it has one, after `delay`
     /// seconds, unless the client connects again first (its claim cancels it).
-    fn publish_will(&mut self, principal: Arc<Principal>, origin: u64, delay: u32) {
+    /// `registered`: the pending will `release` registered with the parking,
+    /// and its token; otherwise a delayed will is registered here. A will
+    /// without a delay goes at once, whoever connects meanwhile.
+    fn publish_will(
+        &mut self,
+        principal: Arc<Principal>,
+        origin: u64,
+        delay: u32,
+        registered: Option<(Arc<tokio::sync::Notify>, u64)>,
+    ) {
         let Some(will) = self.will.take() else { return };
         let state = self.state.clone();
-        let token = state.mqtt.next_id();
-        let now = state.mqtt.schedule_will(&self.client_id, token);
         let client_id = self.client_id.clone();
+        let pending = registered.or_else(|| {
+            (delay > 0).then(|| {
+                let token = state.mqtt.next_id();
+                (state.mqtt.schedule_will(&client_id, token), token)
+            })
+        });
         tokio::spawn(async move {
-            if delay > 0 {
+            if let Some((now, token)) = pending {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {}
                     _ = now.notified() => {}
                 }
+                if !state.mqtt.take_will(&client_id, token) {
+                    return;
+                }
             }
-            if state.mqtt.take_will(&client_id, token) {
-                let wp = &will.properties;
-                let meta = meta(
-                    will.qos,
-                    will.retain,
-                    origin,
-                    Props {
-                        user: &wp.user_properties,
-                        content_type: wp.content_type.as_deref(),
-                        response_topic: wp.response_topic.as_deref(),
-                        correlation: wp.correlation_data.as_ref(),
-                        utf8: wp.payload_is_utf8,
-                        expiry: wp.message_expiry_interval,
-                    },
-                );
-                let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
-            }
+            let wp = &will.properties;
+            let meta = meta(
+                will.qos,
+                will.retain,
+                origin,
+                Props {
+                    user: &wp.user_properties,
+                    content_type: wp.content_type.as_deref(),
+                    response_topic: wp.response_topic.as_deref(),
+                    correlation: wp.correlation_data.as_ref(),
+                    utf8: wp.payload_is_utf8,
+                    expiry: wp.message_expiry_interval,
+                },
+            );
+            let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
         });
     }
 }
