@@ -115,6 +115,9 @@ pub struct Broker {
     started_ms: i64,
     slots: Mutex<HashMap<String, Slot>>,
     retained: Mutex<BTreeMap<Arc<str>, Routed>>,
+    /// Topics with a retained write under way, each with its turn: one write
+    /// per topic at a time, so memory and the store end on the same message.
+    retaining: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     routes: RwLock<Vec<Route>>,
     /// Client ids with a will waiting out its delay, and the disconnect it belongs to.
     wills: Mutex<HashMap<String, PendingWill>>,
@@ -153,6 +156,7 @@ impl Broker {
             started_ms: herald_store::now_ms(),
             slots: Mutex::default(),
             retained: Mutex::default(),
+            retaining: Mutex::default(),
             routes: RwLock::default(),
             wills: Mutex::default(),
             shared: Mutex::default(),
@@ -484,16 +488,32 @@ impl Broker {
 
     /// Sets (or, with an empty payload, clears) the retained message of a
     /// topic, in the store first: it resolves once the change is durable.
+    /// Writes to one topic take turns: two at once could otherwise reach the
+    /// store in one order and memory in the other.
     pub(crate) async fn retain(&self, msg: &Routed) -> Result<(), StoreError> {
-        let record = (!msg.payload.is_empty()).then(|| persist::encode_retained(msg));
-        self.store.put(BrokerTable::Retained, msg.topic.to_string(), record).await?;
-        let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
-        if msg.payload.is_empty() {
-            retained.remove(&msg.topic);
-        } else {
-            retained.insert(msg.topic.clone(), msg.clone());
+        let turn =
+            self.retaining.lock().unwrap_or_else(|e| e.into_inner()).entry(msg.topic.clone()).or_default().clone();
+        let written = {
+            let _turn = turn.lock().await;
+            let record = (!msg.payload.is_empty()).then(|| persist::encode_retained(msg));
+            let written = self.store.put(BrokerTable::Retained, msg.topic.to_string(), record).await;
+            if written.is_ok() {
+                let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+                if msg.payload.is_empty() {
+                    retained.remove(&msg.topic);
+                } else {
+                    retained.insert(msg.topic.clone(), msg.clone());
+                }
+            }
+            written
+        };
+        // The last one out forgets the topic's turn (a write given up half-way
+        // leaves it for the next write to the topic to forget).
+        let mut retaining = self.retaining.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&turn) == 2 {
+            retaining.remove(&msg.topic);
         }
-        Ok(())
+        written
     }
 
     pub(crate) fn retained_matching(&self, filter: &str) -> Vec<Routed> {
@@ -505,7 +525,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use herald_core::hub::Hub;
-    use herald_store::{MemoryStore, StoreConfig};
+    use herald_store::{MemoryStore, SqliteOptions, SqliteStore, StoreConfig};
 
     use super::*;
 
@@ -545,5 +565,33 @@ mod tests {
         claim(&b, 2, true);
         now.notified().await;
         assert!(b.take_will("c", 7), "still due: it goes now");
+    }
+
+    /// Retained publishes to one topic at the same moment: whichever ends
+    /// last is the retained message, in memory and in the store alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_retained_publishes_leave_memory_and_store_agreeing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { retention: Default::default(), clock: Arc::new(|| 0), sink: Hub::new(8) };
+        let b = Arc::new(Broker::new(Arc::new(SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap())));
+        for round in 0..20 {
+            let writers: Vec<_> = (0..16)
+                .map(|i| {
+                    let b = b.clone();
+                    tokio::spawn(async move {
+                        let payload = Bytes::from(format!("{round}-{i}"));
+                        let msg = Routed { topic: "t".into(), payload, meta: Default::default(), shared: None };
+                        b.retain(&msg).await.unwrap();
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.unwrap();
+            }
+            let in_memory = b.retained_matching("t").pop().unwrap().payload;
+            let stored = b.store.load(BrokerTable::Retained).await.unwrap();
+            let stored = persist::decode_retained(&stored[0].0, &stored[0].1).unwrap().payload;
+            assert_eq!(in_memory, stored, "round {round}");
+        }
     }
 }
