@@ -144,17 +144,19 @@ async fn channel_get(
     let Path(path) = path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
     let (channel, resource) = path.rsplit_once('/').ok_or_else(ApiError::not_found)?;
     let query = Query::parse(raw.as_deref());
+    // Parsed: the raw string is not kept while a long poll or stream waits.
+    drop(raw);
     if !matches!(resource, "messages" | "events" | "iframe") {
         return Err(ApiError::not_found());
     }
     let channel = Channel::parse(channel)?;
     let principal = state.auth.authenticate(&headers, &query)?;
     // Each branch boxed: this future is what a long poll holds while it waits,
-    // and inline it would be as big as the biggest branch. The headers are
-    // freed before a long poll starts waiting.
+    // and inline it would be as big as the biggest branch. The headers, the
+    // path and the query are freed before a long poll starts waiting.
     match resource {
         "messages" => {
-            drop(headers);
+            drop((headers, path));
             let params = poll::Params::parse(&query, &state)?;
             drop(query);
             Box::pin(poll::messages(state, principal, channel, params, &mut Default::default())).await

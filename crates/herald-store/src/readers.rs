@@ -11,6 +11,7 @@
 //! threads, the connections and their memory.
 
 use std::{
+    panic::AssertUnwindSafe,
     path::PathBuf,
     sync::{Arc, Mutex, mpsc},
     thread::JoinHandle,
@@ -64,7 +65,9 @@ impl Readers {
             let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             jobs.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)?;
         }
-        answer.await.map_err(|_| StoreError::Closed)?
+        // Queued, so it runs even if the store closes now: an answer that
+        // never comes means the read itself failed (it panicked).
+        answer.await.map_err(|_| StoreError::Backend("the read failed".into()))?
     }
 
     /// Lets the readers finish the jobs already queued, then waits for them
@@ -104,6 +107,38 @@ fn serve(
                 }
             }
         }
-        job(Ok(conn.as_ref().expect("opened above")));
+        // A read that panics fails alone (its caller is told), and the
+        // thread goes on with a fresh connection, as the blocking pool's
+        // threads did.
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| job(Ok(conn.as_ref().expect("opened above")))));
+        if ran.is_err() {
+            tracing::error!("a store read panicked; its reader goes on with a new connection");
+            conn = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_memory(_: &std::path::Path) -> rusqlite::Result<Connection> {
+        Connection::open_in_memory()
+    }
+
+    #[tokio::test]
+    async fn a_read_that_panics_fails_alone_and_its_reader_goes_on() {
+        let readers = Readers::start(2, PathBuf::new(), in_memory).unwrap();
+        for _ in 0..4 {
+            let failed = readers.run(|_| -> rusqlite::Result<()> { panic!("a bug in a read") }).await;
+            assert!(matches!(failed, Err(StoreError::Backend(_))), "{failed:?}");
+        }
+        // Both threads panicked twice and still serve.
+        for _ in 0..4 {
+            let n: i64 = readers.run(|c| c.query_row("SELECT 41 + 1", [], |r| r.get(0))).await.unwrap();
+            assert_eq!(n, 42);
+        }
+        readers.close().await;
+        assert!(matches!(readers.run(|_| Ok(())).await, Err(StoreError::Closed)), "closed: refused");
     }
 }

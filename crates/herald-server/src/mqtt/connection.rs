@@ -1119,11 +1119,13 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         });
         tokio::spawn(async move {
             if let Some((now, token)) = pending {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {}
-                    _ = now.notified() => {}
-                }
-                if !state.mqtt.take_will(&client_id, token) {
+                // Told to go at once (a clean start ended the session), or
+                // still pending when the delay ran out (nobody came back).
+                let told = tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => false,
+                    _ = now.notified() => true,
+                };
+                if !told && !state.mqtt.take_will(&client_id, token) {
                     return;
                 }
             }
