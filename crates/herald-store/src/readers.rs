@@ -12,7 +12,7 @@
 
 use std::{
     panic::AssertUnwindSafe,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, mpsc},
     thread::JoinHandle,
 };
@@ -36,7 +36,7 @@ impl Readers {
     pub(crate) fn start(
         count: usize,
         path: PathBuf,
-        open: fn(&std::path::Path) -> rusqlite::Result<Connection>,
+        open: fn(&Path) -> rusqlite::Result<Connection>,
     ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -85,11 +85,7 @@ impl Readers {
 }
 
 /// One reader thread: jobs until the queue closes.
-fn serve(
-    jobs: &Mutex<mpsc::Receiver<Job>>,
-    path: &std::path::Path,
-    open: fn(&std::path::Path) -> rusqlite::Result<Connection>,
-) {
+fn serve(jobs: &Mutex<mpsc::Receiver<Job>>, path: &Path, open: fn(&Path) -> rusqlite::Result<Connection>) {
     let mut conn: Option<Connection> = None;
     loop {
         // The lock is held only while waiting for a job, not while running it.
@@ -122,7 +118,7 @@ fn serve(
 mod tests {
     use super::*;
 
-    fn in_memory(_: &std::path::Path) -> rusqlite::Result<Connection> {
+    fn in_memory(_: &Path) -> rusqlite::Result<Connection> {
         Connection::open_in_memory()
     }
 

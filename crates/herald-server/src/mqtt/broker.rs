@@ -98,6 +98,10 @@ struct Slot {
     live: Option<Live>,
 }
 
+/// A delayed will as registered: what fires when it must go at once, and its
+/// token (to ask, when the delay is over, whether it is still due).
+pub(crate) type RegisteredWill = (Arc<tokio::sync::Notify>, u64);
+
 /// A will waiting out its delay: the disconnect it belongs to, and how to
 /// tell its task to publish at once (the session ended early).
 struct PendingWill {
@@ -264,14 +268,12 @@ impl Broker {
     pub(crate) fn claim(&self, client_id: &str, conn: u64, kick: oneshot::Sender<Kick>, clean_start: bool) -> Claim {
         // A client that comes back before its will's delay ran out cancels
         // the will, unless it starts clean: its old session ends now, and
-        // the will goes with it (MQTT 5, 3.1.3.2.2).
+        // the will goes at once (MQTT 5, 3.1.3.2.2; its task publishes when
+        // told, without asking again). Either way it is no longer pending.
         // Slots, then wills, as in `release`: a will registered as its
         // session parks is seen here whole, or not yet parked at all.
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         {
-            // Either way the will is no longer pending: a clean start sends
-            // it now (its task publishes when told, without asking again),
-            // anything else cancels it.
             let pending = self.wills.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
             if clean_start && let Some(w) = pending {
                 w.now.notify_one();
@@ -291,7 +293,7 @@ impl Broker {
     /// back: that connection waits for it (a kick is on its way).
     ///
     /// `will`: the token of a will that waits out a delay, registered in the
-    /// same step (what is returned fires when it must go at once), so a
+    /// same step and returned with what fires when it must go at once, so a
     /// client that reconnects at once either finds it and cancels it, or
     /// claims before this release, which then fails.
     pub(crate) fn release(
@@ -300,7 +302,7 @@ impl Broker {
         conn: u64,
         session: Option<Box<Session>>,
         will: Option<u64>,
-    ) -> Result<Option<Arc<tokio::sync::Notify>>, Option<Box<Session>>> {
+    ) -> Result<Option<RegisteredWill>, Option<Box<Session>>> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let Some(slot) = slots.get_mut(client_id) else { return Err(session) };
         if slot.live.as_ref().is_some_and(|l| l.conn == conn) {
@@ -310,7 +312,7 @@ impl Broker {
             if slot.parked.is_none() {
                 slots.remove(client_id);
             }
-            Ok(will.map(|token| self.schedule_will(client_id, token)))
+            Ok(will.map(|token| (self.schedule_will(client_id, token), token)))
         } else {
             Err(session)
         }
@@ -568,7 +570,7 @@ mod tests {
     async fn a_clean_start_sends_the_delayed_will_at_once() {
         let b = broker();
         claim(&b, 1, false);
-        let Ok(Some(now)) = b.release("c", 1, None, Some(7)) else { panic!("its own id: released") };
+        let Ok(Some((now, 7))) = b.release("c", 1, None, Some(7)) else { panic!("its own id: released") };
         claim(&b, 2, true);
         now.notified().await;
         // No longer pending: nothing the newcomer does next (ending with a

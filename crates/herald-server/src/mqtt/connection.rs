@@ -23,7 +23,7 @@ use tokio::{
 };
 
 use super::{
-    broker::{Claim, Kick, Routed},
+    broker::{Claim, Kick, RegisteredWill, Routed},
     codec::{self, Framer, ReadError, Version},
     outbox::Outbox,
     persist::StoredSession,
@@ -1051,7 +1051,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         match broker.release(&self.client_id, self.conn_id, (expiry > 0).then(|| Box::new(session)), delayed_will) {
             Ok(registered) => {
                 if will_due {
-                    self.publish_will(principal, origin, delay, registered.zip(delayed_will));
+                    self.publish_will(principal, origin, delay, registered);
                 }
                 if expiry > 0 {
                     let client_id = self.client_id.clone();
@@ -1101,13 +1101,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     /// `registered`: the pending will `release` registered with the parking,
     /// and its token; otherwise a delayed will is registered here. A will
     /// without a delay goes at once, whoever connects meanwhile.
-    fn publish_will(
-        &mut self,
-        principal: Arc<Principal>,
-        origin: u64,
-        delay: u32,
-        registered: Option<(Arc<tokio::sync::Notify>, u64)>,
-    ) {
+    fn publish_will(&mut self, principal: Arc<Principal>, origin: u64, delay: u32, registered: Option<RegisteredWill>) {
         let Some(will) = self.will.take() else { return };
         let state = self.state.clone();
         let client_id = self.client_id.clone();
