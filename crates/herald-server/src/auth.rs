@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{AuthConfig, ConfigError},
-    error::ApiError,
-    query::Query,
+    edge::error::ApiError,
+    edge::query::Query,
 };
 
 pub struct Auth {

@@ -1,31 +1,29 @@
 //! Herald's server: configuration, the HTTP application and one module per
 //! transport. Each transport is a thin adapter over [`subscription`]: it parses
 //! its request, opens a subscription and encodes what comes out.
+//!
+//! The folders are the architecture:
+//! - `edge/`: plumbing every transport uses: the front door, WebSocket framing,
+//!   streamed bodies, write coalescing, query strings and the one conversion of
+//!   errors into answers;
+//! - `transport/`: poll, SSE, iframe, Herald's WebSocket protocol, MQTT;
+//! - `api/`: the HTTP APIs that are not subscriptions: publish, inboxes,
+//!   health, stats, the demo pages;
+//! - at the top: the shared state, the route table, auth, subscriptions,
+//!   live inboxes, configuration and the server's start and stop.
 
-pub mod app;
+pub mod api;
 pub mod auth;
-mod coalesce;
 pub mod config;
-mod cursors;
-pub mod error;
-mod front;
-mod health;
-mod iframe;
+pub mod edge;
 pub mod inbox;
-mod inbox_api;
-pub mod mqtt;
-mod pages;
-mod poll;
-mod publish;
-mod query;
+pub mod routes;
 pub mod server;
-mod sse;
-pub mod stats;
-mod stream;
+pub mod state;
 pub mod subscription;
-mod websocket;
-mod ws;
+pub mod transport;
 
-pub use app::{AppState, app};
 pub use config::{Config, Overrides};
+pub use routes::app;
 pub use server::{Server, ServerError};
+pub use state::AppState;

@@ -15,10 +15,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::AppState,
     auth::Auth,
     config::{Config, ConfigError, SyncSetting},
     inbox::Inbox,
+    state::AppState,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,7 @@ impl Server {
                 let s = Arc::new(SqliteStore::open(options, store_config)?);
                 (s.clone(), s.clone(), s)
             };
-        let mqtt = Arc::new(crate::mqtt::Broker::new(broker_store));
+        let mqtt = Arc::new(crate::transport::mqtt::Broker::new(broker_store));
         mqtt.restore().await?;
         let auth = Auth::from_config(&config.auth)?;
         if auth.is_open() && !config.server.http.ip().is_loopback() && !config.auth.allow_open {
@@ -80,7 +80,7 @@ impl Server {
             hub,
             shutdown,
             ready: Default::default(),
-            stats: crate::stats::Stats::new(),
+            stats: crate::api::stats::Stats::new(),
             auth,
             inbox,
             mqtt,
@@ -126,12 +126,12 @@ impl Server {
         // (an MQTT session stores its state then) before the store closes.
         let tracker = tokio_util::task::TaskTracker::new();
         if let Some(l) = mqtt {
-            crate::mqtt::spawn_tcp(state.clone(), l, tracker.clone());
+            crate::transport::mqtt::spawn_tcp(state.clone(), l, tracker.clone());
         }
         let shutdown = state.shutdown.clone();
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);
-        let front = crate::front::serve(listener, state.clone(), shutdown.clone(), tracker.clone());
+        let front = crate::edge::front::serve(listener, state.clone(), shutdown.clone(), tracker.clone());
         front.await;
         // Shutdown: streams end by themselves (they listen to the token, and
         // idle ones wait on their mailbox, which closing the hub ends);

@@ -6,19 +6,19 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::error::ApiError;
+use crate::edge::error::ApiError;
 
 /// (URL path, file contents, content type).
 const ASSETS: &[(&str, &str, &str)] = &[
-    ("/", include_str!("../assets/index.html"), "text/html; charset=utf-8"),
-    ("/chat", include_str!("../assets/chat.html"), "text/html; charset=utf-8"),
-    ("/bell", include_str!("../assets/bell.html"), "text/html; charset=utf-8"),
-    ("/admin", include_str!("../assets/admin.html"), "text/html; charset=utf-8"),
-    ("/style.css", include_str!("../assets/style.css"), "text/css; charset=utf-8"),
-    ("/herald.js", include_str!("../assets/herald.js"), "text/javascript; charset=utf-8"),
+    ("/", include_str!("../../assets/index.html"), "text/html; charset=utf-8"),
+    ("/chat", include_str!("../../assets/chat.html"), "text/html; charset=utf-8"),
+    ("/bell", include_str!("../../assets/bell.html"), "text/html; charset=utf-8"),
+    ("/admin", include_str!("../../assets/admin.html"), "text/html; charset=utf-8"),
+    ("/style.css", include_str!("../../assets/style.css"), "text/css; charset=utf-8"),
+    ("/herald.js", include_str!("../../assets/herald.js"), "text/javascript; charset=utf-8"),
     // MQTT.js (MIT; see assets/vendor/mqtt.LICENSE.txt), loaded by herald.js
     // only when the 'mqtt' transport is used.
-    ("/vendor/mqtt.min.js", include_str!("../assets/vendor/mqtt.min.js"), "text/javascript; charset=utf-8"),
+    ("/vendor/mqtt.min.js", include_str!("../../assets/vendor/mqtt.min.js"), "text/javascript; charset=utf-8"),
 ];
 
 /// Serves an asset by path, or the JSON 404 every unknown route gets.

@@ -24,9 +24,9 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::SharedState,
-    coalesce::Coalescer,
-    stats::{ConnectionGuard, Transport},
+    api::stats::{ConnectionGuard, Transport},
+    edge::coalesce::Coalescer,
+    state::SharedState,
     subscription::{Delivery, Subscription},
 };
 

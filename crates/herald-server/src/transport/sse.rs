@@ -21,11 +21,11 @@ use std::sync::Arc;
 use herald_core::{Channel, CursorToken, Filter, Gap, Message, Principal, Since, Target, Wire, cursor};
 
 use crate::{
-    app::SharedState,
-    error::ApiError,
-    query::Query,
-    stats::Transport,
-    stream::{self, Encoder, Settings},
+    api::stats::Transport,
+    edge::error::ApiError,
+    edge::query::Query,
+    edge::stream::{self, Encoder, Settings},
+    state::SharedState,
     subscription::{Delivery, Subscription},
 };
 

@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use tokio::{io::AsyncWriteExt, net::TcpListener};
 
 use crate::{
-    app::SharedState,
-    websocket::{ByteStream, WebSocket, switching_protocols},
+    edge::websocket::{ByteStream, WebSocket, switching_protocols},
+    state::SharedState,
 };
 
 /// Accepts MQTT over TCP until shutdown; each connection is a task of `tracker`.
@@ -45,25 +45,25 @@ pub fn spawn_tcp(state: SharedState, listener: TcpListener, tracker: tokio_util:
 /// `/mqtt` through the router: the front door serves WebSocket handshakes
 /// that are plain HTTP/1.1 GETs; anything else that reaches here cannot be one.
 pub(crate) async fn not_upgradable() -> Response {
-    crate::ws::not_a_handshake("it must be an HTTP/1.1 GET with a head under 16 KiB").into_response()
+    crate::transport::ws::not_a_handshake("it must be an HTTP/1.1 GET with a head under 16 KiB").into_response()
 }
 
 /// MQTT over WebSocket (`/mqtt`, subprotocol `mqtt`) on a connection the
 /// front door hands over: binary messages carry the MQTT byte stream, and the
 /// connection is the same code as over TCP, on the same task.
-pub(crate) async fn serve_websocket(opening: Box<crate::ws::Opening>) {
+pub(crate) async fn serve_websocket(opening: Box<crate::transport::ws::Opening>) {
     let Some((state, stream)) = Box::pin(upgrade(opening)).await else { return };
     connection::serve(state, stream).await;
 }
 
 /// Answers the handshake (no credential here: the CONNECT's password is it).
-async fn upgrade(opening: Box<crate::ws::Opening>) -> Option<(SharedState, ByteStream)> {
+async fn upgrade(opening: Box<crate::transport::ws::Opening>) -> Option<(SharedState, ByteStream)> {
     // Unboxed here, so the box is freed with this future, not kept by the task.
-    let crate::ws::Opening { mut tcp, state, request, early } = *opening;
+    let crate::transport::ws::Opening { mut tcp, state, request, early } = *opening;
     let accept = match request.handshake.accept() {
         Ok(accept) => accept,
         Err(refusal) => {
-            let _ = crate::front::write_whole(&mut tcp, crate::ws::refused(refusal)).await;
+            let _ = crate::edge::front::write_whole(&mut tcp, crate::transport::ws::refused(refusal)).await;
             return None;
         }
     };

@@ -32,7 +32,7 @@ use super::{
     topic,
 };
 use crate::{
-    app::SharedState,
+    state::SharedState,
     subscription::{Delivery, Subscription},
 };
 

@@ -32,9 +32,9 @@ use super::{
 use herald_store::{StoreError, now_ms};
 
 use crate::{
-    app::SharedState,
-    coalesce::Coalescer,
-    stats::Transport,
+    api::stats::Transport,
+    edge::coalesce::Coalescer,
+    state::SharedState,
     subscription::{Delivery, Subscription},
 };
 
@@ -427,7 +427,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 .session()
                 .principal
                 .expires_at()
-                .map(|at| Box::pin(tokio::time::sleep_until(crate::stream::instant_of(at))));
+                .map(|at| Box::pin(tokio::time::sleep_until(crate::edge::stream::instant_of(at))));
             loop {
                 if self.has_sendable() {
                     self.drain_queue();
@@ -452,8 +452,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                                 Err(_) => continue,
                             }
                         }
-                        _ = crate::stream::fired(&mut keep_alive) => return End::Close(DisconnectReasonCode::KeepAliveTimeout),
-                        _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
+                        _ = crate::edge::stream::fired(&mut keep_alive) => return End::Close(DisconnectReasonCode::KeepAliveTimeout),
+                        _ = crate::edge::stream::fired(&mut expiry) => return End::TokenExpired,
                         r = Box::pin(self.wr.flush()) => r,
                     };
                     if flushed.is_err() {
@@ -487,10 +487,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         last_heard = Instant::now();
                         Event::Packet(r)
                     }
-                    _ = crate::stream::fired(&mut keep_alive) => {
+                    _ = crate::edge::stream::fired(&mut keep_alive) => {
                         return End::Close(DisconnectReasonCode::KeepAliveTimeout);
                     }
-                    _ = crate::stream::fired(&mut expiry) => return End::TokenExpired,
+                    _ = crate::edge::stream::fired(&mut expiry) => return End::TokenExpired,
                     d = session.herald.next(), if open => match d {
                         Ok(d) => Event::Delivery(d),
                         Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),

@@ -15,8 +15,8 @@ use futures_util::{FutureExt, future::Either};
 use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
 use crate::{
-    app::SharedState, coalesce::Coalescer, error::ApiError, query::Query, stats::Transport, stream,
-    subscription::Delivery,
+    api::stats::Transport, edge::coalesce::Coalescer, edge::error::ApiError, edge::query::Query, edge::stream,
+    state::SharedState, subscription::Delivery,
 };
 
 /// Messages per answer when the client does not say.
@@ -229,7 +229,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::coalesce::WINDOW;
+    use crate::edge::coalesce::WINDOW;
 
     async fn open_state() -> SharedState {
         let mut config = crate::config::Config::default();

@@ -9,15 +9,15 @@
 //! ("catch-up") before taking anything else from the mailbox. Transports only
 //! encode what comes out.
 
+pub mod cursors;
+
 use std::{collections::VecDeque, sync::Arc};
 
 use herald_core::{Channel, CursorToken, Filter, Gap, Hub, Message, Principal, Since, Subscriber, Target, cursor};
 use herald_store::{Store, StoreError};
 
-use crate::{
-    cursors::Cursors,
-    inbox::{Inbox, UnreadWatch},
-};
+use self::cursors::Cursors;
+use crate::inbox::{Inbox, UnreadWatch};
 
 /// What a transport sends next.
 #[derive(Debug, Clone)]

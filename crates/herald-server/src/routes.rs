@@ -1,10 +1,5 @@
-//! The HTTP application: shared state and the route table. Tests build the same
+//! The route table: which handler answers which path. Tests build the same
 //! router through [`app`].
-
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
 
 use axum::{
     Router,
@@ -13,78 +8,14 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use herald_core::{Channel, CursorToken, Hub, Principal, Since, Target};
-use herald_store::Store;
-use tokio_util::sync::CancellationToken;
+use herald_core::Channel;
 
 use crate::{
-    auth::{Auth, forbidden},
-    config::Config,
-    error::ApiError,
-    health, iframe,
-    inbox::Inbox,
-    inbox_api, pages, poll, publish,
-    query::Query,
-    sse, stats,
-    subscription::{Context, Subscription},
-    ws,
+    api::{health, inbox, pages, publish, stats},
+    edge::{error::ApiError, query::Query},
+    state::SharedState,
+    transport::{iframe, poll, sse, ws},
 };
-
-/// What every handler shares.
-pub struct AppState {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    /// Cancelled on shutdown; every long-lived response listens to it.
-    pub shutdown: CancellationToken,
-    /// Set once the store is open and the listener bound.
-    pub ready: AtomicBool,
-    pub stats: Arc<crate::stats::Stats>,
-    pub auth: Auth,
-    pub inbox: Arc<Inbox>,
-    pub mqtt: Arc<crate::mqtt::Broker>,
-}
-
-impl AppState {
-    /// Opens a subscription for `principal` after checking it may subscribe to
-    /// every target. `live` registers it with the hub (everything but short polls).
-    pub(crate) async fn subscribe(
-        &self,
-        principal: Arc<Principal>,
-        targets: Vec<Target>,
-        since: Since,
-        token: &CursorToken,
-        live: bool,
-    ) -> Result<Subscription, ApiError> {
-        for t in &targets {
-            if !principal.may_subscribe(t) {
-                let name = match t {
-                    Target::Channel(c) => c.to_string(),
-                    Target::Filter(f) => f.to_string(),
-                };
-                return Err(forbidden(format!("not allowed to subscribe to '{name}'")));
-            }
-        }
-        Ok(Subscription::open(self.context(principal, live), targets, since, token).await?)
-    }
-
-    pub(crate) fn context(&self, principal: Arc<Principal>, live: bool) -> Context {
-        Context {
-            store: self.store.clone(),
-            hub: live.then(|| self.hub.clone()),
-            // Live subscriptions carry the unread count of an inbox they
-            // include; a one-shot read has no use for a live count.
-            inbox: live.then(|| self.inbox.clone()),
-            principal,
-        }
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
-    }
-}
-
-pub type SharedState = Arc<AppState>;
 
 pub fn app(state: SharedState) -> Router {
     Router::new()
@@ -94,16 +25,16 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/events", get(sse::multi_channel))
         .route("/api/stats", get(stats::stats))
         .route("/api/ws", get(ws::not_upgradable))
-        .route("/api/notifications", post(inbox_api::notify))
-        .route("/api/users/{user}/notifications", get(inbox_api::list))
-        .route("/api/users/{user}/unread", get(inbox_api::unread))
-        .route("/api/users/{user}/read", post(inbox_api::mark_read))
+        .route("/api/notifications", post(inbox::notify))
+        .route("/api/users/{user}/notifications", get(inbox::list))
+        .route("/api/users/{user}/unread", get(inbox::unread))
+        .route("/api/users/{user}/read", post(inbox::mark_read))
         .route(
             "/api/groups/{group}/members",
-            get(inbox_api::list_members).put(inbox_api::add_members).delete(inbox_api::remove_members),
+            get(inbox::list_members).put(inbox::add_members).delete(inbox::remove_members),
         )
-        .route("/api/dev/token", get(inbox_api::dev_token))
-        .route("/mqtt", get(crate::mqtt::not_upgradable))
+        .route("/api/dev/token", get(inbox::dev_token))
+        .route("/mqtt", get(crate::transport::mqtt::not_upgradable))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)
         .method_not_allowed_fallback(|method: Method| async move {

@@ -14,7 +14,7 @@ use herald_core::{Channel, Data, EventName, NewMessage, Principal};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{app::SharedState, auth::forbidden, error::ApiError, query::Query};
+use crate::{auth::forbidden, edge::error::ApiError, edge::query::Query, state::SharedState};
 
 /// Room for the envelope's own fields around a maximal payload.
 const ENVELOPE_OVERHEAD: usize = 16 * 1024;

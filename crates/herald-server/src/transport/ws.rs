@@ -21,16 +21,16 @@ use serde_json::{Value, json, value::RawValue};
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 
 use crate::{
-    app::SharedState,
+    api::publish,
+    api::stats::Transport,
     auth::forbidden,
-    coalesce::Coalescer,
-    error::ApiError,
-    publish,
-    query::Query,
-    stats::Transport,
-    stream,
+    edge::coalesce::Coalescer,
+    edge::error::ApiError,
+    edge::query::Query,
+    edge::stream,
+    edge::websocket::{Handshake, Incoming, Refusal, WebSocket, WsError, switching_protocols},
+    state::SharedState,
     subscription::{Delivery, Subscription},
-    websocket::{Handshake, Incoming, Refusal, WebSocket, WsError, switching_protocols},
 };
 
 /// Room for the frame's own fields around a maximal payload.
@@ -96,7 +96,7 @@ async fn open(opening: Box<Opening>) -> Option<Session> {
     let (accept, principal, sub) = match opened.await {
         Ok(v) => v,
         Err(res) => {
-            let _ = crate::front::write_whole(&mut tcp, res).await;
+            let _ = crate::edge::front::write_whole(&mut tcp, res).await;
             return None;
         }
     };

@@ -16,11 +16,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use herald_core::{Channel, CursorToken, Message, Principal, Since, Target, Wire};
 
 use crate::{
-    app::SharedState,
-    error::ApiError,
-    query::Query,
-    stats::Transport,
-    stream::{self, Encoder, Settings},
+    api::stats::Transport,
+    edge::error::ApiError,
+    edge::query::Query,
+    edge::stream::{self, Encoder, Settings},
+    state::SharedState,
     subscription::{Delivery, Subscription},
 };
 

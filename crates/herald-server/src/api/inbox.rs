@@ -21,7 +21,10 @@ use herald_core::{
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
-use crate::{app::SharedState, auth::forbidden, error::ApiError, inbox::Mark, publish::read_body, query::Query};
+use crate::{
+    api::publish::read_body, auth::forbidden, edge::error::ApiError, edge::query::Query, inbox::Mark,
+    state::SharedState,
+};
 
 /// Most users one call may name (a notification, or a membership change).
 const MAX_USERS: usize = 100_000;

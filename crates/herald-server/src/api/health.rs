@@ -3,7 +3,7 @@
 use axum::{Json, extract::State, http::StatusCode};
 use serde_json::{Value, json};
 
-use crate::app::SharedState;
+use crate::state::SharedState;
 
 /// Alive: the process answers HTTP.
 pub(crate) async fn healthz() -> Json<Value> {

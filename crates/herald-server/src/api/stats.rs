@@ -10,7 +10,7 @@ use std::sync::{
 use axum::{Json, extract::State};
 use serde_json::{Value, json};
 
-use crate::app::SharedState;
+use crate::state::SharedState;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Transport {

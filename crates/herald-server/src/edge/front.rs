@@ -43,7 +43,9 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
-use crate::{app::SharedState, coalesce::Coalescer, poll, websocket::Handshake, ws};
+use crate::{
+    edge::coalesce::Coalescer, edge::websocket::Handshake, state::SharedState, transport::poll, transport::ws,
+};
 
 /// The largest request head read here; a bigger one goes to hyper, which
 /// serves it within its own limit (about 400 KiB) and answers 431 past that.
@@ -63,7 +65,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let router = crate::app::app(state.clone());
+    let router = crate::routes::app(state.clone());
     loop {
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -145,7 +147,7 @@ fn connection(
                         // beside its own for the connection's life.
                         match endpoint {
                             ws::Endpoint::Herald => tracker.spawn(ws::serve(opening)),
-                            ws::Endpoint::Mqtt => tracker.spawn(crate::mqtt::serve_websocket(opening)),
+                            ws::Endpoint::Mqtt => tracker.spawn(crate::transport::mqtt::serve_websocket(opening)),
                         };
                         return;
                     }

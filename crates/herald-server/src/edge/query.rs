@@ -1,7 +1,7 @@
 //! Query strings, with repeated keys kept (`?channel=a&channel=b`), which
 //! axum's `Query` extractor cannot express.
 
-use crate::error::ApiError;
+use crate::edge::error::ApiError;
 
 pub(crate) struct Query(Vec<(String, String)>);
 

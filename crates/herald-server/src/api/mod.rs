@@ -1,0 +1,8 @@
+//! The HTTP APIs that are not subscriptions: publishing, inboxes and groups,
+//! health, live counters and the demo pages.
+
+pub(crate) mod health;
+pub(crate) mod inbox;
+pub(crate) mod pages;
+pub(crate) mod publish;
+pub mod stats;
