@@ -10,7 +10,8 @@
 //! - `api/`: the HTTP APIs that are not subscriptions: publish, inboxes,
 //!   health, stats, the demo pages;
 //! - at the top: the shared state, the route table, auth, subscriptions,
-//!   live inboxes, configuration and the server's start and stop.
+//!   live inboxes, configuration, the server's start and stop, and
+//!   `webhook.rs`: the signature and HTTP client of every outbound request.
 
 pub mod api;
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod server;
 pub mod state;
 pub mod subscription;
 pub mod transport;
+pub mod webhook;
 
 pub use config::{Config, Overrides};
 pub use routes::app;
