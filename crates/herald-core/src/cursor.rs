@@ -91,6 +91,19 @@ pub struct Window {
     pub first: u64,
     /// The latest id ever assigned; 0 for a channel never published to.
     pub head: u64,
+    /// Where the channel's ids begin: 0 nearly always. A store that lost
+    /// data (a Redis restarted without its last writes, or wiped) goes on
+    /// from a higher id so that none is used twice; a channel that starts
+    /// there has its origin there, and a reader asking for everything (a
+    /// cursor of 0) has missed nothing below it.
+    pub origin: u64,
+}
+
+impl Window {
+    /// A window whose ids begin at 1.
+    pub fn new(first: u64, head: u64) -> Self {
+        Window { first, head, origin: 0 }
+    }
 }
 
 /// Ids a client will not get back: `from..=to`, reported as a `gap` signal.
@@ -116,6 +129,8 @@ pub struct Replay {
 
 /// Decides where to replay from for a cursor `after` given the channel's window.
 pub fn plan(channel: &Channel, after: u64, w: Window) -> Replay {
+    // "Everything" of a channel that began past 0 is everything from its origin.
+    let after = if after == 0 { w.origin.min(w.head) } else { after };
     let oldest_after = w.first.saturating_sub(1);
     if after > w.head {
         return Replay {
@@ -163,7 +178,7 @@ mod tests {
 
     #[test]
     fn replay_decisions() {
-        let w = Window { first: 11, head: 20 };
+        let w = Window::new(11, 20);
         assert_eq!(plan(&ch(), 15, w), Replay { after: 15, gap: None });
         assert_eq!(plan(&ch(), 10, w), Replay { after: 10, gap: None }, "cursor just before the oldest: nothing lost");
         assert_eq!(plan(&ch(), 20, w), Replay { after: 20, gap: None });
@@ -176,11 +191,16 @@ mod tests {
             Replay { after: 10, gap: Some(Gap { channel: ch(), from: 1, to: 10, reset: true }) }
         );
         // Everything expired: nothing retained, head kept.
-        let empty = Window { first: 21, head: 20 };
+        let empty = Window::new(21, 20);
         assert_eq!(plan(&ch(), 20, empty), Replay { after: 20, gap: None });
         assert_eq!(plan(&ch(), 0, empty).gap.unwrap().to, 20);
         // A channel never published to.
-        assert_eq!(plan(&ch(), 0, Window { first: 1, head: 0 }), Replay { after: 0, gap: None });
+        assert_eq!(plan(&ch(), 0, Window::new(1, 0)), Replay { after: 0, gap: None });
+        // A channel that began at an origin past 0: everything is everything
+        // from there; a cursor from before it did miss something.
+        let moved = Window { first: 5001, head: 5003, origin: 5000 };
+        assert_eq!(plan(&ch(), 0, moved), Replay { after: 5000, gap: None });
+        assert_eq!(plan(&ch(), 7, moved).gap.map(|g| (g.from, g.to)), Some((8, 5000)));
     }
 
     proptest! {
@@ -203,7 +223,7 @@ mod tests {
         #[test]
         fn plan_is_exact(first in 1u64..1000, len in 0u64..1000, after in 0u64..3000) {
             let head = first + len - 1;
-            let w = Window { first, head };
+            let w = Window::new(first, head);
             let r = plan(&ch(), after, w);
             prop_assert!(r.after <= head);
             match r.gap {

@@ -134,6 +134,15 @@ impl Hub {
         reg.exact.values().map(HashMap::len).sum::<usize>() + reg.filters.len()
     }
 
+    /// The channels and the filters someone listens to now.
+    pub fn interest(&self) -> (Vec<Channel>, Vec<Filter>) {
+        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        let mut filters: Vec<Filter> = reg.filters.iter().map(|(f, _, _)| f.clone()).collect();
+        filters.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        filters.dedup();
+        (reg.exact.keys().cloned().collect(), filters)
+    }
+
     fn register(&self, id: u64, mailbox: &Arc<Mailbox>, target: &Target) {
         let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::Acquire) {

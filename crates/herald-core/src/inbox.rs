@@ -85,6 +85,15 @@ impl ReadState {
         self.ids = self.ids.split_off(&(self.upto + 1));
     }
 
+    /// Merges a mark into this state: what every store does, atomically,
+    /// so marks made at once on two devices (or two nodes) both count.
+    pub fn apply(&mut self, mark: &ReadMark) {
+        match mark {
+            ReadMark::All(head) => self.mark_all(*head),
+            ReadMark::Ids(ids) => self.mark(ids.iter().copied()),
+        }
+    }
+
     /// Text form for storage: `upto` then the ids, comma-separated.
     pub fn encode(&self) -> String {
         std::iter::once(self.upto).chain(self.ids.iter().copied()).map(|n| n.to_string()).collect::<Vec<_>>().join(",")
@@ -96,6 +105,14 @@ impl ReadState {
         let ids = nums.collect::<Result<BTreeSet<_>, _>>().ok()?;
         Some(ReadState { upto, ids })
     }
+}
+
+/// A read mark on one source, as a device sends it: everything up to the
+/// source's head as the device saw it, or some ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadMark {
+    All(u64),
+    Ids(Vec<u64>),
 }
 
 /// Unread messages of one source: retained ids above the floor, not read.
@@ -127,17 +144,17 @@ mod tests {
 
     #[test]
     fn counts_respect_floor_window_and_reads() {
-        let w = Window { first: 1, head: 10 };
+        let w = Window::new(1, 10);
         assert_eq!(unread(w, 0, None), 10);
         assert_eq!(unread(w, 7, None), 3, "joined after id 7");
         let mut r = ReadState::default();
         r.mark([1, 2, 5]);
         assert_eq!(r, ReadState { upto: 2, ids: [5].into() });
         assert_eq!(unread(w, 0, Some(&r)), 7);
-        assert_eq!(unread(Window { first: 6, head: 10 }, 0, Some(&r)), 5, "trimmed messages no longer count");
+        assert_eq!(unread(Window::new(6, 10), 0, Some(&r)), 5, "trimmed messages no longer count");
         r.mark_all(10);
         assert_eq!(unread(w, 0, Some(&r)), 0);
-        assert_eq!(unread(Window { first: 1, head: 0 }, 0, None), 0);
+        assert_eq!(unread(Window::new(1, 0), 0, None), 0);
     }
 
     #[test]
@@ -157,7 +174,7 @@ mod tests {
             r.mark(reads.iter().copied());
             if let Some(a) = all { r.mark_all(a); }
             let brute = (first..=head).filter(|id| *id > floor && !r.is_read(*id)).count() as u64;
-            prop_assert_eq!(unread(Window { first, head }, floor, Some(&r)), brute);
+            prop_assert_eq!(unread(Window::new(first, head), floor, Some(&r)), brute);
             prop_assert_eq!(ReadState::decode(&r.encode()), Some(r));
         }
     }

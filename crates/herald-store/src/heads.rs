@@ -118,7 +118,7 @@ impl HeadCache {
         }
         if after == e.head {
             // Nothing to read, and nothing missed: the cursor is the head.
-            return Some(Page { messages: Vec::new(), window: Window { first: after.max(1), head: e.head } });
+            return Some(Page { messages: Vec::new(), window: Window::new(after.max(1), e.head) });
         }
         // The first message to hand out must be in the tail and retained
         // (later ones then are too: ids and times only grow).
@@ -134,7 +134,7 @@ impl HeadCache {
         // Everything from `next` is retained, so no gap: the window starts
         // at or before it (exactly where is the store's to say, and no
         // caller of a read after a cursor needs more).
-        Some(Page { messages, window: Window { first: next, head: e.head } })
+        Some(Page { messages, window: Window::new(next, e.head) })
     }
 }
 

@@ -5,20 +5,29 @@
 //! the publisher. Reading returns the messages after a cursor together with the
 //! channel's [`Window`], from which the core decides about gaps.
 //!
-//! Two implementations live here: [`MemoryStore`] (tests, `--memory`) and
-//! [`SqliteStore`] (the embedded default). A Redis store will implement the same
-//! trait; its fan-out across nodes then feeds each node's sink.
+//! Three implementations live here: [`MemoryStore`] (tests, `--memory`),
+//! [`SqliteStore`] (the embedded default) and [`RedisStore`] (several nodes
+//! sharing Redis: ids and history in Redis, and every node's sink fed from
+//! Redis, its own commits included).
 
 mod heads;
+mod idempotency;
 mod memory;
 mod readers;
+mod redis;
 mod sqlite;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
-use herald_core::{Channel, Filter, Hub, Message, NewMessage, RetentionRules, Window, inbox::ReadState};
+use bytes::Bytes;
+use herald_core::{
+    Channel, Filter, Hub, Message, NewMessage, RetentionRules, Window,
+    inbox::{ReadMark, ReadState},
+};
 
+pub use idempotency::fingerprint;
 pub use memory::MemoryStore;
+pub use redis::{RedisOptions, RedisStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -29,16 +38,90 @@ pub enum StoreError {
     Closed,
     #[error("storage failure: {0}")]
     Backend(String),
+    /// The store cannot be reached, or did not answer in time: nothing was
+    /// acknowledged, and a write in flight may or may not have happened
+    /// (retry it with the same idempotency key).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// An idempotency key came again with a different request.
+    #[error("the idempotency key was used for a different request")]
+    IdempotencyConflict,
 }
 
-/// Receives committed messages, in commit order, before publishers are answered.
+/// Receives what the store committed, in commit order per channel, and the
+/// signals of [`Store::signal`]. On one node the sink hears of a commit
+/// before the publisher is answered; over Redis every node's sink is fed from
+/// Redis, the committing node's too, a moment after.
 pub trait CommitSink: Send + Sync + 'static {
     fn committed(&self, msgs: &[Arc<Message>]);
+
+    /// A signal from this node or another (see [`Signal`]).
+    fn signaled(&self, _signal: &Signal) {}
+
+    /// The channels and filters someone on this node listens to: after a
+    /// feed from Redis was cut off for longer than Redis keeps it, the store
+    /// re-reads these channels' heads and hands over what was missed.
+    fn interest(&self) -> (Vec<Channel>, Vec<Filter>) {
+        (Vec::new(), Vec::new())
+    }
+}
+
+/// A small notice for every node (on one node, for this one): a read mark
+/// made or a group changed (`key` names the user), an MQTT client id claimed
+/// elsewhere, a retained message set. Over Redis a signal travels in order
+/// with the messages of its key's partition and is recovered like them when
+/// a feed is cut, so no node misses one. The store does not read `body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    pub kind: u8,
+    pub key: String,
+    pub body: Bytes,
+}
+
+impl Signal {
+    /// What a Redis store announces itself when a [`BrokerStore`] record is
+    /// written: `key` is the table's letter (`r` retained, `s` sessions), a
+    /// `/` and the record's key; `body` the record (empty: deleted).
+    pub const RECORD: u8 = 0;
+
+    /// Signals of some partition may have been lost (a Redis feed cut off
+    /// for longer than its log reaches): refresh whatever depends on them.
+    /// `key` and `body` are empty.
+    pub const RESYNC: u8 = 255;
+}
+
+/// What makes a publish apply at most once: the caller's key, scoped to
+/// whoever sent it, and a fingerprint of the request, so a key used again
+/// for something else is refused rather than answered with another result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: u64,
+}
+
+/// How long an idempotency key's first answer is kept (DESIGN: 5 minutes).
+pub const IDEMPOTENCY_TTL_MS: i64 = 300_000;
+
+/// The answer to a publish: each message's channel and id, in order.
+pub type Receipt = Vec<(Channel, u64)>;
+
+/// How the store's backing service is doing, for `/readyz` and `/api/stats`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStatus {
+    /// False while writes cannot succeed (Redis unreachable).
+    pub available: bool,
+    /// Details for the stats page (Redis: connection state per shard, feed
+    /// lag); `None` for the embedded stores.
+    pub details: Option<serde_json::Value>,
 }
 
 impl CommitSink for Hub {
     fn committed(&self, msgs: &[Arc<Message>]) {
         self.publish(msgs);
+    }
+
+    fn interest(&self) -> (Vec<Channel>, Vec<Filter>) {
+        Hub::interest(self)
     }
 }
 
@@ -82,6 +165,16 @@ pub trait Store: Send + Sync + 'static {
     /// commit together, the sink sees them in id order, then this resolves.
     fn append(&self, batch: Vec<NewMessage>) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>>;
 
+    /// [`Self::append`] at most once per idempotency key: a key seen within
+    /// [`IDEMPOTENCY_TTL_MS`] answers the first receipt again and stores
+    /// nothing; the same key with another fingerprint is
+    /// [`StoreError::IdempotencyConflict`].
+    fn append_once(
+        &self,
+        idempotency: Idempotency,
+        batch: Vec<NewMessage>,
+    ) -> BoxFuture<'_, Result<Receipt, StoreError>>;
+
     /// Up to `limit` retained messages of `channel` with ids greater than `after`.
     fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>>;
 
@@ -96,6 +189,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every channel ever published to that `filter` matches, with its head id.
     fn channels(&self, filter: Filter) -> BoxFuture<'_, Result<Vec<(Channel, u64)>, StoreError>>;
+
+    /// Sends a signal to every node's sink (this node's included).
+    fn signal(&self, signal: Signal) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Whether writes can succeed now, with details for the stats page.
+    fn status(&self) -> StoreStatus {
+        StoreStatus { available: true, details: None }
+    }
 
     /// Finishes pending writes and refuses new ones.
     fn close(&self) -> BoxFuture<'_, ()>;
@@ -126,9 +227,14 @@ pub trait InboxStore: Send + Sync + 'static {
     /// What `user` has read, per source channel.
     fn read_state(&self, user: String) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>>;
 
-    /// Replaces `user`'s read state for the given channels.
-    fn save_read_state(&self, user: String, states: Vec<(Channel, ReadState)>)
-    -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Merges read marks into `user`'s state, atomically (a concurrent mark
+    /// from another device or node is never lost), and returns the merged
+    /// state of each channel marked.
+    fn mark_read(
+        &self,
+        user: String,
+        marks: Vec<(Channel, ReadMark)>,
+    ) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>>;
 }
 
 /// What the MQTT broker keeps across restarts, in two tables of records the
@@ -141,6 +247,16 @@ pub trait BrokerStore: Send + Sync + 'static {
 
     /// Every record of `table`.
     fn load(&self, table: BrokerTable) -> BoxFuture<'_, Result<Vec<BrokerRecord>, StoreError>>;
+
+    /// The record under `key`.
+    fn get(&self, table: BrokerTable, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>>;
+
+    /// True when other nodes share these records (Redis): sessions are then
+    /// read when their client connects, not held in memory from the start,
+    /// and every write is announced to every node ([`Signal::RECORD`]).
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 /// A key and the record stored under it.

@@ -8,10 +8,14 @@ use std::{
 
 use std::collections::HashMap;
 
-use herald_core::{Channel, Filter, Message, NewMessage, Window, inbox::ReadState};
+use herald_core::{
+    Channel, Filter, Message, NewMessage, Window,
+    inbox::{ReadMark, ReadState},
+};
 
 use crate::{
-    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError, monotonic,
+    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, IDEMPOTENCY_TTL_MS, Idempotency, InboxStore, Page, Receipt,
+    Signal, Store, StoreConfig, StoreError, monotonic,
 };
 
 struct Log {
@@ -27,6 +31,8 @@ struct State {
     groups: BTreeMap<String, BTreeMap<String, u64>>,
     reads: HashMap<String, HashMap<Channel, ReadState>>,
     broker: HashMap<BrokerTable, BTreeMap<String, Vec<u8>>>,
+    /// Idempotency key -> (expires at, fingerprint, first receipt).
+    idempotency: HashMap<String, (i64, u64, Receipt)>,
 }
 
 pub struct MemoryStore {
@@ -45,6 +51,7 @@ impl MemoryStore {
                 groups: BTreeMap::new(),
                 reads: HashMap::new(),
                 broker: HashMap::new(),
+                idempotency: HashMap::new(),
             }),
         }
     }
@@ -54,31 +61,62 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Appends under the lock, which is held through the sink call so that
+    /// concurrent appends reach subscribers in id order.
+    fn append_locked(&self, st: &mut State, batch: Vec<NewMessage>) -> Result<Vec<Arc<Message>>, StoreError> {
+        if st.closed {
+            return Err(StoreError::Closed);
+        }
+        let now = monotonic(&self.config.clock, &mut st.last_time);
+        let mut out = Vec::with_capacity(batch.len());
+        for m in batch {
+            let retention = self.config.retention.for_channel(&m.channel);
+            let log = st.logs.entry(m.channel.clone()).or_insert(Log { head: 0, messages: VecDeque::new() });
+            log.head += 1;
+            let msg = Arc::new(Message::new(m.channel, log.head, m.event, m.data, now).with_meta(m.meta));
+            log.messages.push_back(msg.clone());
+            while log.messages.len() as u64 > retention.size {
+                log.messages.pop_front();
+            }
+            out.push(msg);
+        }
+        self.config.sink.committed(&out);
+        Ok(out)
+    }
+}
+
 impl Store for MemoryStore {
     fn append(&self, batch: Vec<NewMessage>) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>> {
+        Box::pin(async move { self.append_locked(&mut self.lock(), batch) })
+    }
+
+    fn append_once(
+        &self,
+        idempotency: Idempotency,
+        batch: Vec<NewMessage>,
+    ) -> BoxFuture<'_, Result<Receipt, StoreError>> {
         Box::pin(async move {
-            // The lock is held through the sink call so that concurrent appends
-            // reach subscribers in id order.
             let mut st = self.lock();
-            if st.closed {
-                return Err(StoreError::Closed);
+            let now = (self.config.clock)();
+            st.idempotency.retain(|_, (expires, _, _)| *expires > now);
+            if let Some((_, fingerprint, receipt)) = st.idempotency.get(&idempotency.key) {
+                return match *fingerprint == idempotency.fingerprint {
+                    true => Ok(receipt.clone()),
+                    false => Err(StoreError::IdempotencyConflict),
+                };
             }
-            let now = monotonic(&self.config.clock, &mut st.last_time);
-            let mut out = Vec::with_capacity(batch.len());
-            for m in batch {
-                let retention = self.config.retention.for_channel(&m.channel);
-                let log = st.logs.entry(m.channel.clone()).or_insert(Log { head: 0, messages: VecDeque::new() });
-                log.head += 1;
-                let msg = Arc::new(Message::new(m.channel, log.head, m.event, m.data, now).with_meta(m.meta));
-                log.messages.push_back(msg.clone());
-                while log.messages.len() as u64 > retention.size {
-                    log.messages.pop_front();
-                }
-                out.push(msg);
-            }
-            self.config.sink.committed(&out);
-            Ok(out)
+            let stored = self.append_locked(&mut st, batch)?;
+            let receipt: Receipt = stored.iter().map(|m| (m.channel.clone(), m.id)).collect();
+            st.idempotency
+                .insert(idempotency.key, (now + IDEMPOTENCY_TTL_MS, idempotency.fingerprint, receipt.clone()));
+            Ok(receipt)
         })
+    }
+
+    fn signal(&self, signal: Signal) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.config.sink.signaled(&signal);
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn cached_head(&self, channel: &Channel) -> Option<u64> {
@@ -94,12 +132,12 @@ impl Store for MemoryStore {
             let st = self.lock();
             let cutoff = self.config.retention.for_channel(&channel).cutoff((self.config.clock)());
             let Some(log) = st.logs.get(&channel) else {
-                return Ok(Page { messages: Vec::new(), window: Window { first: 1, head: 0 } });
+                return Ok(Page { messages: Vec::new(), window: Window::new(1, 0) });
             };
             let live = log.messages.iter().skip_while(|m| m.time < cutoff);
             let first = live.clone().next().map_or(log.head + 1, |m| m.id);
             let messages = live.skip_while(|m| m.id <= after).take(limit).cloned().collect();
-            Ok(Page { messages, window: Window { first, head: log.head } })
+            Ok(Page { messages, window: Window::new(first, log.head) })
         })
     }
 
@@ -164,14 +202,21 @@ impl InboxStore for MemoryStore {
         Box::pin(async move { Ok(self.lock().reads.get(&user).cloned().unwrap_or_default()) })
     }
 
-    fn save_read_state(
+    fn mark_read(
         &self,
         user: String,
-        states: Vec<(Channel, ReadState)>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        marks: Vec<(Channel, ReadMark)>,
+    ) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>> {
         Box::pin(async move {
-            self.lock().reads.entry(user).or_default().extend(states);
-            Ok(())
+            let mut st = self.lock();
+            let reads = st.reads.entry(user).or_default();
+            let mut out = HashMap::new();
+            for (channel, mark) in marks {
+                let state = reads.entry(channel.clone()).or_default();
+                state.apply(&mark);
+                out.insert(channel, state.clone());
+            }
+            Ok(out)
         })
     }
 }
@@ -194,5 +239,9 @@ impl BrokerStore for MemoryStore {
             let st = self.lock();
             Ok(st.broker.get(&table).map_or_else(Vec::new, |r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
         })
+    }
+
+    fn get(&self, table: BrokerTable, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move { Ok(self.lock().broker.get(&table).and_then(|r| r.get(&key).cloned())) })
     }
 }

@@ -16,13 +16,20 @@ use std::{
 };
 
 use bytes::Bytes;
-use herald_core::{Channel, Data, DataKind, EventName, Filter, Message, Meta, NewMessage, Window, inbox::ReadState};
+use herald_core::{
+    Channel, Data, DataKind, EventName, Filter, Message, Meta, NewMessage, Window,
+    inbox::{ReadMark, ReadState},
+};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError,
-    heads::HeadCache, monotonic, readers::Readers,
+    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, IDEMPOTENCY_TTL_MS, Idempotency, InboxStore, Page, Receipt,
+    Signal, Store, StoreConfig, StoreError,
+    heads::HeadCache,
+    idempotency::{decode_receipt, encode_receipt},
+    monotonic,
+    readers::Readers,
 };
 
 /// How hard a commit insists on reaching the disk.
@@ -53,11 +60,21 @@ impl SqliteOptions {
     }
 }
 
-type Reply = oneshot::Sender<Result<Vec<Arc<Message>>, StoreError>>;
+type Reply = oneshot::Sender<Result<Committed, StoreError>>;
 
 struct Append {
     batch: Vec<NewMessage>,
+    /// Set: the batch is written only if this key has no answer yet.
+    idempotency: Option<Idempotency>,
     reply: Reply,
+}
+
+/// What became of one append in a group commit.
+enum Committed {
+    Fresh(Vec<Arc<Message>>),
+    /// Its idempotency key had an answer already: nothing was written.
+    Replayed(Receipt),
+    Conflict,
 }
 
 pub struct SqliteStore {
@@ -110,6 +127,12 @@ CREATE TABLE IF NOT EXISTS mqtt_retained (
 CREATE TABLE IF NOT EXISTS mqtt_sessions (
     client_id TEXT PRIMARY KEY,
     value     BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         TEXT PRIMARY KEY,
+    fingerprint INTEGER NOT NULL,
+    receipt     TEXT NOT NULL,
+    expires     INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS read_state (
     user    TEXT NOT NULL,
@@ -209,6 +232,17 @@ impl SqliteStore {
         .map_err(backend)
     }
 
+    /// Queues an append for the writer and waits for its group commit.
+    async fn submit(&self, batch: Vec<NewMessage>, idempotency: Option<Idempotency>) -> Result<Committed, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = jobs.as_ref().ok_or(StoreError::Closed)?;
+            tx.send(Append { batch, idempotency, reply }).map_err(|_| StoreError::Closed)?;
+        }
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Runs `f` on a reader thread's connection.
     async fn with_reader<T: Send + 'static>(
         &self,
@@ -221,14 +255,31 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn append(&self, batch: Vec<NewMessage>) -> BoxFuture<'_, Result<Vec<Arc<Message>>, StoreError>> {
         Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            {
-                let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-                let tx = jobs.as_ref().ok_or(StoreError::Closed)?;
-                tx.send(Append { batch, reply }).map_err(|_| StoreError::Closed)?;
+            match self.submit(batch, None).await? {
+                Committed::Fresh(msgs) => Ok(msgs),
+                Committed::Replayed(_) | Committed::Conflict => unreachable!("only keyed appends are replayed"),
             }
-            answer.await.map_err(|_| StoreError::Closed)?
         })
+    }
+
+    fn append_once(
+        &self,
+        idempotency: Idempotency,
+        batch: Vec<NewMessage>,
+    ) -> BoxFuture<'_, Result<Receipt, StoreError>> {
+        Box::pin(async move {
+            match self.submit(batch, Some(idempotency)).await? {
+                Committed::Fresh(msgs) => Ok(msgs.iter().map(|m| (m.channel.clone(), m.id)).collect()),
+                Committed::Replayed(receipt) => Ok(receipt),
+                Committed::Conflict => Err(StoreError::IdempotencyConflict),
+            }
+        })
+    }
+
+    fn signal(&self, signal: Signal) -> BoxFuture<'_, Result<(), StoreError>> {
+        // One node: the only one to tell is this one.
+        self.config.sink.signaled(&signal);
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn read(&self, channel: Channel, after: u64, limit: usize) -> BoxFuture<'_, Result<Page, StoreError>> {
@@ -244,7 +295,7 @@ impl Store for SqliteStore {
                 .query_row([channel.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))
                 .optional()?
             else {
-                return Ok(Page { messages: Vec::new(), window: Window { first: 1, head: 0 } });
+                return Ok(Page { messages: Vec::new(), window: Window::new(1, 0) });
             };
             // Retained = within the count limit and not past the age limit. Reads
             // apply both so a lowered limit takes effect before the next trim.
@@ -273,7 +324,7 @@ impl Store for SqliteStore {
             })?;
             let messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             cached_heads.advance(&channel, head);
-            Ok(Page { messages, window: Window { first, head } })
+            Ok(Page { messages, window: Window::new(first, head) })
         }))
     }
 
@@ -366,17 +417,25 @@ impl Writer {
         let now = monotonic(&self.config.clock, &mut self.last_time);
         let mut replies = Vec::with_capacity(group.len());
         let mut batches = Vec::with_capacity(group.len());
-        for Append { batch, reply } in group {
+        for Append { batch, idempotency, reply } in group {
             replies.push(reply);
-            batches.push(batch);
+            batches.push((batch, idempotency));
         }
         match self.write(batches, now) {
             Ok(committed) => {
-                let all: Vec<Arc<Message>> = committed.iter().flatten().cloned().collect();
+                let all: Vec<Arc<Message>> = committed
+                    .iter()
+                    .filter_map(|c| match c {
+                        Committed::Fresh(msgs) => Some(msgs),
+                        _ => None,
+                    })
+                    .flatten()
+                    .cloned()
+                    .collect();
                 self.cached_heads.committed(&all);
                 self.config.sink.committed(&all);
-                for (reply, msgs) in replies.into_iter().zip(committed) {
-                    let _ = reply.send(Ok(msgs));
+                for (reply, outcome) in replies.into_iter().zip(committed) {
+                    let _ = reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
@@ -389,7 +448,11 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, batches: Vec<Vec<NewMessage>>, now: i64) -> rusqlite::Result<Vec<Vec<Arc<Message>>>> {
+    fn write(
+        &mut self,
+        batches: Vec<(Vec<NewMessage>, Option<Idempotency>)>,
+        now: i64,
+    ) -> rusqlite::Result<Vec<Committed>> {
         // IMMEDIATE, as the inbox writer's: with two writing connections, a
         // deferred transaction that reads a new channel's row and then writes
         // failed with "database is locked" when the other had written in
@@ -398,7 +461,22 @@ impl Writer {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut touched: HashMap<i64, (u64, u64)> = HashMap::new();
         let mut out = Vec::with_capacity(batches.len());
-        for batch in batches {
+        for (batch, idempotency) in batches {
+            // A key answered before (in an earlier commit, or earlier in this
+            // one: a retry racing its original) is answered again, unwritten.
+            if let Some(k) = &idempotency {
+                let prior: Option<(i64, String)> = tx
+                    .prepare_cached("SELECT fingerprint, receipt FROM idempotency WHERE key = ?1 AND expires > ?2")?
+                    .query_row(params![k.key, now], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((fingerprint, receipt)) = prior {
+                    out.push(match (fingerprint == k.fingerprint as i64, decode_receipt(&receipt)) {
+                        (true, Some(receipt)) => Committed::Replayed(receipt),
+                        _ => Committed::Conflict,
+                    });
+                    continue;
+                }
+            }
             let mut msgs = Vec::with_capacity(batch.len());
             for m in batch {
                 let (cid, head) = match self.heads.get(&m.channel) {
@@ -436,7 +514,19 @@ impl Writer {
                 ])?;
                 msgs.push(Arc::new(Message::new(m.channel, id, m.event, m.data, now).with_meta(m.meta)));
             }
-            out.push(msgs);
+            if let Some(k) = idempotency {
+                let receipt: Receipt = msgs.iter().map(|m| (m.channel.clone(), m.id)).collect();
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO idempotency (key, fingerprint, receipt, expires) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    k.key,
+                    k.fingerprint as i64,
+                    encode_receipt(&receipt),
+                    now + IDEMPOTENCY_TTL_MS
+                ])?;
+            }
+            out.push(Committed::Fresh(msgs));
         }
         for (cid, (head, size)) in touched {
             tx.prepare_cached("UPDATE channels SET head = ?2 WHERE cid = ?1")?.execute(params![cid, head as i64])?;
@@ -458,6 +548,7 @@ impl Writer {
                 .prepare_cached("SELECT cid, name FROM channels")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
+            self.conn.prepare_cached("DELETE FROM idempotency WHERE expires <= ?1")?.execute([now])?;
             let mut deleted = 0;
             for (cid, name) in channels {
                 let Ok(ch) = Channel::parse(&name) else { continue };
@@ -541,18 +632,28 @@ impl InboxStore for SqliteStore {
         }))
     }
 
-    fn save_read_state(
+    fn mark_read(
         &self,
         user: String,
-        states: Vec<(Channel, ReadState)>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        marks: Vec<(Channel, ReadMark)>,
+    ) -> BoxFuture<'_, Result<HashMap<Channel, ReadState>, StoreError>> {
+        // Read, merge and write in one IMMEDIATE transaction: SQLite holds
+        // the write lock throughout, so a concurrent mark waits its turn.
         Box::pin(self.with_inbox_writer(move |tx| {
-            let mut stmt =
-                tx.prepare_cached("INSERT OR REPLACE INTO read_state (user, channel, state) VALUES (?1, ?2, ?3)")?;
-            for (c, s) in &states {
-                stmt.execute(params![user, c.as_str(), s.encode()])?;
+            let mut out = HashMap::new();
+            for (channel, mark) in marks {
+                let mut state = tx
+                    .prepare_cached("SELECT state FROM read_state WHERE user = ?1 AND channel = ?2")?
+                    .query_row(params![user, channel.as_str()], |r| r.get::<_, String>(0))
+                    .optional()?
+                    .and_then(|s| ReadState::decode(&s))
+                    .unwrap_or_default();
+                state.apply(&mark);
+                tx.prepare_cached("INSERT OR REPLACE INTO read_state (user, channel, state) VALUES (?1, ?2, ?3)")?
+                    .execute(params![user, channel.as_str(), state.encode()])?;
+                out.insert(channel, state);
             }
-            Ok(())
+            Ok(out)
         }))
     }
 }
@@ -580,6 +681,21 @@ impl BrokerStore for SqliteStore {
             let mut stmt = conn.prepare(&format!("SELECT {key_column}, value FROM {name}"))?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
             rows.collect()
+        }))
+    }
+
+    fn get(&self, table: BrokerTable, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
+        self.get_record(table, key)
+    }
+}
+
+impl SqliteStore {
+    fn get_record(&self, table: BrokerTable, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(self.with_reader(move |conn| {
+            let (name, key_column) = table_sql(table);
+            conn.prepare_cached(&format!("SELECT value FROM {name} WHERE {key_column} = ?1"))?
+                .query_row([key], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
         }))
     }
 }

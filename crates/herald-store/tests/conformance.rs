@@ -1,23 +1,69 @@
 //! One conformance suite, run against every `Store` implementation.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicI64, Ordering},
+mod redis_server;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
 };
 
-use herald_core::inbox::ReadState;
+use herald_core::inbox::{ReadMark, ReadState};
 use herald_core::{Channel, Data, Filter, Message, Meta, NewMessage, Retention, RetentionRules};
 use herald_store::{
-    BrokerStore, BrokerTable, CommitSink, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig,
+    BrokerStore, BrokerTable, CommitSink, Idempotency, InboxStore, MemoryStore, RedisOptions, RedisStore, Signal,
+    SqliteOptions, SqliteStore, Store, StoreConfig, StoreError, fingerprint,
 };
 
 /// Records what the store handed to its sink.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<(String, u64)>>);
+struct Recorder {
+    msgs: Mutex<Vec<(String, u64)>>,
+    signals: Mutex<Vec<Signal>>,
+    changed: tokio::sync::Notify,
+}
 
 impl CommitSink for Recorder {
     fn committed(&self, msgs: &[Arc<Message>]) {
-        self.0.lock().unwrap().extend(msgs.iter().map(|m| (m.channel.to_string(), m.id)));
+        self.msgs.lock().unwrap().extend(msgs.iter().map(|m| (m.channel.to_string(), m.id)));
+        self.changed.notify_waiters();
+    }
+
+    fn signaled(&self, signal: &Signal) {
+        self.signals.lock().unwrap().push(signal.clone());
+        self.changed.notify_waiters();
+    }
+}
+
+impl Recorder {
+    /// What the sink was handed, once it holds `n` messages: a Redis store
+    /// hands commits on from its feed, a moment after the publisher is
+    /// answered; the others before.
+    async fn messages(&self, n: usize) -> Vec<(String, u64)> {
+        self.wait(|| self.msgs.lock().unwrap().len() >= n).await;
+        self.msgs.lock().unwrap().clone()
+    }
+
+    async fn signals(&self, n: usize) -> Vec<Signal> {
+        self.wait(|| self.signals.lock().unwrap().len() >= n).await;
+        self.signals.lock().unwrap().clone()
+    }
+
+    async fn wait(&self, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let changed = self.changed.notified();
+            if done() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return; // the caller's assertion shows what is missing
+            }
+        }
     }
 }
 
@@ -28,7 +74,10 @@ struct Fixture {
     sink: Arc<Recorder>,
     clock: Arc<AtomicI64>,
     _dir: Option<tempfile::TempDir>,
+    _redis: Option<redis_server::RedisServer>,
 }
+
+type Make = fn(RetentionRules) -> Pin<Box<dyn Future<Output = Fixture> + Send>>;
 
 fn config(retention: RetentionRules) -> (StoreConfig, Arc<Recorder>, Arc<AtomicI64>) {
     let sink = Arc::new(Recorder::default());
@@ -38,17 +87,51 @@ fn config(retention: RetentionRules) -> (StoreConfig, Arc<Recorder>, Arc<AtomicI
     (config, sink, clock)
 }
 
-fn memory(retention: RetentionRules) -> Fixture {
-    let (config, sink, clock) = config(retention);
-    let store = Arc::new(MemoryStore::new(config));
-    Fixture { store: store.clone(), inbox: store.clone(), broker: store, sink, clock, _dir: None }
+fn memory(retention: RetentionRules) -> Pin<Box<dyn Future<Output = Fixture> + Send>> {
+    Box::pin(async move {
+        let (config, sink, clock) = config(retention);
+        let store = Arc::new(MemoryStore::new(config));
+        Fixture { store: store.clone(), inbox: store.clone(), broker: store, sink, clock, _dir: None, _redis: None }
+    })
 }
 
-fn sqlite(retention: RetentionRules) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let (config, sink, clock) = config(retention);
-    let store = Arc::new(SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap());
-    Fixture { store: store.clone(), inbox: store.clone(), broker: store, sink, clock, _dir: Some(dir) }
+fn sqlite(retention: RetentionRules) -> Pin<Box<dyn Future<Output = Fixture> + Send>> {
+    Box::pin(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, sink, clock) = config(retention);
+        let store = Arc::new(SqliteStore::open(SqliteOptions::new(dir.path()), config).unwrap());
+        Fixture {
+            store: store.clone(),
+            inbox: store.clone(),
+            broker: store,
+            sink,
+            clock,
+
+            _dir: Some(dir),
+            _redis: None,
+        }
+    })
+}
+
+/// A Redis store on a `redis-server` of the test's own.
+fn redis(retention: RetentionRules) -> Pin<Box<dyn Future<Output = Fixture> + Send>> {
+    Box::pin(async move {
+        let (config, sink, clock) = config(retention);
+        let server = redis_server::RedisServer::start(&[]);
+        let mut options = RedisOptions::new(vec![server.url()]);
+        options.partitions = 4;
+        options.check_every = Duration::from_millis(100);
+        let store = Arc::new(RedisStore::open(options, config).await.unwrap());
+        Fixture {
+            store: store.clone(),
+            inbox: store.clone(),
+            broker: store,
+            sink,
+            clock,
+            _dir: None,
+            _redis: Some(server),
+        }
+    })
 }
 
 fn ch(s: &str) -> Channel {
@@ -67,6 +150,7 @@ macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_store { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::memory).await } )* }
         mod sqlite_store { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::sqlite).await } )* }
+        mod redis_store { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::redis).await } )* }
     };
 }
 
@@ -83,10 +167,13 @@ conformance!(
     read_state_round_trips,
     cached_head_is_the_head_when_known,
     broker_records_are_set_replaced_and_deleted,
+    idempotency_keys_apply_a_publish_once,
+    signals_reach_the_sink,
+    concurrent_read_marks_both_count,
 );
 
-async fn broker_records_are_set_replaced_and_deleted(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn broker_records_are_set_replaced_and_deleted(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let put = |t, k: &str, v: Option<&[u8]>| f.broker.put(t, k.to_owned(), v.map(<[u8]>::to_vec));
     put(BrokerTable::Retained, "a/b", Some(b"one")).await.unwrap();
     put(BrokerTable::Retained, "a/b", Some(b"two")).await.unwrap();
@@ -94,6 +181,8 @@ async fn broker_records_are_set_replaced_and_deleted(make: fn(RetentionRules) ->
     put(BrokerTable::Retained, "gone", None).await.unwrap();
     put(BrokerTable::Retained, "never", None).await.unwrap();
     put(BrokerTable::Sessions, "a/b", Some(b"{}")).await.unwrap();
+    assert_eq!(f.broker.get(BrokerTable::Retained, "a/b".into()).await.unwrap().as_deref(), Some(&b"two"[..]));
+    assert_eq!(f.broker.get(BrokerTable::Retained, "gone".into()).await.unwrap(), None);
     assert_eq!(f.broker.load(BrokerTable::Retained).await.unwrap(), [("a/b".to_string(), b"two".to_vec())]);
     assert_eq!(
         f.broker.load(BrokerTable::Sessions).await.unwrap(),
@@ -102,8 +191,49 @@ async fn broker_records_are_set_replaced_and_deleted(make: fn(RetentionRules) ->
     );
 }
 
-async fn group_membership(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn idempotency_keys_apply_a_publish_once(make: Make) {
+    let f = make(RetentionRules::default()).await;
+    let batch = || vec![new("a", "x"), new("b", "x")];
+    let key = |k: &str| Idempotency { key: k.into(), fingerprint: fingerprint(&batch()) };
+    let first = f.store.append_once(key("k1"), batch()).await.unwrap();
+    assert_eq!(first, [(ch("a"), 1), (ch("b"), 1)]);
+    let again = f.store.append_once(key("k1"), batch()).await.unwrap();
+    assert_eq!(again, first, "a retry gets the first answer");
+    assert_eq!(f.store.read(ch("a"), 0, 10).await.unwrap().window.head, 1, "and stores nothing");
+    let other = Idempotency { key: "k1".into(), fingerprint: fingerprint(&[new("a", "y")]) };
+    assert!(matches!(f.store.append_once(other, vec![new("a", "y")]).await, Err(StoreError::IdempotencyConflict)));
+    assert_eq!(f.store.append_once(key("k2"), batch()).await.unwrap(), [(ch("a"), 2), (ch("b"), 2)]);
+    assert_eq!(f.sink.messages(4).await.len(), 4, "the sink heard of each message once");
+}
+
+async fn signals_reach_the_sink(make: Make) {
+    let f = make(RetentionRules::default()).await;
+    let s = Signal { kind: 7, key: "user/ann".into(), body: bytes::Bytes::from_static(b"\x00read") };
+    f.store.signal(s.clone()).await.unwrap();
+    let got = f.sink.signals(1).await;
+    assert_eq!(got.iter().filter(|x| x.kind == 7).collect::<Vec<_>>(), [&s]);
+}
+
+/// Two devices (or nodes) marking at once: neither mark is lost.
+async fn concurrent_read_marks_both_count(make: Make) {
+    let f = make(RetentionRules::default()).await;
+    let marks: Vec<_> = (1..=40u64)
+        .map(|id| {
+            let inbox = f.inbox.clone();
+            tokio::spawn(
+                async move { inbox.mark_read("u".into(), vec![(ch("user/u"), ReadMark::Ids(vec![id]))]).await },
+            )
+        })
+        .collect();
+    for m in marks {
+        m.await.unwrap().unwrap();
+    }
+    let state = f.inbox.read_state("u".into()).await.unwrap();
+    assert_eq!(state[&ch("user/u")], ReadState { upto: 40, ids: Default::default() });
+}
+
+async fn group_membership(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let users: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
     assert_eq!(f.inbox.add_members("staff".into(), users.clone(), 3).await.unwrap(), 5);
     assert_eq!(f.inbox.add_members("staff".into(), vec!["u1".into(), "u9".into()], 7).await.unwrap(), 1);
@@ -119,29 +249,38 @@ async fn group_membership(make: fn(RetentionRules) -> Fixture) {
     assert_eq!(f.inbox.groups_of("u1".into()).await.unwrap(), [("ops".to_string(), 0)]);
 }
 
-async fn read_state_round_trips(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn read_state_round_trips(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let mut r = ReadState::default();
     r.mark([1, 2, 4]);
-    f.inbox.save_read_state("a".into(), vec![(ch("user/a"), r.clone())]).await.unwrap();
+    let merged = f.inbox.mark_read("a".into(), vec![(ch("user/a"), ReadMark::Ids(vec![1, 2, 4]))]).await.unwrap();
+    assert_eq!(merged.get(&ch("user/a")), Some(&r));
     let got = f.inbox.read_state("a".into()).await.unwrap();
     assert_eq!(got.get(&ch("user/a")), Some(&r));
+    // Marks merge: ids fold into `upto`, and "all" keeps what is above it.
+    let merged = f.inbox.mark_read("a".into(), vec![(ch("user/a"), ReadMark::Ids(vec![3, 9]))]).await.unwrap();
+    assert_eq!(merged[&ch("user/a")], ReadState { upto: 4, ids: [9].into() });
+    let merged = f.inbox.mark_read("a".into(), vec![(ch("user/a"), ReadMark::All(6))]).await.unwrap();
+    assert_eq!(merged[&ch("user/a")], ReadState { upto: 6, ids: [9].into() });
     assert!(f.inbox.read_state("b".into()).await.unwrap().is_empty(), "one user's state is not another's");
 }
 
-async fn ids_are_per_channel_and_sequential(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn ids_are_per_channel_and_sequential(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let got = f.store.append(vec![new("a", "1"), new("b", "1"), new("a", "2")]).await.unwrap();
     assert_eq!(ids(&got), [1, 1, 2]);
     let got = f.store.append(vec![new("a", "3")]).await.unwrap();
     assert_eq!(ids(&got), [3]);
-    assert_eq!(*f.sink.0.lock().unwrap(), [("a".into(), 1), ("b".into(), 1), ("a".into(), 2), ("a".into(), 3)]);
+    let seen = f.sink.messages(4).await;
+    let per = |c: &str| seen.iter().filter(|(x, _)| x == c).map(|(_, id)| *id).collect::<Vec<_>>();
+    assert_eq!(seen.len(), 4);
+    assert_eq!((per("a"), per("b")), (vec![1, 2, 3], vec![1]), "each channel's ids, in order");
 }
 
 /// Readers skip the store when their cursor equals the cached head, so a
 /// cached head must never be ahead of or behind the committed one.
-async fn cached_head_is_the_head_when_known(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn cached_head_is_the_head_when_known(make: Make) {
+    let f = make(RetentionRules::default()).await;
     // A store that holds everything (memory) knows a new channel's head is 0;
     // one that may not (SQLite, before reading) says it does not know.
     assert!(matches!(f.store.cached_head(&ch("a")), None | Some(0)), "nothing but 0 for a channel never seen");
@@ -171,11 +310,12 @@ async fn cached_head_is_the_head_when_known(make: fn(RetentionRules) -> Fixture)
     }
     let head = f.store.read(ch("a"), 0, 0).await.unwrap().window.head;
     assert_eq!(head, 160);
+    f.sink.messages(160).await;
     assert!(matches!(f.store.cached_head(&ch("a")), None | Some(160)));
 }
 
-async fn read_pages_after_a_cursor(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn read_pages_after_a_cursor(make: Make) {
+    let f = make(RetentionRules::default()).await;
     for i in 0..10 {
         f.store.append(vec![new("c", &i.to_string())]).await.unwrap();
     }
@@ -196,12 +336,12 @@ async fn read_pages_after_a_cursor(make: fn(RetentionRules) -> Fixture) {
     assert_eq!((none.window.first, none.window.head), (1, 0));
 }
 
-async fn count_retention_keeps_the_last_n(make: fn(RetentionRules) -> Fixture) {
+async fn count_retention_keeps_the_last_n(make: Make) {
     let rules = RetentionRules {
         default: Retention { size: 3, ttl_ms: None },
         rules: vec![(Filter::parse("live/#").unwrap(), Retention { size: 0, ttl_ms: None })],
     };
-    let f = make(rules);
+    let f = make(rules).await;
     for _ in 0..5 {
         f.store.append(vec![new("c", "x"), new("live/x", "y")]).await.unwrap();
     }
@@ -213,8 +353,8 @@ async fn count_retention_keeps_the_last_n(make: fn(RetentionRules) -> Fixture) {
     assert_eq!((live.window.first, live.window.head), (6, 5), "ids advance even with no history");
 }
 
-async fn age_retention_drops_old_messages(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules { default: Retention { size: 100, ttl_ms: Some(1000) }, rules: vec![] });
+async fn age_retention_drops_old_messages(make: Make) {
+    let f = make(RetentionRules { default: Retention { size: 100, ttl_ms: Some(1000) }, rules: vec![] }).await;
     f.store.append(vec![new("c", "old")]).await.unwrap();
     f.clock.fetch_add(600, Ordering::SeqCst);
     f.store.append(vec![new("c", "new")]).await.unwrap();
@@ -230,8 +370,8 @@ async fn age_retention_drops_old_messages(make: fn(RetentionRules) -> Fixture) {
     assert_eq!(ids(&f.store.append(vec![new("c", "again")]).await.unwrap()), [3]);
 }
 
-async fn channels_by_filter(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn channels_by_filter(make: Make) {
+    let f = make(RetentionRules::default()).await;
     f.store
         .append(vec![
             new("chat", "x"),
@@ -251,8 +391,8 @@ async fn channels_by_filter(make: fn(RetentionRules) -> Fixture) {
     assert_eq!(names(f.store.channels(Filter::parse("#").unwrap()).await.unwrap()).len(), 4);
 }
 
-async fn concurrent_appends_get_unique_ids_in_sink_order(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn concurrent_appends_get_unique_ids_in_sink_order(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let mut tasks = Vec::new();
     for t in 0..16 {
         let store = f.store.clone();
@@ -270,12 +410,12 @@ async fn concurrent_appends_get_unique_ids_in_sink_order(make: fn(RetentionRules
     }
     all.sort();
     assert_eq!(all, (1..=320).collect::<Vec<_>>());
-    let seen: Vec<u64> = f.sink.0.lock().unwrap().iter().map(|(_, id)| *id).collect();
+    let seen: Vec<u64> = f.sink.messages(320).await.iter().map(|(_, id)| *id).collect();
     assert_eq!(seen, (1..=320).collect::<Vec<_>>(), "the sink sees ids in order");
 }
 
-async fn payload_kind_and_event_survive(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn payload_kind_and_event_survive(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let json = Data::json(bytes::Bytes::from_static(b"{\"a\": 1}")).unwrap();
     let ev = herald_core::EventName::parse("chat").unwrap();
     f.store
@@ -304,8 +444,8 @@ fn mqtt_meta() -> Arc<Meta> {
 
 /// A message read back from history (past the store's in-memory tail) keeps
 /// the QoS and properties it was published with, as one delivered live does.
-async fn mqtt_properties_survive_a_read_from_history(make: fn(RetentionRules) -> Fixture) {
-    let f = make(RetentionRules::default());
+async fn mqtt_properties_survive_a_read_from_history(make: Make) {
+    let f = make(RetentionRules::default()).await;
     let with_meta = NewMessage { meta: Some(mqtt_meta()), ..new("m", "first") };
     f.store.append(vec![with_meta]).await.unwrap();
     f.store.append((0..100).map(|i| new("m", &i.to_string())).collect()).await.unwrap();
