@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that may be set from the environment. Anything else with the
 /// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
-const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt"];
+const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt", "redis"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,6 +31,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub auth: AuthConfig,
     pub mqtt: MqttConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,6 +51,9 @@ pub struct ServerConfig {
     /// Origins whose pages may call the API from a browser (CORS); `*` is any.
     #[serde(deserialize_with = "list")]
     pub cors_origins: Vec<String>,
+    /// This node's name in logs and `/api/stats` ("": the host name and
+    /// the HTTP port).
+    pub node: String,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             memory: false,
             shutdown_grace: Duration::from_secs(10),
             cors_origins: vec!["*".into()],
+            node: String::new(),
         }
     }
 }
@@ -228,6 +233,46 @@ impl Default for MqttConfig {
     }
 }
 
+/// Several nodes sharing Redis (`../shared/DESIGN.md`, "Storage and scale").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`; several (comma-separated) are
+    /// client-side shards. Empty: the embedded store.
+    #[serde(deserialize_with = "list")]
+    pub url: Vec<String>,
+    /// Every key starts with it: several deployments may share a Redis.
+    pub prefix: String,
+    /// Partitions channels are spread over; fixed for the data's life.
+    pub partitions: u32,
+    /// Longest wait for Redis; past it a publish is answered 503.
+    #[serde(with = "duration")]
+    pub timeout: std::time::Duration,
+    /// Longest wait for a connection to Redis.
+    #[serde(with = "duration")]
+    pub connect_timeout: std::time::Duration,
+    /// How often every partition's feed sequence is checked against what
+    /// this node received.
+    #[serde(with = "duration")]
+    pub check_every: std::time::Duration,
+    /// Recent feed messages Redis keeps per partition for nodes that missed some.
+    pub feed_log: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: Vec::new(),
+            prefix: "herald".into(),
+            partitions: 16,
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            check_every: Duration::from_secs(1),
+            feed_log: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -325,6 +370,17 @@ impl Config {
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if !self.redis.url.is_empty() {
+            if self.server.memory {
+                return Err(ConfigError::Invalid("[server] memory and [redis] url exclude each other".into()));
+            }
+            if !(1..=16_384).contains(&self.redis.partitions) {
+                return Err(ConfigError::Invalid("[redis] partitions is between 1 and 16384".into()));
+            }
+            if self.redis.timeout.is_zero() || self.redis.check_every.is_zero() || self.redis.feed_log == 0 {
+                return Err(ConfigError::Invalid("[redis] timeout, check_every and feed_log must be above 0".into()));
             }
         }
         if self.ws.ping.is_zero() || self.sse.heartbeat.is_zero() {

@@ -14,13 +14,16 @@ use std::{
     sync::Arc,
 };
 
+use bytes::Bytes;
 use herald_core::{
     Channel, Filter, Hub, Message, Target, Window,
-    inbox::{self, ReadState, Source},
+    inbox::{self, ReadMark, ReadState, Source},
 };
-use herald_store::{InboxStore, Store, StoreError};
+use herald_store::{InboxStore, Signal, Store, StoreError};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::signals;
 
 pub struct Inbox {
     store: Arc<dyn Store>,
@@ -190,49 +193,53 @@ impl Inbox {
         count(&*self.store, &mut Windows::default(), user, &groups, &reads).await
     }
 
-    /// Sets read marks and returns the new count; every connection of the user
-    /// sees it.
+    /// Sets read marks and returns the new count; every connection of the
+    /// user, on this node and every other, sees it. The store merges the
+    /// marks atomically, so a mark made at the same moment on another
+    /// device (or node) is never lost.
     pub async fn mark(&self, user: &str, mark: Mark) -> Result<u64, StoreError> {
-        let mut watched = self.watched.lock().await;
-        let (groups, mut reads) = match watched.get(user) {
-            Some(w) => (w.groups.clone(), w.reads.clone()),
-            None => (self.members.groups_of(user.to_owned()).await?, self.members.read_state(user.to_owned()).await?),
+        let groups = match self.watched.lock().await.get(user) {
+            Some(w) => w.groups.clone(),
+            None => self.members.groups_of(user.to_owned()).await?,
         };
         let sources = inbox::sources(user, &groups);
         let mut windows = Windows::default();
-        let mut changed = Vec::new();
+        let mut marks = Vec::new();
         match mark {
             Mark::All => {
                 for s in &sources {
                     let head = windows.get(&*self.store, &s.channel).await?.head;
-                    let state = reads.entry(s.channel.clone()).or_default();
-                    if state.upto < head {
-                        state.mark_all(head);
-                        changed.push(s.channel.clone());
-                    }
+                    marks.push((s.channel.clone(), ReadMark::All(head)));
                 }
             }
             Mark::Ids(ids) => {
+                let mut by_channel: HashMap<Channel, Vec<u64>> = HashMap::new();
                 for (channel, id) in ids {
                     // Only the user's own sources hold their marks.
                     if sources.iter().any(|s| s.channel == channel) {
-                        reads.entry(channel.clone()).or_default().mark([id]);
-                        changed.push(channel);
+                        by_channel.entry(channel).or_default().push(id);
                     }
                 }
+                marks.extend(by_channel.into_iter().map(|(c, ids)| (c, ReadMark::Ids(ids))));
             }
         }
-        changed.sort();
-        changed.dedup();
-        let save = changed.iter().map(|c| (c.clone(), reads[c].clone())).collect::<Vec<_>>();
-        if !save.is_empty() {
-            self.members.save_read_state(user.to_owned(), save).await?;
-        }
-        let n = count(&*self.store, &mut windows, user, &groups, &reads).await?;
-        if let Some(w) = watched.get_mut(user) {
-            w.reads = reads;
-            w.count.send_if_modified(|c| std::mem::replace(c, n) != n);
-        }
+        let merged =
+            if marks.is_empty() { HashMap::new() } else { self.members.mark_read(user.to_owned(), marks).await? };
+        let mut watched = self.watched.lock().await;
+        let n = match watched.get_mut(user) {
+            Some(w) => {
+                w.reads.extend(merged);
+                let n = count(&*self.store, &mut windows, user, &w.groups, &w.reads).await?;
+                w.count.send_if_modified(|c| std::mem::replace(c, n) != n);
+                n
+            }
+            None => {
+                let reads = self.members.read_state(user.to_owned()).await?;
+                count(&*self.store, &mut windows, user, &groups, &reads).await?
+            }
+        };
+        drop(watched);
+        self.announce(user, &[user.to_owned()]).await;
         Ok(n)
     }
 
@@ -241,13 +248,15 @@ impl Inbox {
         let channel = inbox::group_channel(group).expect("group names are validated by the caller");
         let head = self.store.read(channel, 0, 0).await?.window.head;
         let added = self.members.add_members(group.to_owned(), users.clone(), head).await?;
-        self.refresh_groups(&users).await?;
+        self.refresh(&users).await?;
+        self.announce(group, &users).await;
         Ok(added)
     }
 
     pub async fn remove_members(&self, group: &str, users: Vec<String>) -> Result<usize, StoreError> {
         let removed = self.members.remove_members(group.to_owned(), users.clone()).await?;
-        self.refresh_groups(&users).await?;
+        self.refresh(&users).await?;
+        self.announce(group, &users).await;
         Ok(removed)
     }
 
@@ -255,18 +264,40 @@ impl Inbox {
         self.members.members(group.to_owned(), after.to_owned(), limit).await
     }
 
-    /// Reloads the groups of connected users among `users` and their counts.
-    async fn refresh_groups(&self, users: &[String]) -> Result<(), StoreError> {
+    /// Tells every node that these users' read state or groups changed
+    /// (over Redis; on one node the signal comes back here, harmlessly).
+    /// Best effort: the change is stored, and a node that misses the signal
+    /// corrects its counts at the next notification or feed resync.
+    async fn announce(&self, key: &str, users: &[String]) {
+        for chunk in users.chunks(1000) {
+            let signal = Signal::new(signals::INBOX, key, Bytes::from(chunk.join("\n")));
+            if let Err(e) = self.store.signal(signal).await {
+                tracing::warn!(error = %e, "could not tell other nodes of an inbox change");
+            }
+        }
+    }
+
+    /// Reloads the groups and read state of connected users among `users`
+    /// from the store, and their counts: after a change made here or on
+    /// another node.
+    pub async fn refresh(&self, users: &[String]) -> Result<(), StoreError> {
         let mut watched = self.watched.lock().await;
         let mut windows = Windows::default();
         for u in users {
             if let Some(w) = watched.get_mut(u) {
                 w.groups = self.members.groups_of(u.clone()).await?;
+                w.reads = self.members.read_state(u.clone()).await?;
                 let n = count(&*self.store, &mut windows, u, &w.groups, &w.reads).await?;
                 w.count.send_if_modified(|c| std::mem::replace(c, n) != n);
             }
         }
         Ok(())
+    }
+
+    /// Reloads every connected user (signals may have been missed).
+    pub async fn refresh_all(&self) -> Result<(), StoreError> {
+        let users: Vec<String> = self.watched.lock().await.keys().cloned().collect();
+        self.refresh(&users).await
     }
 
     /// The user's inbox, newest first: every retained message of their sources

@@ -10,7 +10,8 @@
 //! - `api/`: the HTTP APIs that are not subscriptions: publish, inboxes,
 //!   health, stats, the demo pages;
 //! - at the top: the shared state, the route table, auth, subscriptions,
-//!   live inboxes, configuration, the server's start and stop, and
+//!   live inboxes, configuration, the server's start and stop, the store's
+//!   sink (`signals.rs`: what other nodes tell this one), and
 //!   `webhook.rs`: the signature and HTTP client of every outbound request.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod edge;
 pub mod inbox;
 pub mod routes;
 pub mod server;
+pub mod signals;
 pub mod state;
 pub mod subscription;
 pub mod transport;

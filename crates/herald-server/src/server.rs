@@ -9,7 +9,8 @@ use std::{
 
 use herald_core::Hub;
 use herald_store::{
-    BrokerStore, InboxStore, MemoryStore, SqliteOptions, SqliteStore, Store, StoreConfig, SyncMode, system_clock,
+    BrokerStore, InboxStore, MemoryStore, RedisOptions, RedisStore, SqliteOptions, SqliteStore, Store, StoreConfig,
+    SyncMode, system_clock,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,7 @@ use crate::{
     auth::Auth,
     config::{Config, ConfigError, SyncSetting},
     inbox::Inbox,
+    signals::Sink,
     state::AppState,
 };
 
@@ -49,9 +51,24 @@ impl Server {
     /// Opens the store and binds the HTTP listener.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
         let hub = Hub::new(config.limits.subscriber_queue);
-        let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: hub.clone() };
+        let sink = Sink::new(hub.clone());
+        let node = node_name(&config);
+        let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: sink.clone() };
         let (store, inbox_store, broker_store): (Arc<dyn Store>, Arc<dyn InboxStore>, Arc<dyn BrokerStore>) =
-            if config.server.memory {
+            if !config.redis.url.is_empty() {
+                let r = &config.redis;
+                let mut options = RedisOptions::new(r.url.clone());
+                options.prefix = r.prefix.clone();
+                options.partitions = r.partitions;
+                options.timeout = r.timeout;
+                options.connect_timeout = r.connect_timeout;
+                options.check_every = r.check_every;
+                options.log_len = r.feed_log;
+                options.node = node.clone();
+                let s = Arc::new(RedisStore::open(options, store_config).await?);
+                tracing::info!(node, redis = r.url.len(), "sharing channels with other nodes over Redis");
+                (s.clone(), s.clone(), s)
+            } else if config.server.memory {
                 let s = Arc::new(MemoryStore::new(store_config));
                 (s.clone(), s.clone(), s)
             } else {
@@ -72,6 +89,7 @@ impl Server {
         }
         let inbox = Inbox::new(store.clone(), inbox_store);
         inbox.spawn_listener(&hub, shutdown.clone());
+        sink.attach(inbox.clone(), mqtt.clone());
         let addr = config.server.http;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let state = Arc::new(AppState {
@@ -84,6 +102,7 @@ impl Server {
             auth,
             inbox,
             mqtt,
+            node,
         });
         let mqtt = match state.config.server.mqtt.trim() {
             "" | "off" => None,
@@ -145,6 +164,19 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// This node's name: `[server] node`, else the host name and HTTP port.
+fn node_name(config: &Config) -> String {
+    if !config.server.node.is_empty() {
+        return config.server.node.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let host = if host.is_empty() { "herald".to_owned() } else { host };
+    format!("{host}:{}", config.server.http.port())
 }
 
 /// A listener with a deep accept backlog: thousands of clients reconnecting at

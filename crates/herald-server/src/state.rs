@@ -32,6 +32,8 @@ pub struct AppState {
     pub auth: Auth,
     pub inbox: Arc<Inbox>,
     pub mqtt: Arc<crate::transport::mqtt::Broker>,
+    /// This node's name (`[server] node`), in logs and stats.
+    pub node: String,
 }
 
 impl AppState {
@@ -68,8 +70,10 @@ impl AppState {
         }
     }
 
+    /// Ready for traffic: started, not stopping, and the store can take
+    /// writes (over Redis: every Redis answers and every feed is up).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
+        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled() && self.store.status().available
     }
 }
 

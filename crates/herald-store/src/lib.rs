@@ -76,9 +76,17 @@ pub struct Signal {
     pub kind: u8,
     pub key: String,
     pub body: Bytes,
+    /// Where it stands in its partition's order, as delivered by a Redis
+    /// store (its feed sequence number); 0 from the other stores and when
+    /// sending. A broker record's signal has the version its `put` answered.
+    pub seq: u64,
 }
 
 impl Signal {
+    pub fn new(kind: u8, key: impl Into<String>, body: Bytes) -> Self {
+        Signal { kind, key: key.into(), body, seq: 0 }
+    }
+
     /// What a Redis store announces itself when a [`BrokerStore`] record is
     /// written: `key` is the table's letter (`r` retained, `s` sessions), a
     /// `/` and the record's key; `body` the record (empty: deleted).
@@ -242,8 +250,11 @@ pub trait InboxStore: Send + Sync + 'static {
 /// client id. Small and rare next to messages (a write per retained publish,
 /// per subscription change and per disconnect of a persistent session).
 pub trait BrokerStore: Send + Sync + 'static {
-    /// Stores `value` under `key`, or deletes the key with `None`.
-    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Stores `value` under `key`, or deletes the key with `None`. Answers
+    /// the write's version: over Redis, the `seq` of the [`Signal::RECORD`]
+    /// every node will hear of it (so a node can tell its own later write
+    /// from an earlier one announced late); 0 from the other stores.
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// Every record of `table`.
     fn load(&self, table: BrokerTable) -> BoxFuture<'_, Result<Vec<BrokerRecord>, StoreError>>;

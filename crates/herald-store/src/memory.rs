@@ -222,7 +222,7 @@ impl InboxStore for MemoryStore {
 }
 
 impl BrokerStore for MemoryStore {
-    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let mut st = self.lock();
             let records = st.broker.entry(table).or_default();
@@ -230,7 +230,7 @@ impl BrokerStore for MemoryStore {
                 Some(v) => records.insert(key, v),
                 None => records.remove(&key),
             };
-            Ok(())
+            Ok(0)
         })
     }
 

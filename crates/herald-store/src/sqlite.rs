@@ -661,7 +661,7 @@ impl InboxStore for SqliteStore {
 /// The broker's records: in their own tables, written on the inbox writer's
 /// connection (small, rare writes, serialised by SQLite with the messages').
 impl BrokerStore for SqliteStore {
-    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.with_inbox_writer(move |tx| {
             match (table_sql(table), value) {
                 ((name, key_column), Some(v)) => tx
@@ -671,7 +671,7 @@ impl BrokerStore for SqliteStore {
                     tx.prepare_cached(&format!("DELETE FROM {name} WHERE {key_column} = ?1"))?.execute([key])?
                 }
             };
-            Ok(())
+            Ok(0)
         }))
     }
 
@@ -685,12 +685,6 @@ impl BrokerStore for SqliteStore {
     }
 
     fn get(&self, table: BrokerTable, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
-        self.get_record(table, key)
-    }
-}
-
-impl SqliteStore {
-    fn get_record(&self, table: BrokerTable, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, StoreError>> {
         Box::pin(self.with_reader(move |conn| {
             let (name, key_column) = table_sql(table);
             conn.prepare_cached(&format!("SELECT value FROM {name} WHERE {key_column} = ?1"))?

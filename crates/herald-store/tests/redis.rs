@@ -243,7 +243,7 @@ async fn signals_reach_every_node() {
     let server = RedisServer::start(&[]);
     let (a, sink_a) = node(&server).await;
     let (_b, sink_b) = node(&server).await;
-    a.signal(Signal { kind: 9, key: "user/ann".into(), body: bytes::Bytes::from_static(b"x") }).await.unwrap();
+    a.signal(Signal::new(9, "user/ann", bytes::Bytes::from_static(b"x"))).await.unwrap();
     for sink in [&sink_a, &sink_b] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !sink.signals.lock().unwrap().contains(&9) && tokio::time::Instant::now() < deadline {

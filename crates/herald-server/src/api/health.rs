@@ -10,11 +10,14 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready: the store is open, the listeners are bound, and it is not shutting down.
+/// Ready: the store is open and can take writes (over Redis: every Redis
+/// answers and every feed is up), the listeners are bound, and it is not
+/// shutting down.
 pub(crate) async fn readyz(State(state): State<SharedState>) -> (StatusCode, Json<Value>) {
     if state.is_ready() {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "starting or stopping" })))
+        let why = if state.store.status().available { "starting or stopping" } else { "store unavailable" };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": why })))
     }
 }

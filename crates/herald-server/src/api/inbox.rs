@@ -117,8 +117,9 @@ pub(crate) async fn notify(
         .into_iter()
         .map(|channel| NewMessage { channel, event: Some(event.clone()), data: data.clone(), meta: None })
         .collect();
-    let stored = state.store.append(batch).await?;
-    let results: Vec<Value> = stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect();
+    let key = crate::api::publish::idempotency_key(&headers)?;
+    let stored = crate::api::publish::store_batch(&state, &herald_core::Principal::Admin, batch, key).await?;
+    let results: Vec<Value> = stored.iter().map(|(channel, id)| json!({ "channel": channel, "id": id })).collect();
     Ok(Json(if results.len() == 1 { results[0].clone() } else { json!({ "results": results }) }))
 }
 

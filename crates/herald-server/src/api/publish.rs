@@ -11,6 +11,7 @@ use axum::{
 };
 use bytes::Bytes;
 use herald_core::{Channel, Data, EventName, NewMessage, Principal};
+use herald_store::{Idempotency, Receipt};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
@@ -40,7 +41,8 @@ pub(crate) async fn publish_body(
             )
         })?
     };
-    let ids = append(&state, principal, vec![channel], event, data).await?;
+    let key = idempotency_key(headers)?;
+    let ids = append(&state, principal, vec![channel], event, data, key).await?;
     Ok(Json(ids.into_iter().next().expect("one channel, one id")))
 }
 
@@ -100,7 +102,8 @@ async fn envelope(
     }
     let data = data_from_json(raw);
     let single = channels.len() == 1;
-    let mut results = append(&state, &principal, channels, event, data).await?;
+    let key = idempotency_key(headers)?;
+    let mut results = append(&state, &principal, channels, event, data, key).await?;
     Ok(if single { results.remove(0) } else { json!({ "results": results }) })
 }
 
@@ -115,13 +118,30 @@ pub(crate) fn data_from_json(raw: &str) -> Data {
     }
 }
 
-/// Stores one message per channel, atomically, and answers each `{channel,id}`.
+/// The request's `Idempotency-Key`, if it has one: 1 to 255 visible ASCII
+/// characters.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k.to_owned())),
+        _ => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// Stores one message per channel, atomically, and answers each
+/// `{channel,id}`. With an idempotency key, a repeat within 5 minutes (by
+/// the same sender: keys are kept per API key holder and per user) is
+/// answered with the first answer and stores nothing.
 pub(crate) async fn append(
     state: &SharedState,
     principal: &Principal,
     channels: Vec<Channel>,
     event: Option<EventName>,
     data: Data,
+    idempotency_key: Option<String>,
 ) -> Result<Vec<serde_json::Value>, ApiError> {
     if let Some(c) = channels.iter().find(|c| c.is_reserved()) {
         return Err(ApiError::bad_request("reserved_channel", format!("'{c}' is reserved for the server ($ prefix)")));
@@ -138,8 +158,28 @@ pub(crate) async fn append(
         .into_iter()
         .map(|channel| NewMessage { channel, event: event.clone(), data: data.clone(), meta: None })
         .collect();
-    let stored = state.store.append(batch).await?;
-    Ok(stored.iter().map(|m| json!({ "channel": m.channel, "id": m.id })).collect())
+    let receipt = store_batch(state, principal, batch, idempotency_key).await?;
+    Ok(receipt.iter().map(|(channel, id)| json!({ "channel": channel, "id": id })).collect())
+}
+
+/// Stores a batch, at most once per idempotency key when there is one.
+pub(crate) async fn store_batch(
+    state: &SharedState,
+    principal: &Principal,
+    batch: Vec<NewMessage>,
+    idempotency_key: Option<String>,
+) -> Result<Receipt, ApiError> {
+    Ok(match idempotency_key {
+        Some(key) => {
+            let scope = match principal {
+                Principal::Admin => "key".to_owned(),
+                Principal::User(grant) => format!("user/{}", grant.sub),
+            };
+            let fingerprint = herald_store::fingerprint(&batch);
+            state.store.append_once(Idempotency { key: format!("{scope}:{key}"), fingerprint }, batch).await?
+        }
+        None => state.store.append(batch).await?.iter().map(|m| (m.channel.clone(), m.id)).collect(),
+    })
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

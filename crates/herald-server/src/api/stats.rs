@@ -73,10 +73,18 @@ pub(crate) async fn stats(State(state): State<SharedState>) -> Json<Value> {
     let s = &state.stats;
     let connections: serde_json::Map<String, Value> =
         TRANSPORTS.iter().map(|(t, name)| ((*name).to_owned(), json!(s.connections(*t)))).collect();
-    Json(json!({
+    let mut out = json!({
+        "node": state.node,
         "uptime_s": s.started.get().map_or(0, |t| t.elapsed().as_secs()),
         "connections": connections,
         "published": state.hub.published(),
         "delivered": s.delivered.load(Ordering::Relaxed),
-    }))
+    });
+    let store = state.store.status();
+    if let Some(details) = store.details {
+        // Over Redis: its connection state per shard and the feed's lag.
+        out["redis"] = details;
+        out["redis"]["available"] = store.available.into();
+    }
+    Json(out)
 }

@@ -16,11 +16,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (503 while the store is away).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -45,6 +47,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = (self.status, self.body()).into_response();
         res.headers_mut().insert(axum::http::header::CONTENT_TYPE, "application/json".parse().expect("static"));
+        if let Some(secs) = self.retry_after {
+            res.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         res
     }
 }
@@ -85,8 +90,31 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Backend(detail) => {
                 tracing::error!(%detail, "store failure");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the message store failed; retry")
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the message store failed; retry",
+                );
+                e.retry_after = Some(1);
+                e
             }
+            StoreError::Unavailable(detail) => {
+                // Logged by the store when it starts failing, not per request.
+                tracing::debug!(%detail, "store unavailable");
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the message store cannot be reached; nothing was stored for sure: retry with the same \
+                     Idempotency-Key to apply it at most once",
+                );
+                e.retry_after = Some(1);
+                e
+            }
+            StoreError::IdempotencyConflict => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_conflict",
+                "this Idempotency-Key was used for a different request in the last 5 minutes",
+            ),
         }
     }
 }

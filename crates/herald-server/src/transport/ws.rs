@@ -420,7 +420,7 @@ impl Session {
             return Err(ApiError::payload_too_large(limit));
         }
         let data = publish::data_from_json(raw.get());
-        let result = publish::append(&self.state, &self.principal, vec![channel], event, data).await?;
+        let result = publish::append(&self.state, &self.principal, vec![channel], event, data, None).await?;
         let mut v = result.into_iter().next().expect("one channel, one id");
         v["type"] = "published".into();
         Ok(v)

@@ -291,6 +291,6 @@ async fn resync(inner: &Inner, p: u32) -> Result<(), StoreError> {
             inner.config.sink.committed(&msgs);
         }
     }
-    inner.config.sink.signaled(&Signal { kind: Signal::RESYNC, key: String::new(), body: Bytes::new() });
+    inner.config.sink.signaled(&Signal::new(Signal::RESYNC, "", Bytes::new()));
     Ok(())
 }

@@ -149,11 +149,11 @@ fn table_letter(table: BrokerTable) -> char {
 }
 
 impl BrokerStore for RedisStore {
-    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn put(&self, table: BrokerTable, key: String, value: Option<Vec<u8>>) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let letter = table_letter(table);
             let body = value.as_deref().map(super::body).unwrap_or_default();
-            let signal = Signal { kind: Signal::RECORD, key: format!("{letter}/{key}"), body };
+            let signal = Signal::new(Signal::RECORD, format!("{letter}/{key}"), body);
             let op = if value.is_some() { "put" } else { "del" };
             self.inner.send_signal(&signal, op, Some((&key, letter)), value.as_deref()).await
         })

@@ -490,7 +490,7 @@ impl Store for RedisStore {
     fn signal(&self, signal: Signal) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             self.inner.check_open()?;
-            self.inner.send_signal(&signal, "sig", None, None).await
+            self.inner.send_signal(&signal, "sig", None, None).await.map(drop)
         })
     }
 
@@ -537,13 +537,14 @@ impl Store for RedisStore {
 impl Inner {
     /// Runs the signal script: a signal alone (`sig`), or a broker record
     /// written (`put`) or deleted (`del`) together with its announcement.
+    /// Answers the signal's sequence number.
     async fn send_signal(
         &self,
         signal: &Signal,
         op: &str,
         record: Option<(&str, char)>,
         value: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let p = match record {
             Some((key, _)) => self.keys.partition_of(key),
             None => self.keys.partition_of(&signal.key),
@@ -560,8 +561,7 @@ impl Inner {
             .arg(op)
             .arg(record.map_or("", |r| r.0))
             .arg(value.unwrap_or_default());
-        let _: u64 = self.shard(p).script(&script).await?;
-        Ok(())
+        self.shard(p).script(&script).await
     }
 }
 

@@ -93,7 +93,7 @@ pub(crate) fn decode(payload: Bytes) -> Option<Item> {
             let kind = f.number()? as u8;
             let key = f.text()?;
             let body = f.next()?;
-            Item::Signal { q, signal: Signal { kind, key, body } }
+            Item::Signal { q, signal: Signal { kind, key, body, seq: q } }
         }
         _ => return None,
     };
@@ -195,13 +195,13 @@ mod tests {
 
     #[test]
     fn signals_round_trip() {
-        let s = Signal { kind: 3, key: "user:ann".into(), body: Bytes::from_static(b"x:y") };
+        let s = Signal::new(3, "user:ann", Bytes::from_static(b"x:y"));
         let mut out = Vec::new();
         field(&mut out, b"S");
         field(&mut out, b"12");
         out.extend(signal_fields(&s));
         let Some(Item::Signal { q, signal }) = decode(Bytes::from(out)) else { panic!("decodes") };
-        assert_eq!((q, signal), (12, s));
+        assert_eq!((q, signal), (12, Signal { seq: 12, ..s }));
     }
 
     #[test]

@@ -118,7 +118,11 @@ pub struct Broker {
     /// as parked from then.
     started_ms: i64,
     slots: Mutex<HashMap<String, Slot>>,
-    retained: Mutex<BTreeMap<Arc<str>, Routed>>,
+    /// Retained messages by topic, each with the version of the write that
+    /// set it (over Redis, the feed sequence of its announcement; 0 on one
+    /// node). Over Redis a cleared topic keeps its version without a
+    /// message, so that an older write announced late cannot bring it back.
+    retained: Mutex<BTreeMap<Arc<str>, (u64, Option<Routed>)>>,
     /// Topics with a retained write under way, each with its turn: one write
     /// per topic at a time, so memory and the store end on the same message.
     retaining: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
@@ -174,13 +178,7 @@ impl Broker {
     /// stopped counts as parked from this start (its record says so from
     /// now on), and each waits for its client until it expires.
     pub async fn restore(self: &Arc<Self>) -> Result<(), StoreError> {
-        let mut retained = BTreeMap::new();
-        for (topic, bytes) in self.store.load(BrokerTable::Retained).await? {
-            match persist::decode_retained(&topic, &bytes) {
-                Some(r) => drop(retained.insert(r.topic.clone(), r)),
-                None => tracing::warn!(topic, "a retained message in an unknown format was skipped"),
-            }
-        }
+        let retained = self.load_retained().await?;
         let now = herald_store::now_ms();
         let mut sessions = HashMap::new();
         let mut expired = Vec::new();
@@ -217,9 +215,62 @@ impl Broker {
             });
         }
         tracing::debug!(retained = retained.len(), sessions = sessions.len(), "MQTT state restored");
-        *self.retained.lock().unwrap_or_else(|e| e.into_inner()) = retained;
+        self.retained.lock().unwrap_or_else(|e| e.into_inner()).extend(retained);
         *self.stored.lock().unwrap_or_else(|e| e.into_inner()) = sessions;
         Ok(())
+    }
+
+    async fn load_retained(&self) -> Result<BTreeMap<Arc<str>, (u64, Option<Routed>)>, StoreError> {
+        let mut retained = BTreeMap::new();
+        for (topic, bytes) in self.store.load(BrokerTable::Retained).await? {
+            match persist::decode_retained(&topic, &bytes) {
+                Some(r) => drop(retained.insert(r.topic.clone(), (0, Some(r)))),
+                None => tracing::warn!(topic, "a retained message in an unknown format was skipped"),
+            }
+        }
+        Ok(retained)
+    }
+
+    /// Sets a topic's retained message in memory, unless a later write (a
+    /// higher version) is already there.
+    fn set_retained(&self, topic: Arc<str>, version: u64, msg: Option<Routed>) {
+        let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        if retained.get(&topic).is_some_and(|(v, _)| *v > version) {
+            return;
+        }
+        if msg.is_none() && !self.store.is_shared() {
+            retained.remove(&topic);
+        } else {
+            retained.insert(topic, (version, msg));
+        }
+    }
+
+    /// A broker record written by this node or another (over Redis every
+    /// node hears of each): retained messages are kept in memory here.
+    pub(crate) fn record_changed(&self, key: &str, body: &[u8], version: u64) {
+        let Some(topic) = key.strip_prefix("r/") else { return };
+        let msg = if body.is_empty() { None } else { persist::decode_retained(topic, body) };
+        self.set_retained(topic.into(), version, msg);
+    }
+
+    /// A signal about MQTT from another node (see `signals.rs`).
+    pub(crate) fn signaled(&self, _signal: &herald_store::Signal) {}
+
+    /// Signals may have been lost: reads the retained messages back.
+    pub(crate) fn resync(self: &Arc<Self>) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            match broker.load_retained().await {
+                Ok(loaded) => {
+                    for (topic, (_, msg)) in loaded {
+                        let version =
+                            broker.retained.lock().unwrap_or_else(|e| e.into_inner()).get(&topic).map_or(0, |e| e.0);
+                        broker.set_retained(topic, version, msg);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read retained messages back after a feed resync"),
+            }
+        });
     }
 
     /// The stored session of `client_id` from an earlier run; taken, as the
@@ -251,12 +302,12 @@ impl Broker {
         parked_at: Option<i64>,
     ) -> Result<(), StoreError> {
         let record = StoredSession::of(session, parked_at).encode();
-        self.store.put(BrokerTable::Sessions, client_id.to_owned(), Some(record)).await
+        self.store.put(BrokerTable::Sessions, client_id.to_owned(), Some(record)).await.map(drop)
     }
 
     /// Deletes a session's record.
     pub(crate) async fn forget_session(&self, client_id: &str) -> Result<(), StoreError> {
-        self.store.put(BrokerTable::Sessions, client_id.to_owned(), None).await
+        self.store.put(BrokerTable::Sessions, client_id.to_owned(), None).await.map(drop)
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -504,15 +555,11 @@ impl Broker {
                 let _turn = turn.clone().lock_owned().await;
                 let record = (!msg.payload.is_empty()).then(|| persist::encode_retained(&msg));
                 let written = broker.store.put(BrokerTable::Retained, msg.topic.to_string(), record).await;
-                if written.is_ok() {
-                    let mut retained = broker.retained.lock().unwrap_or_else(|e| e.into_inner());
-                    if msg.payload.is_empty() {
-                        retained.remove(&msg.topic);
-                    } else {
-                        retained.insert(msg.topic.clone(), msg.clone());
-                    }
+                if let Ok(version) = written {
+                    let kept = (!msg.payload.is_empty()).then(|| msg.clone());
+                    broker.set_retained(msg.topic.clone(), version, kept);
                 }
-                written
+                written.map(drop)
             };
             // The last one out forgets the topic's turn: held by the map and
             // by this task alone, nobody else waits for it.
@@ -527,7 +574,12 @@ impl Broker {
 
     pub(crate) fn retained_matching(&self, filter: &str) -> Vec<Routed> {
         let retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
-        retained.values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+        retained
+            .values()
+            .filter_map(|(_, m)| m.as_ref())
+            .filter(|m| topic::matches(filter, &m.topic))
+            .cloned()
+            .collect()
     }
 }
 
