@@ -84,6 +84,11 @@ pub struct Subscription {
 /// Messages read from the store per round trip.
 const PAGE: usize = 256;
 
+/// How soon a live subscription reads again when the store is unavailable,
+/// first and at most.
+const STORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Subscription {
     /// Opens a subscription to `targets`. Each channel starts from its entry in
     /// `token` if it has one, else from `since`.
@@ -348,9 +353,23 @@ impl Subscription {
     /// instead of holding this future for as long as the connection is idle
     /// (heaptrack: 630 bytes of every idle SSE stream that began with a replay).
     pub async fn next_general(&mut self) -> Result<Option<Delivery>, StoreError> {
+        let mut pause = STORE_RETRY_MIN;
         loop {
-            if let Some(d) = self.next_ready().await? {
-                return Ok(Some(d));
+            match self.next_ready().await {
+                Ok(Some(d)) => return Ok(Some(d)),
+                Ok(None) => {}
+                Err(StoreError::Unavailable(why)) if self.live.is_some() => {
+                    // The store is away (Redis unreachable): a live stream
+                    // stays open, its heartbeats go on (they are timed by
+                    // whoever polls this), and it reads again shortly; what
+                    // is published meanwhile waits in the mailbox or, past
+                    // it, in the store.
+                    tracing::debug!(%why, ?pause, "store unavailable; the subscription reads again shortly");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(STORE_RETRY_MAX);
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             if self.is_memory_only() {
                 return Ok(None);
