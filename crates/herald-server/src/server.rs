@@ -52,7 +52,10 @@ impl Server {
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
         let hub = Hub::new(config.limits.subscriber_queue);
         let sink = Sink::new(hub.clone());
-        let node = node_name(&config);
+        // Bound first: the node's default name carries the port it got.
+        let addr = config.server.http;
+        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let node = node_name(&config, listener.local_addr()?.port());
         let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: sink.clone() };
         let (store, inbox_store, broker_store): (Arc<dyn Store>, Arc<dyn InboxStore>, Arc<dyn BrokerStore>) =
             if !config.redis.url.is_empty() {
@@ -81,7 +84,11 @@ impl Server {
                 let s = Arc::new(SqliteStore::open(options, store_config)?);
                 (s.clone(), s.clone(), s)
             };
+        let shared = broker_store.is_shared();
         let mqtt = Arc::new(crate::transport::mqtt::Broker::new(broker_store));
+        if shared {
+            mqtt.join_cluster(store.clone(), node.clone());
+        }
         mqtt.restore().await?;
         let auth = Auth::from_config(&config.auth)?;
         if auth.is_open() && !config.server.http.ip().is_loopback() && !config.auth.allow_open {
@@ -90,8 +97,6 @@ impl Server {
         let inbox = Inbox::new(store.clone(), inbox_store);
         inbox.spawn_listener(&hub, shutdown.clone());
         sink.attach(inbox.clone(), mqtt.clone());
-        let addr = config.server.http;
-        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let state = Arc::new(AppState {
             config,
             store,
@@ -167,7 +172,7 @@ impl Server {
 }
 
 /// This node's name: `[server] node`, else the host name and HTTP port.
-fn node_name(config: &Config) -> String {
+fn node_name(config: &Config, port: u16) -> String {
     if !config.server.node.is_empty() {
         return config.server.node.clone();
     }
@@ -176,7 +181,7 @@ fn node_name(config: &Config) -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
     let host = if host.is_empty() { "herald".to_owned() } else { host };
-    format!("{host}:{}", config.server.http.port())
+    format!("{host}:{port}")
 }
 
 /// A listener with a deep accept backlog: thousands of clients reconnecting at

@@ -252,3 +252,19 @@ async fn signals_reach_every_node() {
         assert!(sink.signals.lock().unwrap().contains(&9));
     }
 }
+
+/// A signal creates its partition's record before any message does: the
+/// first message there still gets id 1 (only a partition that gave out ids
+/// and lost its record goes on from a floor).
+#[tokio::test(flavor = "multi_thread")]
+async fn signals_before_the_first_message_do_not_move_ids() {
+    let server = RedisServer::start(&[]);
+    let (a, _) = node(&server).await;
+    for i in 0..32 {
+        a.signal(Signal::new(9, format!("user/{i}"), bytes::Bytes::new())).await.unwrap();
+    }
+    let (_b, _) = node(&server).await; // a node that reads every partition's record at start
+    for ch in ["c", "d", "e", "f", "g", "h"] {
+        assert_eq!(a.append(vec![msg(ch, "first")]).await.unwrap()[0].id, 1, "{ch}");
+    }
+}

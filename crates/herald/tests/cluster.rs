@@ -477,6 +477,13 @@ async fn a_redis_that_lost_its_data_shows_a_gap_never_a_reused_id() {
     }
     let after = acked["after-0"].unwrap();
     assert!(after > 1_000_000_000_000, "ids after the loss start from a base past every old id: {after}");
+    // A reader from 0 now: everything there is, no gap (the ids below the
+    // new base never existed for it).
+    let (status, page) = get_json(&b, "/api/channels/room/messages?since=0").await;
+    assert_eq!(status, 200);
+    assert_eq!(page["gap"], false, "{page}");
+    assert_eq!(page["messages"].as_array().unwrap().len(), 20);
+    assert_eq!(page["messages"][0]["id"], after);
     tasks.into_iter().for_each(|t| t.abort());
 }
 
@@ -627,4 +634,172 @@ async fn channels_spread_over_two_redis_shards() {
     let held = |r: &RedisServer| r.cli(&["--scan", "--pattern", "herald:*:s:spread/*"]).lines().count();
     assert!(held(&r1) > 0 && held(&r2) > 0, "r1 {} r2 {}", held(&r1), held(&r2));
     assert_eq!(held(&r1) + held(&r2), 16);
+}
+
+/// An MQTT 5 client on a node, its events read through a channel with
+/// every wait bounded.
+mod mqtt5 {
+    use super::*;
+    pub(super) use rumqttc::v5::{
+        AsyncClient, ConnectionError, Event, MqttOptions,
+        mqttbytes::{QoS, v5::Packet},
+    };
+    use tokio::sync::mpsc;
+
+    pub(super) struct Client {
+        pub(super) client: AsyncClient,
+        events: mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+        task: JoinHandle<()>,
+    }
+
+    pub(super) fn persistent(node: &Server, id: &str) -> MqttOptions {
+        let (host, port) = node.mqtt.rsplit_once(':').unwrap();
+        let mut o = MqttOptions::new(id, host, port.parse().unwrap());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(300));
+        o
+    }
+
+    impl Client {
+        /// Connects; answers whether the server had a session for it.
+        pub(super) async fn connect(opts: MqttOptions) -> (Client, bool) {
+            let (client, mut el) = AsyncClient::new(opts, 100);
+            let (tx, events) = mpsc::unbounded_channel();
+            let task = tokio::spawn(async move {
+                loop {
+                    let r = el.poll().await;
+                    let ended = r.is_err();
+                    if tx.send(r).is_err() || ended {
+                        return;
+                    }
+                }
+            });
+            let mut c = Client { client, events, task };
+            let present = c
+                .until(|p| match p {
+                    Packet::ConnAck(ack) => Some(ack.session_present),
+                    _ => None,
+                })
+                .await;
+            (c, present)
+        }
+
+        /// The next incoming packet `pick` accepts (others are dropped);
+        /// fails after 10 s.
+        pub(super) async fn until<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
+            loop {
+                let e = tokio::time::timeout(clients::PATIENCE, self.events.recv())
+                    .await
+                    .expect("an MQTT packet within 10s")
+                    .expect("the event loop is running")
+                    .expect("the MQTT connection is up");
+                if let Event::Incoming(p) = e
+                    && let Some(t) = pick(&p)
+                {
+                    return t;
+                }
+            }
+        }
+
+        /// The payload of the next message.
+        pub(super) async fn message(&mut self) -> String {
+            self.until(|p| match p {
+                Packet::Publish(m) => Some(String::from_utf8(m.payload.to_vec()).unwrap()),
+                _ => None,
+            })
+            .await
+        }
+
+        pub(super) async fn subscribe(&mut self, filter: &str) {
+            self.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+            self.until(|p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+        }
+
+        /// Whether the server ended the connection (within 10 s).
+        pub(super) async fn ended(&mut self) -> bool {
+            loop {
+                match tokio::time::timeout(clients::PATIENCE, self.events.recv()).await.expect("an end within 10s") {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return true,
+                }
+            }
+        }
+
+        /// Drops the connection without DISCONNECT.
+        pub(super) fn kill(self) {
+            self.task.abort();
+        }
+    }
+}
+
+/// MQTT across nodes: a client id that connects to another node takes its
+/// session over (the old connection is told, the session goes on with its
+/// subscriptions, what was published meanwhile arrives); retained messages
+/// and topics outside the channel grammar reach subscribers on other nodes;
+/// a will published on one node reaches subscribers on another.
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt_sessions_retained_messages_and_wills_work_across_nodes() {
+    use mqtt5::{Client, Packet, persistent};
+    let redis = RedisServer::start(&[]);
+    let (a, b, c) = (node(&[&redis]), node(&[&redis]), node(&[&redis]));
+
+    // A persistent session on a, subscribed to a channel and to a topic that
+    // is not a channel.
+    let (mut on_a, present) = Client::connect(persistent(&a, "roamer")).await;
+    assert!(!present);
+    on_a.subscribe("fleet/+").await;
+    on_a.subscribe("/odd topic").await;
+    common::publish(&c, "fleet/1", "one").await;
+    assert_eq!(on_a.message().await, "one");
+
+    // The same client id on b: a's connection is taken over.
+    let (mut on_b, present) = Client::connect(persistent(&b, "roamer")).await;
+    assert!(present, "the session followed the client to node b");
+    assert!(on_a.ended().await, "a's connection was closed");
+    // What the old connection is told, read off the wire (a raw MQTT 5
+    // connection; rumqttc reports a server's DISCONNECT as a closed socket):
+    // DISCONNECT with 0x8E, session taken over.
+    let mut raw = clients::raw_mqtt::raw_connected(&a, 5, "raw-roamer", 0).await;
+    let _taker = Client::connect(persistent(&c, "raw-roamer")).await;
+    let told = clients::raw_mqtt::closed_by_server(&mut raw).await;
+    assert_eq!(&told[..1], [0xe0], "a DISCONNECT: {told:x?}");
+    assert_eq!(told[2], 0x8e, "session taken over: {told:x?}");
+    common::publish(&c, "fleet/2", "two").await;
+    assert_eq!(on_b.message().await, "two", "the subscription came along");
+
+    // Messages published while the client is away arrive when it comes back
+    // on a third node (QoS 1, from the session's stored cursors).
+    on_b.kill();
+    common::publish(&a, "fleet/3", "three").await;
+    let (mut on_c, present) = Client::connect(persistent(&c, "roamer")).await;
+    assert!(present);
+    assert_eq!(on_c.message().await, "three");
+
+    // A topic outside the channel grammar, published on another node.
+    let (mut publisher, _) = Client::connect(persistent(&a, "odd-publisher")).await;
+    publisher.client.publish("/odd topic", mqtt5::QoS::AtLeastOnce, false, "odd").await.unwrap();
+    publisher.until(|p| matches!(p, Packet::PubAck(_)).then_some(())).await;
+    assert_eq!(on_c.message().await, "odd");
+
+    // A retained message set on one node, read by a subscriber on another.
+    publisher.client.publish("fleet/status", mqtt5::QoS::AtLeastOnce, true, "retained").await.unwrap();
+    publisher.until(|p| matches!(p, Packet::PubAck(_)).then_some(())).await;
+    let (mut late, _) = Client::connect(persistent(&b, "late")).await;
+    late.subscribe("fleet/status").await;
+    assert_eq!(late.message().await, "retained");
+
+    // A will: the client on a is cut off, its will reaches b.
+    let mut will_opts = persistent(&a, "mortal");
+    will_opts.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+        "fleet/obituary",
+        "gone",
+        mqtt5::QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    late.subscribe("fleet/obituary").await;
+    let (mortal, _) = Client::connect(will_opts).await;
+    mortal.kill();
+    assert_eq!(late.message().await, "gone");
 }

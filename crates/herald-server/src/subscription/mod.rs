@@ -469,8 +469,14 @@ impl Subscription {
                 }
                 self.backlog.pop_front();
                 let mut prev = plan.after;
-                if let Some(gap) = plan.gap {
-                    self.ready.push_back(Delivery::Gap(Box::new(gap)));
+                match plan.gap {
+                    Some(gap) => self.ready.push_back(Delivery::Gap(Box::new(gap))),
+                    // From 0 on a channel whose ids begin at an origin: the
+                    // ids below it never were, so the cursor starts there
+                    // (nothing else of this channel is queued: the backlog
+                    // is read only once everything ready went out).
+                    None if plan.after > after => self.cursors.moved(&channel, plan.after),
+                    None => {}
                 }
                 let full = page.messages.len() == self.page;
                 let last = page.messages.last().map(|m| m.id);

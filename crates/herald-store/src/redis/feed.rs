@@ -156,10 +156,10 @@ async fn receive(inner: &Inner, p: u32, payload: Bytes) -> Result<(), StoreError
 
 /// Hands one payload to the sink and records its sequence number.
 fn hand_on(inner: &Inner, p: u32, item: wire::Item) {
-    inner.known[p as usize].store(true, Ordering::Relaxed);
     inner.seen[p as usize].store(item.q(), Ordering::Release);
     match item {
         wire::Item::Messages { messages, .. } => {
+            inner.known[p as usize].store(true, Ordering::Relaxed);
             inner.heads.committed(&messages);
             inner.config.sink.committed(&messages);
         }
@@ -225,18 +225,20 @@ async fn check(inner: &Inner, partitions: &[u32]) -> Result<(), StoreError> {
     let Some(&first) = partitions.first() else { return Ok(()) };
     let mut pipe = redis::pipe();
     for p in partitions {
-        pipe.cmd("HGET").arg(inner.keys.part(*p)).arg("q");
+        pipe.cmd("HMGET").arg(inner.keys.part(*p)).arg("q").arg("run");
     }
-    let qs: Vec<Option<u64>> = inner.shard(first).pipe(&pipe).await?;
-    for (&p, q) in partitions.iter().zip(qs) {
+    let records: Vec<(Option<u64>, Option<String>)> = inner.shard(first).pipe(&pipe).await?;
+    for (&p, (q, run)) in partitions.iter().zip(records) {
+        // Ids were given out here (a publish records the Redis run): if the
+        // record goes missing, Redis lost it, and ids must not start over.
+        if run.is_some() {
+            inner.known[p as usize].store(true, Ordering::Relaxed);
+        }
         let q = q.unwrap_or(0);
         let seen = inner.seen[p as usize].load(Ordering::Acquire);
         if seen == UNKNOWN {
             // Start: what came before is history, read by whoever wants it.
             inner.seen[p as usize].store(q, Ordering::Release);
-            if q > 0 {
-                inner.known[p as usize].store(true, Ordering::Relaxed);
-            }
         } else if q > seen {
             recover(inner, p, seen + 1, q).await?;
         } else if q < seen {

@@ -96,8 +96,9 @@ struct Inner {
     shard_of: Vec<usize>,
     /// Per partition: the last feed sequence handed to the sink.
     seen: Vec<AtomicU64>,
-    /// Per partition: this node has seen it hold data (so a missing record
-    /// means Redis lost it, not that it is new).
+    /// Per partition: this node has seen it give out ids (so a record
+    /// without its Redis run id means Redis lost it, not that it is new; a
+    /// signal alone leaves a record without one).
     known: Vec<AtomicBool>,
     /// Channels' heads as the feed and reads found them, and their last few
     /// messages, as the SQLite store keeps them.

@@ -192,7 +192,14 @@ while true do
   if found or #page < 64 then break end
   from = '(' .. page[#page][1]
 end
-if head - size + 1 > first then first = head - size + 1 end
+-- The stream keeps `size` entries (trimmed at each publish); a size
+-- lowered since shows before the next publish trims.
+local len = redis.call('XLEN', KEYS[3])
+if len > size then
+  local over = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', len - size + 1)
+  local id = tonumber(string.match(over[#over][1], '^(%d+)'))
+  if size == 0 then first = head + 1 elseif id > first then first = id end
+end
 local start = math.max(after, first - 1, 0)
 local entries = {}
 if limit > 0 and start < head then

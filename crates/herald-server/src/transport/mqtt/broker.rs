@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -24,7 +24,7 @@ use herald_core::Queue;
 use herald_core::{Channel, Filter, Meta, Principal, Since, Target};
 use tokio::sync::oneshot;
 
-use herald_store::{BrokerStore, BrokerTable, StoreError};
+use herald_store::{BrokerStore, BrokerTable, Signal, Store, StoreError};
 
 use super::{
     persist::{self, StoredSession},
@@ -32,6 +32,7 @@ use super::{
     topic,
 };
 use crate::{
+    signals,
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -132,6 +133,27 @@ pub struct Broker {
     /// Shared subscriptions by (group, filter).
     shared: Mutex<HashMap<(String, String), SharedGroup>>,
     next_id: SessionIds,
+    /// Set when other nodes share the MQTT state (Redis).
+    cluster: OnceLock<Cluster>,
+    /// Client ids this node claimed from another, waiting for it to let go.
+    handovers: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+}
+
+/// How this broker reaches the other nodes.
+struct Cluster {
+    store: Arc<dyn Store>,
+    node: String,
+}
+
+/// Longest wait for another node to hand over a session it has connected.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// A signal body's leading node name (up to a newline) and the rest.
+fn split_node(body: &[u8]) -> (&str, &[u8]) {
+    match body.iter().position(|b| *b == b'\n') {
+        Some(i) => (std::str::from_utf8(&body[..i]).unwrap_or(""), &body[i + 1..]),
+        None => (std::str::from_utf8(body).unwrap_or(""), &[]),
+    }
 }
 
 /// Session ids, unique across restarts too: a stored message's `Meta::origin`
@@ -169,6 +191,8 @@ impl Broker {
             wills: Mutex::default(),
             shared: Mutex::default(),
             next_id: SessionIds::default(),
+            cluster: OnceLock::new(),
+            handovers: Mutex::default(),
         }
     }
 
@@ -179,6 +203,11 @@ impl Broker {
     /// now on), and each waits for its client until it expires.
     pub async fn restore(self: &Arc<Self>) -> Result<(), StoreError> {
         let retained = self.load_retained().await?;
+        if self.store.is_shared() {
+            // Sessions are read when their client connects (`take_stored`).
+            self.retained.lock().unwrap_or_else(|e| e.into_inner()).extend(retained);
+            return Ok(());
+        }
         let now = herald_store::now_ms();
         let mut sessions = HashMap::new();
         let mut expired = Vec::new();
@@ -253,8 +282,114 @@ impl Broker {
         self.set_retained(topic.into(), version, msg);
     }
 
-    /// A signal about MQTT from another node (see `signals.rs`).
-    pub(crate) fn signaled(&self, _signal: &herald_store::Signal) {}
+    /// Shares this broker's MQTT state with other nodes (Redis): claims of
+    /// client ids and messages on non-channel topics go out as signals.
+    pub(crate) fn join_cluster(&self, store: Arc<dyn Store>, node: String) {
+        let _ = self.cluster.set(Cluster { store, node });
+    }
+
+    /// Sends a signal to the other nodes, in the background (a signal that
+    /// does not get out is logged; what it was about is stored).
+    fn tell(&self, kind: u8, key: &str, body: Vec<u8>) {
+        let Some(c) = self.cluster.get() else { return };
+        let (store, signal) = (c.store.clone(), Signal::new(kind, key, Bytes::from(body)));
+        tokio::spawn(async move {
+            if let Err(e) = store.signal(signal).await {
+                tracing::warn!(error = %e, "could not tell the other nodes of an MQTT change");
+            }
+        });
+    }
+
+    /// A signal about MQTT from this node or another (see `signals.rs`).
+    pub(crate) fn signaled(self: &Arc<Self>, signal: &Signal) {
+        let Some(c) = self.cluster.get() else { return };
+        let (node, rest) = split_node(&signal.body);
+        match signal.kind {
+            signals::MQTT_CLAIM if node != c.node => self.remote_claim(&signal.key, node, rest == b"1"),
+            signals::MQTT_RELEASED if node == c.node => {
+                let waiting = self.handovers.lock().unwrap_or_else(|e| e.into_inner()).remove(&signal.key);
+                for tx in waiting.into_iter().flatten() {
+                    let _ = tx.send(());
+                }
+            }
+            signals::MQTT_ROUTED if node != c.node => {
+                if let Some(msg) = persist::decode_retained(&signal.key, rest) {
+                    self.route_here(&msg);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Another node's connection claimed `client_id`: whatever holds it
+    /// here lets it go. A live connection is taken over (told so, its will
+    /// handled as for a takeover here) and its session's record written
+    /// with its last cursors; a parked session is dropped (its record was
+    /// written as it parked); a delayed will is cancelled, or sent at once
+    /// if the newcomer starts clean. Then the claiming node is told.
+    fn remote_claim(self: &Arc<Self>, client_id: &str, claimer: &str, clean_start: bool) {
+        let (live, parked) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let pending = self.wills.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
+            if clean_start && let Some(w) = pending {
+                w.now.notify_one();
+            }
+            match slots.remove(client_id) {
+                Some(slot) => (slot.live, slot.parked),
+                None => (None, None),
+            }
+        };
+        tracing::debug!(
+            client_id,
+            claimer,
+            live = live.is_some(),
+            parked = parked.is_some(),
+            "client id claimed on another node"
+        );
+        let (broker, client_id, claimer) = (self.clone(), client_id.to_owned(), claimer.to_owned());
+        tokio::spawn(async move {
+            let session = match live {
+                Some(live) => {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = live.kick.send(Kick { reply: tx, clean_start });
+                    tokio::time::timeout(Duration::from_secs(2), rx).await.ok().and_then(Result::ok).flatten()
+                }
+                None => parked.map(|s| *s),
+            };
+            if let Some(session) = session {
+                if session.expiry > 0 && !clean_start {
+                    let saved = broker.save_session(&client_id, &session, Some(herald_store::now_ms())).await;
+                    if let Err(e) = saved {
+                        tracing::warn!(error = %e, client_id, "could not store a session taken over by another node");
+                    }
+                }
+                broker.end_session(session.id);
+            }
+            broker.tell(signals::MQTT_RELEASED, &client_id, claimer.into_bytes());
+        });
+    }
+
+    /// Over Redis, a connection claiming `client_id` that this node did not
+    /// hold: tells every node, and when the stored record says another node
+    /// has it connected, waits (a moment at most: that node may be gone)
+    /// until it has handed it over and written its last cursors.
+    async fn claim_elsewhere(&self, client_id: &str, clean_start: bool) -> Result<(), StoreError> {
+        let Some(c) = self.cluster.get() else { return Ok(()) };
+        let before = self.store.get(BrokerTable::Sessions, client_id.to_owned()).await?;
+        let connected = before.as_deref().and_then(StoredSession::decode).is_some_and(|s| s.parked_at.is_none());
+        let (tx, rx) = oneshot::channel();
+        if connected {
+            self.handovers.lock().unwrap_or_else(|e| e.into_inner()).entry(client_id.to_owned()).or_default().push(tx);
+        }
+        let mut body = format!("{}\n", c.node).into_bytes();
+        body.push(if clean_start { b'1' } else { b'0' });
+        c.store.signal(Signal::new(signals::MQTT_CLAIM, client_id, Bytes::from(body))).await?;
+        if connected && tokio::time::timeout(HANDOVER_WAIT, rx).await.is_err() {
+            tracing::debug!(client_id, "no node handed the session over; resuming from its record");
+            self.handovers.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
+        }
+        Ok(())
+    }
 
     /// Signals may have been lost: reads the retained messages back.
     pub(crate) fn resync(self: &Arc<Self>) {
@@ -276,7 +411,24 @@ impl Broker {
     /// The stored session of `client_id` from an earlier run; taken, as the
     /// connection that asks resumes or replaces it. One that expired is
     /// deleted (a timer does that too, within the moment).
-    pub(crate) async fn take_stored(&self, client_id: &str) -> Result<Option<StoredSession>, StoreError> {
+    pub(crate) async fn take_stored(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        if self.store.is_shared() {
+            // Over Redis, sessions are not held from the start: the record
+            // is read now, once any node that holds the id has let it go.
+            self.claim_elsewhere(client_id, clean_start).await?;
+            let record = self.store.get(BrokerTable::Sessions, client_id.to_owned()).await?;
+            return match record.as_deref().and_then(StoredSession::decode) {
+                Some(s) if s.expired(herald_store::now_ms(), self.started_ms) => {
+                    self.forget_session(client_id).await?;
+                    Ok(None)
+                }
+                other => Ok(other),
+            };
+        }
         let taken = self.stored.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
         match taken {
             Some(s) if s.expired(herald_store::now_ms(), self.started_ms) => {
@@ -290,6 +442,9 @@ impl Broker {
     /// Puts back a stored session a connection took and could not resume
     /// (a store error): the next attempt finds it again.
     pub(crate) fn put_back_stored(&self, client_id: &str, s: StoredSession) {
+        if self.store.is_shared() {
+            return; // the record is still in the store
+        }
         self.stored.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.to_owned(), s);
     }
 
@@ -522,6 +677,18 @@ impl Broker {
     /// filter, once per session (the session applies its own options), and
     /// to one member of each matching shared subscription.
     pub(crate) fn route(&self, msg: &Routed) {
+        if let Some(c) = self.cluster.get() {
+            // The other nodes' sessions too (they hear this node's own
+            // signal and skip it).
+            let mut body = format!("{}\n", c.node).into_bytes();
+            body.extend(persist::encode_retained(msg));
+            self.tell(signals::MQTT_ROUTED, &msg.topic, body);
+        }
+        self.route_here(msg);
+    }
+
+    /// [`Self::route`] to this node's sessions alone.
+    fn route_here(&self, msg: &Routed) {
         let groups: Vec<(String, String)> = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             shared.keys().filter(|(_, f)| topic::matches(f, &msg.topic)).cloned().collect()

@@ -244,7 +244,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         // A session stored by an earlier run of the server, if this one has none.
         let stored = match previous {
             Some(_) => None,
-            None => match broker.take_stored(&client_id).await {
+            None => match broker.take_stored(&client_id, c.clean_start).await {
                 Ok(s) => s,
                 Err(_) => {
                     unavailable!(None);
