@@ -8,8 +8,13 @@
 //! Two implementations live here: [`MemoryStore`] (tests, `--memory`) and
 //! [`SqliteStore`] (the embedded default). A Redis store will implement the same
 //! trait; its fan-out across nodes then feeds each node's sink.
+//!
+//! Beside messages, the same stores keep inbox state ([`InboxStore`]), the
+//! MQTT broker's records ([`BrokerStore`]) and outbound jobs ([`JobStore`],
+//! in `jobs/`).
 
 mod heads;
+mod jobs;
 mod memory;
 mod readers;
 mod sqlite;
@@ -18,6 +23,10 @@ use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
 use herald_core::{Channel, Filter, Hub, Message, NewMessage, RetentionRules, Window, inbox::ReadState};
 
+pub use jobs::{
+    After, Changes, Claimed, Expect, Job, JobError, JobId, JobState, JobStore, JobSummary, Lease, NewJob, Record,
+    RecordWrite,
+};
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};
 

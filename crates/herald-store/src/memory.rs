@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use herald_core::{Channel, Filter, Message, NewMessage, Window, inbox::ReadState};
 
 use crate::{
-    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError, monotonic,
+    BoxFuture, BrokerRecord, BrokerStore, BrokerTable, InboxStore, Page, Store, StoreConfig, StoreError,
+    jobs::JobTable, monotonic,
 };
 
 struct Log {
@@ -32,6 +33,8 @@ struct State {
 pub struct MemoryStore {
     config: StoreConfig,
     state: Mutex<State>,
+    /// Outbound jobs and their records (`jobs::memory`), under a lock of their own.
+    jobs: Mutex<JobTable>,
 }
 
 impl MemoryStore {
@@ -46,11 +49,16 @@ impl MemoryStore {
                 reads: HashMap::new(),
                 broker: HashMap::new(),
             }),
+            jobs: Mutex::new(JobTable::default()),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn job_table(&self) -> std::sync::MutexGuard<'_, JobTable> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
