@@ -32,6 +32,8 @@ pub struct AppState {
     pub auth: Auth,
     pub inbox: Arc<Inbox>,
     pub mqtt: Arc<crate::transport::mqtt::Broker>,
+    /// Unread fallback, outbound webhooks, e-mail and their jobs.
+    pub outbound: Arc<crate::outbound::Outbound>,
 }
 
 impl AppState {

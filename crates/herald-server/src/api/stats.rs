@@ -78,5 +78,6 @@ pub(crate) async fn stats(State(state): State<SharedState>) -> Json<Value> {
         "connections": connections,
         "published": state.hub.published(),
         "delivered": s.delivered.load(Ordering::Relaxed),
+        "outbound": state.outbound.stats().await,
     }))
 }

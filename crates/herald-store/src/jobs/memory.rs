@@ -77,7 +77,7 @@ impl JobTable {
 
     /// Makes `id` pending at `due`, or folds it into the pending holder of its
     /// key; returns the job that is now pending.
-    fn to_pending(&mut self, id: JobId, due: i64) -> Job {
+    fn make_pending(&mut self, id: JobId, due: i64) -> Job {
         let key = self.jobs[&id].0.key.clone();
         if let Some(holder) = key.as_ref().and_then(|k| self.keys.get(k)).copied()
             && holder != id
@@ -144,12 +144,12 @@ impl JobTable {
             }
             After::Retry { due, error } => {
                 self.jobs.get_mut(&lease.job).expect("checked").0.last_error = Some(error);
-                self.to_pending(lease.job, due);
+                self.make_pending(lease.job, due);
             }
             After::Release { due } => {
                 let job = &mut self.jobs.get_mut(&lease.job).expect("checked").0;
                 job.attempts = job.attempts.saturating_sub(1);
-                self.to_pending(lease.job, due);
+                self.make_pending(lease.job, due);
             }
             After::Dead { error } => {
                 let job = &mut self.jobs.get_mut(&lease.job).expect("checked").0;
@@ -171,7 +171,7 @@ impl JobTable {
             Some((job, _)) if job.state == JobState::Dead => job.attempts = 0,
             _ => return Err(JobError::NotDead(id)),
         }
-        Ok(self.to_pending(id, now))
+        Ok(self.make_pending(id, now))
     }
 
     pub(crate) fn summary(&self) -> JobSummary {

@@ -159,7 +159,7 @@ fn apply(conn: &Connection, changes: Changes, now: i64) -> rusqlite::Result<Vec<
 
 /// Makes `id` pending at `due`, or folds it into the pending holder of its
 /// key; returns the id of the job that is now pending.
-fn to_pending(conn: &Connection, id: JobId, key: Option<&str>, due: i64) -> rusqlite::Result<JobId> {
+fn make_pending(conn: &Connection, id: JobId, key: Option<&str>, due: i64) -> rusqlite::Result<JobId> {
     if let Some(k) = key
         && let Some(holder) = pending_holder(conn, k)?
         && holder != id
@@ -217,11 +217,11 @@ fn finish(conn: &Connection, lease: Lease, after: After, changes: Changes, now: 
             }
             After::Retry { due, error } => {
                 conn.prepare_cached("UPDATE jobs SET last_error = ?2 WHERE id = ?1")?.execute(params![id, error])?;
-                to_pending(conn, lease.job, key.as_deref(), due)?;
+                make_pending(conn, lease.job, key.as_deref(), due)?;
             }
             After::Release { due } => {
                 conn.prepare_cached("UPDATE jobs SET attempts = max(attempts - 1, 0) WHERE id = ?1")?.execute([id])?;
-                to_pending(conn, lease.job, key.as_deref(), due)?;
+                make_pending(conn, lease.job, key.as_deref(), due)?;
             }
             After::Dead { error } => {
                 conn.prepare_cached("UPDATE jobs SET state = 2, lease_until = NULL, last_error = ?2 WHERE id = ?1")?
@@ -241,7 +241,7 @@ fn revive(conn: &Connection, id: JobId, now: i64) -> Result<Job, JobError> {
     };
     let run = || -> rusqlite::Result<Job> {
         conn.prepare_cached("UPDATE jobs SET attempts = 0 WHERE id = ?1")?.execute([id as i64])?;
-        let now_pending = to_pending(conn, id, dead.key.as_deref(), now)?;
+        let now_pending = make_pending(conn, id, dead.key.as_deref(), now)?;
         Ok(load(conn, now_pending)?.expect("pending in this transaction"))
     };
     run().map_err(db)
