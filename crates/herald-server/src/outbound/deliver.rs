@@ -109,6 +109,8 @@ impl Delivery {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Publish {
     pub(crate) id: String,
+    /// The rule's id (its secret is looked up by it).
+    pub(crate) rule: String,
     pub(crate) url: String,
     /// The event, as sent.
     pub(crate) body: String,
@@ -135,7 +137,7 @@ pub(crate) async fn deliver(ob: &Outbound, c: &Claimed, d: Delivery) -> Result<(
             if let Some(due) = paced(ob, &ob.webhook_rate, &url).await {
                 return ob.jobs.finish(c.lease, After::Release { due }, Changes::default(), now_ms()).await;
             }
-            let secret = ob.secret(&url).expect("usable() checked it is configured");
+            let secret = ob.secret(keys::NOTIFY).expect("usable() checked it is configured");
             let body = serde_json::to_vec(&d.digest.event()).expect("serialisable");
             let attempt = super::webhooks::post(&ob.http, &url, secret, &d.id, body).await;
             if attempt == Attempt::Gone {
@@ -166,9 +168,10 @@ pub(crate) async fn deliver(ob: &Outbound, c: &Claimed, d: Delivery) -> Result<(
 
 /// Runs a `publish` job.
 pub(crate) async fn publish(ob: &Outbound, c: &Claimed, p: Publish) -> Result<(), JobError> {
-    let Some(secret) = ob.secret(&p.url) else {
+    let rule = ob.rules.iter().find(|r| r.id == p.rule && r.url == p.url);
+    let Some(secret) = rule.and_then(|r| ob.secret(&r.id)) else {
         ob.sends.count(Via::Webhook, Outcome::Skipped);
-        let error = "the endpoint is no longer configured".to_owned();
+        let error = "the rule is no longer configured".to_owned();
         return ob.jobs.finish(c.lease, After::Dead { error }, Changes::default(), now_ms()).await;
     };
     if ob.jobs.record(keys::disabled(&p.url)).await?.is_some() {

@@ -58,7 +58,8 @@ pub(crate) async fn catch_up(ob: &Outbound, rule: &Rule, channel: &Channel) -> R
                     "timestamp": herald_core::time::rfc3339_ms(m.time),
                     "data": serde_json::from_slice::<serde_json::Value>(&m.json()).expect("message JSON"),
                 });
-                Publish { id: keys::delivery_id(), url: rule.url.clone(), body: body.to_string() }.job(now)
+                let id = keys::delivery_id();
+                Publish { id, rule: rule.id.clone(), url: rule.url.clone(), body: body.to_string() }.job(now)
             })
             .collect();
         let n = jobs.len();

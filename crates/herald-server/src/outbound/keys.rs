@@ -16,6 +16,10 @@ pub(crate) const FANOUT: &str = "fanout";
 pub(crate) const DELIVER: &str = "deliver";
 pub(crate) const PUBLISH: &str = "publish";
 
+/// The endpoint of `notification.unread` events (`[webhooks] url`), as
+/// opposed to a forwarding rule's (named by its id).
+pub(crate) const NOTIFY: &str = "webhooks";
+
 pub(crate) fn contact(user: &str) -> String {
     format!("contact/{user}")
 }

@@ -131,8 +131,9 @@ pub struct Outbound {
     pub(crate) http: reqwest::Client,
     pub(crate) mailer: Option<email::Mailer>,
     pub(crate) rules: Vec<Rule>,
-    /// Secrets by endpoint URL: a job names its endpoint by URL and signs
-    /// with the secret configured now (secrets are never stored in jobs).
+    /// Signing secrets by endpoint: `[webhooks]` under `keys::NOTIFY`, each
+    /// rule under its id. A job names its endpoint and signs with the secret
+    /// configured now (secrets are never stored in jobs).
     pub(crate) secrets: HashMap<String, Secret>,
     pub(crate) webhook_rate: rate::Limiter,
     pub(crate) smtp_rate: rate::Limiter,
@@ -179,13 +180,14 @@ impl Outbound {
         let mut secrets = HashMap::new();
         let secret = |s: &str| Secret::parse(s).map_err(|e| OutboundError::Config(e.to_string()));
         if !config.webhooks.url.is_empty() {
-            secrets.insert(config.webhooks.url.clone(), secret(&config.webhooks.secret)?);
+            secrets.insert(keys::NOTIFY.to_owned(), secret(&config.webhooks.secret)?);
         }
         let mut rules = Vec::new();
         for r in &config.webhooks.channels {
             let filter = Filter::parse(&r.pattern).map_err(|e| OutboundError::Config(e.to_string()))?;
-            secrets.insert(r.url.clone(), secret(&r.secret)?);
-            rules.push(Rule { id: keys::rule_id(&r.pattern, &r.url), filter, url: r.url.clone() });
+            let id = keys::rule_id(&r.pattern, &r.url);
+            secrets.insert(id.clone(), secret(&r.secret)?);
+            rules.push(Rule { id, filter, url: r.url.clone() });
         }
         let fallback_since =
             if config.fallback.enabled { first_seen(&*jobs, keys::since("fallback")).await? } else { 0 };
@@ -218,9 +220,10 @@ impl Outbound {
         Ok(outbound)
     }
 
-    /// Whether `url` is an endpoint the configuration names.
-    pub(crate) fn secret(&self, url: &str) -> Option<&Secret> {
-        self.secrets.get(url)
+    /// The secret of an endpoint (`keys::NOTIFY` or a rule's id), while the
+    /// configuration names it.
+    pub(crate) fn secret(&self, endpoint: &str) -> Option<&Secret> {
+        self.secrets.get(endpoint)
     }
 
     /// The `outbound` object of `/api/stats`.
@@ -282,6 +285,7 @@ impl Outbound {
             keys::PUBLISH => json!({
                 "delivery": payload["id"],
                 "url": payload["url"],
+                "rule": payload["rule"],
                 "message": serde_json::from_str::<Value>(payload["body"].as_str().unwrap_or("null"))
                     .map_or(Value::Null, |b| json!({"channel": b["data"]["channel"], "id": b["data"]["id"]})),
             }),
