@@ -38,6 +38,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/users/{user}/deliveries", get(outbound::deliveries))
         .route("/api/jobs", get(outbound::list))
         .route("/api/jobs/{id}/retry", post(outbound::retry))
+        .route("/api/dev/webhook", post(outbound::dev_webhook))
         .route("/mqtt", get(crate::transport::mqtt::not_upgradable))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)

@@ -122,3 +122,28 @@ pub(crate) async fn retry(
     let job = state.outbound.retry(id).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": state.outbound.describe(&job) }))))
 }
+
+/// `POST /api/dev/webhook` — open mode only: a receiver for trying the
+/// outbound webhooks without a backend of your own (point `[webhooks] url`
+/// at it). It checks the Standard Webhooks signature with `[webhooks]
+/// secret` and answers 204, or 401 when the signature does not verify; what
+/// it received shows in the user's deliveries.
+pub(crate) async fn dev_webhook(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> StatusCode {
+    if !state.auth.is_open() {
+        return StatusCode::NOT_FOUND;
+    }
+    let Some(secret) = state.outbound.secret(keys::NOTIFY) else { return StatusCode::UNAUTHORIZED };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let (id, timestamp, signatures) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+    let Ok(timestamp) = timestamp.parse::<u64>() else { return StatusCode::UNAUTHORIZED };
+    let Ok(body) = read_body(&headers, body, state.config.limits.max_payload.max(1 << 20)).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE;
+    };
+    let expected = secret.sign(&id, timestamp, &body);
+    if signatures.split(' ').any(|s| s == expected) {
+        tracing::info!(%id, "dev webhook: a signed event arrived");
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::UNAUTHORIZED
+    }
+}

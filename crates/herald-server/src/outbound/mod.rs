@@ -189,8 +189,15 @@ impl Outbound {
             secrets.insert(id.clone(), secret(&r.secret)?);
             rules.push(Rule { id, filter, url: r.url.clone() });
         }
-        let fallback_since =
-            if config.fallback.enabled { first_seen(&*jobs, keys::since("fallback")).await? } else { 0 };
+        let fallback_since = if config.fallback.enabled {
+            first_seen(&*jobs, keys::since("fallback")).await?
+        } else {
+            // Off: turned on again later, it starts afresh from then, and
+            // does not send what was notified while it was off.
+            let forget = RecordWrite { key: keys::since("fallback"), expect: Expect::Any, value: None };
+            jobs.submit(herald_store::Changes { jobs: vec![], records: vec![forget] }, now_ms()).await?;
+            0
+        };
         let mut forward_since = HashMap::new();
         for r in &rules {
             forward_since.insert(r.id.clone(), first_seen(&*jobs, keys::since(&format!("forward/{}", r.id))).await?);
