@@ -146,3 +146,17 @@ secret = "{SECRET}"
     wait_until(lambda: len(r.requests) == 2, "the third message")
     h.wait_drained()
     assert [q.event["data"]["id"] for q in r.requests] == [2, 3]
+
+
+def test_the_send_rate_paces_a_backlog(herald, receiver):
+    r = receiver()
+    h = hook_server(herald, r, webhooks_rate="2/s")
+    users = [f"p{i}" for i in range(6)]
+    for u in users:
+        h.notify(users=[u], title="paced")
+    reqs = r.wait(6)
+    h.wait_drained()
+    assert sorted(q.event["data"]["user"] for q in reqs) == users
+    # 2 at once, then one every 500 ms: six cannot take less than 2 s.
+    # (A lower bound only: a slow machine can never make this fail.)
+    assert reqs[-1].at - reqs[0].at >= 1.8, [round(q.at - reqs[0].at, 2) for q in reqs]

@@ -128,22 +128,24 @@ pub(crate) async fn retry(
 /// at it). It checks the Standard Webhooks signature with `[webhooks]
 /// secret` and answers 204, or 401 when the signature does not verify; what
 /// it received shows in the user's deliveries.
-pub(crate) async fn dev_webhook(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> StatusCode {
+pub(crate) async fn dev_webhook(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
     if !state.auth.is_open() {
-        return StatusCode::NOT_FOUND;
+        return Err(ApiError::not_found());
     }
-    let Some(secret) = state.outbound.secret(keys::NOTIFY) else { return StatusCode::UNAUTHORIZED };
+    let Some(secret) = state.outbound.secret(keys::NOTIFY) else { return Ok(StatusCode::UNAUTHORIZED) };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let (id, timestamp, signatures) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
-    let Ok(timestamp) = timestamp.parse::<u64>() else { return StatusCode::UNAUTHORIZED };
-    let Ok(body) = read_body(&headers, body, state.config.limits.max_payload.max(1 << 20)).await else {
-        return StatusCode::PAYLOAD_TOO_LARGE;
-    };
+    let Ok(timestamp) = timestamp.parse::<u64>() else { return Ok(StatusCode::UNAUTHORIZED) };
+    let body = read_body(&headers, body, state.config.limits.max_payload.max(1 << 20)).await?;
     let expected = secret.sign(&id, timestamp, &body);
     if signatures.split(' ').any(|s| s == expected) {
         tracing::info!(%id, "dev webhook: a signed event arrived");
-        StatusCode::NO_CONTENT
+        Ok(StatusCode::NO_CONTENT)
     } else {
-        StatusCode::UNAUTHORIZED
+        Ok(StatusCode::UNAUTHORIZED)
     }
 }

@@ -13,12 +13,15 @@
 //! together or not at all, which is how a step hands over to the next without
 //! a window where a crash loses the hand-over or does it twice.
 //!
-//! Designed to be implemented on Redis with one script per method (a hash per
-//! job, a sorted set of pending jobs by due time and one of running jobs by
-//! lease end, a hash of dedupe keys, counters for ids and tokens, a hash per
-//! record), so several nodes can share one queue: every method is one atomic
-//! step, times are the caller's (`now`, in ms since the epoch), and nothing
-//! here assumes SQL.
+//! Designed to be implemented on Redis with one script per method, so several
+//! nodes share one queue: a hash per job; a sorted set of pending jobs by due
+//! time and one of running jobs by lease end (what `claim` and `summary`
+//! read); a sorted set of ids per state (what `jobs` pages through); a hash
+//! of dedupe key to pending job; `INCR` counters for ids and fencing tokens;
+//! records as one hash (value and version) plus a sorted set of their keys
+//! for `records`' ordered prefix listing (`ZRANGEBYLEX`). Every method is one
+//! atomic step, times are the caller's (`now`, ms since the epoch), and
+//! nothing here assumes SQL.
 
 mod memory;
 mod sqlite;
