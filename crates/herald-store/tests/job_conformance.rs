@@ -282,3 +282,45 @@ async fn sqlite_keeps_jobs_across_a_reopen_and_frees_the_old_process_leases() {
     assert!(again[0].lease.token > claimed.lease.token, "tokens keep growing across a reopen");
     assert_eq!(store.record("r".into()).await.unwrap().unwrap().value, b"v");
 }
+
+/// Job writes share the message writer's group commits: one that is refused
+/// (a stale compare-and-set) undoes itself alone, never the publishes or the
+/// other writes committed with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_refused_job_write_fails_alone_in_a_shared_commit() {
+    use herald_core::{Channel, Data, NewMessage};
+    use herald_store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(SqliteOptions::new(dir.path()), config()).unwrap());
+    let set =
+        |v: u64| Changes { jobs: vec![job("j", None, 0)], records: vec![write("r", Expect::Version(v), Some("x"))] };
+    store.submit(set(0), 0).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let msg =
+                NewMessage { channel: Channel::parse("c").unwrap(), event: None, data: Data::text("m"), meta: None };
+            let appended = s.append(vec![msg]).await.map(|m| m[0].id);
+            // Half the writes expect a version the record never had again.
+            let written = s.submit(set(if i % 2 == 0 { 0 } else { 1 }), 0).await;
+            (appended, written)
+        }));
+    }
+    let mut ids = Vec::new();
+    let (mut refused, mut applied) = (0, 0);
+    for t in tasks {
+        let (appended, written) = t.await.unwrap();
+        ids.push(appended.expect("every publish commits"));
+        match written {
+            Err(JobError::Conflict(_)) => refused += 1,
+            Ok(_) => applied += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, (1..=40).collect::<Vec<u64>>());
+    assert_eq!((refused, applied), (39, 1), "version 1 is expected once: the first such write makes it 2");
+    let s = store.summary().await.unwrap();
+    assert_eq!(s.pending, 2, "the first write's job and the one applied; none of the refused");
+}
