@@ -5,6 +5,7 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import net from 'node:net';
 import { launchBrowser, newContext, newPage, startServer, LIMIT } from './helpers.js';
 
 describe('bell: logged in as a user', () => {
@@ -145,3 +146,63 @@ describe('bell: logged in as a user', () => {
     await page.context().close();
   });
 });
+
+// The demo of unread fallback: the server is started as the README's one-liner
+// does, with its webhooks going to the open-mode receiver on the server itself.
+// A notification left unread is followed, after the demo's short delay (?fallback=),
+// by what was sent for it (that one read in time sends nothing is shown in
+// tests/outbound, against a real receiver).
+describe('bell: unread fallback', () => {
+  let server;
+  let browser;
+  before(async () => {
+    const port = await freePort();
+    server = await startServer({
+      port,
+      env: {
+        HERALD_FALLBACK_ENABLED: 'true',
+        HERALD_FALLBACK_CHANNELS: 'webhook',
+        HERALD_WEBHOOKS_URL: `http://127.0.0.1:${port}/api/dev/webhook`,
+        HERALD_WEBHOOKS_SECRET: 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD',
+      },
+    });
+    browser = await launchBrowser();
+  });
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  test('left unread: the page shows the webhook sent for it', LIMIT, async () => {
+    const page = await newPage(browser, server.url);
+    await page.goto(`${server.url}/bell?user=&fallback=1s`);
+    await page.fill('#user', 'lena');
+    await page.click('#login');
+    await page.waitForSelector('#status[data-state="open"]', { timeout: 15000 });
+    await page.waitForSelector('#fallback-row:not([hidden])');
+    assert.equal(await page.textContent('#fallback-delay'), '1s');
+    await page.fill('#title', 'Left unread');
+    await page.click('#notify');
+    await page.waitForSelector('#badge:text-is("1")');
+    // Moments later: what was sent, and the notification marked with it.
+    const sent = await page.waitForSelector('#sent li.delivery[data-via="webhook"][data-outcome="sent"]', { timeout: 20000 });
+    assert.match(await sent.textContent(), /Webhook · sent · 1 notification/);
+    await page.waitForSelector('#list .item .tag:text-is("sent by webhook")', { state: 'attached' });
+    const [d] = (await (await fetch(`${server.url}/api/users/lena/deliveries`)).json()).deliveries;
+    assert.equal(await sent.getAttribute('data-id'), d.id, 'the page lists the server\'s delivery');
+    assert.deepEqual(page.errors, []);
+    await page.context().close();
+  });
+});
+
+/** A loopback port nothing listens on right now. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}

@@ -17,7 +17,11 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that may be set from the environment. Anything else with the
 /// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
-const SECTIONS: &[&str] = &["server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt", "redis"];
+const SECTIONS: &[&str] = &[
+    "server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt",  // the core
+    "redis", // several nodes
+    "fallback", "webhooks", "smtp", "jobs", // outbound delivery
+];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,6 +36,11 @@ pub struct Config {
     pub auth: AuthConfig,
     pub mqtt: MqttConfig,
     pub redis: RedisConfig,
+    // Outbound delivery (`outbound/`).
+    pub fallback: FallbackConfig,
+    pub webhooks: WebhooksConfig,
+    pub smtp: SmtpConfig,
+    pub jobs: JobsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,6 +306,293 @@ impl AuthConfig {
     }
 }
 
+// ---- Outbound delivery: unread fallback, webhooks, e-mail, durable jobs ----
+
+/// An outbound channel a notification can be sent through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Webhook,
+    Email,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Webhook => "webhook",
+            Via::Email => "email",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "webhook" => Some(Via::Webhook),
+            "email" => Some(Via::Email),
+            _ => None,
+        }
+    }
+}
+
+/// How the fallback channels are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackMethod {
+    /// In order; the next only when the one before failed for good or cannot
+    /// be used (no address, no endpoint).
+    #[default]
+    First,
+    /// Every channel.
+    All,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Send notifications still unread after `delay` through other channels.
+    pub enabled: bool,
+    /// How long a notification may stay unread before it is sent elsewhere.
+    #[serde(with = "duration")]
+    pub delay: Duration,
+    /// The channels, in order.
+    #[serde(deserialize_with = "vias")]
+    pub channels: Vec<Via>,
+    pub method: FallbackMethod,
+    /// At most one send per user per interval; what falls due meanwhile goes
+    /// together afterwards, as one digest.
+    #[serde(with = "duration")]
+    pub min_interval: Duration,
+    /// Group and everyone notifications take part (members who have not read
+    /// them are sent them).
+    pub groups: bool,
+    /// Waits between the attempts of every outbound send (webhook or e-mail);
+    /// after the last, the job is dead.
+    #[serde(with = "durations")]
+    pub retry: Vec<Duration>,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        FallbackConfig {
+            enabled: false,
+            delay: Duration::from_secs(600),
+            channels: vec![Via::Webhook, Via::Email],
+            method: FallbackMethod::First,
+            min_interval: Duration::from_secs(3600),
+            groups: false,
+            retry: [5, 300, 1800, 7200, 18_000, 36_000, 36_000].map(Duration::from_secs).to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Where `notification.unread` events go ("" = no webhook channel).
+    pub url: String,
+    /// Its signing secret, `whsec_<base64>`.
+    pub secret: String,
+    /// How long one request may take.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Requests per endpoint ("N/s", "N/m", "N/h"; "0" = no limit).
+    pub rate: SendRate,
+    /// `message.published` forwarding rules (TOML only).
+    pub channels: Vec<WebhookRule>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            url: String::new(),
+            secret: String::new(),
+            timeout: Duration::from_secs(10),
+            rate: SendRate::per_second(50),
+            channels: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRule {
+    /// Channels whose messages are forwarded (MQTT filter syntax).
+    pub pattern: String,
+    pub url: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// `smtp://host:port` (STARTTLS when offered... see the sample), `smtps://`
+    /// for TLS from the start; "" = no e-mail channel.
+    pub url: String,
+    /// The sender.
+    pub from: String,
+    /// How long one delivery may take.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Mails per period to the relay ("0" = no limit).
+    pub rate: SendRate,
+    /// Templates of the subject and the plain-text body (`outbound/templates.rs`).
+    pub subject: String,
+    pub body: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            url: String::new(),
+            from: "Herald <herald@localhost>".into(),
+            timeout: Duration::from_secs(20),
+            rate: SendRate::per_second(10),
+            subject: "{{title}}{{#more}} (and {{more}} more){{/more}}".into(),
+            body: "You have {{unread}} unread notifications.\n\n{{#notifications}}* {{title}}\n{{#body}}  {{body}}\n{{/body}}{{/notifications}}"
+                .into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// How long a claimed job is a worker's; a crashed worker's job runs again
+    /// after it (at once after a restart of the embedded store).
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// How often the reconciliation sweep rebuilds jobs missing from the store.
+    #[serde(with = "duration")]
+    pub sweep: Duration,
+    /// Jobs run at the same time.
+    pub workers: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { lease: Duration::from_secs(60), sweep: Duration::from_secs(60), workers: 8 }
+    }
+}
+
+/// A send rate: `count` per `per`; zero `count` = no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendRate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl SendRate {
+    pub const fn per_second(count: u32) -> Self {
+        SendRate { count, per: Duration::from_secs(1) }
+    }
+
+    /// "10/s", "600/m", "1000/h"; "0" is no limit.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(SendRate { count: 0, per: Duration::from_secs(1) });
+        }
+        let bad = || format!("'{s}' is not a rate like 10/s, 600/m or 1000/h");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let count = n.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return Err(bad()),
+        };
+        Ok(SendRate { count, per: Duration::from_secs(per) })
+    }
+}
+
+impl std::fmt::Display for SendRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.count, self.per.as_secs()) {
+            (0, _) => f.write_str("0"),
+            (n, 3600) => write!(f, "{n}/h"),
+            (n, 60) => write!(f, "{n}/m"),
+            (n, _) => write!(f, "{n}/s"),
+        }
+    }
+}
+
+impl Serialize for SendRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for SendRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match StrOrNum::deserialize(d)? {
+            StrOrNum::Str(s) => SendRate::parse(&s).map_err(serde::de::Error::custom),
+            StrOrNum::Int(0) => Ok(SendRate { count: 0, per: Duration::from_secs(1) }),
+            _ => Err(serde::de::Error::custom("a rate is a string like \"10/s\"")),
+        }
+    }
+}
+
+/// Fallback channels from a list or a comma-separated string.
+fn vias<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Via>, D::Error> {
+    list(d)?
+        .iter()
+        .map(|s| {
+            Via::parse(s).ok_or_else(|| serde::de::Error::custom(format!("'{s}' is not a channel (webhook or email)")))
+        })
+        .collect()
+}
+
+/// A list of durations from TOML, or comma-separated from the environment.
+mod durations {
+    use super::*;
+    pub(super) fn serialize<S: serde::Serializer>(d: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(d.iter().map(format_duration))
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        list(d)?.iter().map(|s| parse_duration(s).map_err(serde::de::Error::custom)).collect()
+    }
+}
+
+impl Config {
+    /// The outbound settings' own checks (values that parse but cannot work).
+    fn validate_outbound(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.fallback.enabled && self.fallback.channels.is_empty() {
+            return bad("[fallback] channels: name at least one of webhook, email".into());
+        }
+        let secret = |where_: &str, s: &str| {
+            crate::webhook::Secret::parse(s)
+                .map(drop)
+                .map_err(|e| ConfigError::Invalid(format!("{where_} secret: {e}")))
+        };
+        if !self.webhooks.url.is_empty() {
+            secret("[webhooks]", &self.webhooks.secret)?;
+        }
+        for rule in &self.webhooks.channels {
+            Filter::parse(&rule.pattern)
+                .map_err(|e| ConfigError::Invalid(format!("[[webhooks.channels]] pattern '{}': {e}", rule.pattern)))?;
+            if rule.url.is_empty() {
+                return bad(format!("[[webhooks.channels]] '{}' has no url", rule.pattern));
+            }
+            secret(&format!("[[webhooks.channels]] '{}'", rule.pattern), &rule.secret)?;
+        }
+        crate::outbound::email::check_config(&self.smtp).map_err(ConfigError::Invalid)?;
+        if self.jobs.workers == 0 || self.jobs.sweep.is_zero() {
+            return bad("[jobs] workers and sweep must be more than 0".into());
+        }
+        // A send must end well within its lease, or another worker could
+        // claim the job while it is still being sent.
+        let longest = self.webhooks.timeout.max(self.smtp.timeout);
+        if self.jobs.lease < longest * 2 {
+            return bad(format!(
+                "[jobs] lease ({}) must be at least twice the longest send timeout ({})",
+                format_duration(&self.jobs.lease),
+                format_duration(&longest)
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -386,7 +682,7 @@ impl Config {
         if self.ws.ping.is_zero() || self.sse.heartbeat.is_zero() {
             return Err(ConfigError::Invalid("[ws] ping and [sse] heartbeat must be longer than 0".into()));
         }
-        Ok(())
+        self.validate_outbound()
     }
 
     /// The history settings as the core's retention rules.
@@ -430,7 +726,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn format_duration(d: &Duration) -> String {
+pub fn format_duration(d: &Duration) -> String {
     if d.subsec_millis() != 0 { format!("{}ms", d.as_millis()) } else { format!("{}s", d.as_secs()) }
 }
 
@@ -549,6 +845,34 @@ mod tests {
         let err = Config::from_toml("[[history.rules]]\npattern = \"a/#/b\"\n").unwrap_err().to_string();
         assert!(err.contains("a/#/b"), "{err}");
         assert!(Config::from_toml("[longpoll]\nmax_wait = \"10m\"\n").is_err());
+    }
+
+    #[test]
+    fn outbound_settings_and_their_checks() {
+        let c = Config::from_toml(
+            "[fallback]\nenabled = true\nchannels = \"email\"\nretry = \"200ms, 400ms\"\nmethod = \"all\"\n\
+             [webhooks]\nrate = \"600/m\"\n[[webhooks.channels]]\npattern = \"chat/#\"\nurl = \"http://127.0.0.1:9/x\"\n\
+             secret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\n[smtp]\nurl = \"smtp://127.0.0.1:2525\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.fallback.channels, [Via::Email]);
+        assert_eq!(c.fallback.retry, [Duration::from_millis(200), Duration::from_millis(400)]);
+        assert_eq!(c.fallback.method, FallbackMethod::All);
+        assert_eq!(c.webhooks.rate, SendRate { count: 600, per: Duration::from_secs(60) });
+        let refused = |toml: &str, needle: &str| {
+            let err = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(needle), "{toml}: {err}");
+        };
+        refused("[fallback]\nchannels = [\"sms\"]\n", "sms");
+        refused("[fallback]\nenabled = true\nchannels = []\n", "at least one");
+        refused("[webhooks]\nurl = \"http://x\"\nsecret = \"plain\"\n", "whsec_");
+        refused("[[webhooks.channels]]\npattern = \"a/#/b\"\nurl = \"http://x\"\nsecret = \"\"\n", "a/#/b");
+        refused("[webhooks]\nrate = \"fast\"\n", "fast");
+        refused("[smtp]\nurl = \"http://mail\"\n", "[smtp] url");
+        refused("[smtp]\nfrom = \"not an address\"\n", "[smtp] from");
+        refused("[smtp]\nbody = \"{{#notifications}}\"\n", "[smtp] body");
+        refused("[jobs]\nlease = \"15s\"\n", "lease");
+        refused("[jobs]\nworkers = 0\n", "workers");
     }
 
     /// The sample configuration parses and documents every key there is.

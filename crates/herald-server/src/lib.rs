@@ -8,7 +8,9 @@
 //!   errors into answers;
 //! - `transport/`: poll, SSE, iframe, Herald's WebSocket protocol, MQTT;
 //! - `api/`: the HTTP APIs that are not subscriptions: publish, inboxes,
-//!   health, stats, the demo pages;
+//!   outbound (contacts, deliveries, jobs), health, stats, the demo pages;
+//! - `outbound/`: what Herald sends elsewhere, durably: unread fallback,
+//!   outbound webhooks, e-mail, the job worker and its sweep;
 //! - at the top: the shared state, the route table, auth, subscriptions,
 //!   live inboxes, configuration, the server's start and stop, the store's
 //!   sink (`signals.rs`: what other nodes tell this one), and
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod edge;
 pub mod inbox;
+pub mod outbound;
 pub mod routes;
 pub mod server;
 pub mod signals;

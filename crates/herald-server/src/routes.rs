@@ -11,7 +11,7 @@ use axum::{
 use herald_core::Channel;
 
 use crate::{
-    api::{health, inbox, pages, publish, stats},
+    api::{health, inbox, outbound, pages, publish, stats},
     edge::{error::ApiError, query::Query},
     state::SharedState,
     transport::{iframe, poll, sse, ws},
@@ -34,6 +34,11 @@ pub fn app(state: SharedState) -> Router {
             get(inbox::list_members).put(inbox::add_members).delete(inbox::remove_members),
         )
         .route("/api/dev/token", get(inbox::dev_token))
+        .route("/api/users/{user}/contact", get(outbound::get_contact).put(outbound::put_contact))
+        .route("/api/users/{user}/deliveries", get(outbound::deliveries))
+        .route("/api/jobs", get(outbound::list))
+        .route("/api/jobs/{id}/retry", post(outbound::retry))
+        .route("/api/dev/webhook", post(outbound::dev_webhook))
         .route("/mqtt", get(crate::transport::mqtt::not_upgradable))
         .route("/api/channels/{*path}", get(channel_get).post(channel_post))
         .fallback(pages::asset)

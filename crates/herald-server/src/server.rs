@@ -9,8 +9,8 @@ use std::{
 
 use herald_core::Hub;
 use herald_store::{
-    BrokerStore, InboxStore, MemoryStore, RedisOptions, RedisStore, SqliteOptions, SqliteStore, Store, StoreConfig,
-    SyncMode, system_clock,
+    BrokerStore, InboxStore, JobStore, MemoryStore, RedisOptions, RedisStore, SqliteOptions, SqliteStore, Store,
+    StoreConfig, SyncMode, system_clock,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use crate::{
     auth::Auth,
     config::{Config, ConfigError, SyncSetting},
     inbox::Inbox,
+    outbound::{Outbound, OutboundError},
     signals::Sink,
     state::AppState,
 };
@@ -33,6 +34,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Outbound(#[from] OutboundError),
     #[error(
         "refusing to serve {0} without authentication: configure [auth] (jwt_secret, jwt_public_key or api_keys), \
          listen on a loopback address, or pass --allow-open if an open server on the network is really what you want"
@@ -45,6 +48,8 @@ pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
     mqtt: Option<TcpListener>,
+    /// Outbound sends in flight: waited for before the store closes.
+    outbound: tokio_util::task::TaskTracker,
 }
 
 impl Server {
@@ -57,33 +62,32 @@ impl Server {
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let node = node_name(&config, listener.local_addr()?.port());
         let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: sink.clone() };
-        let (store, inbox_store, broker_store): (Arc<dyn Store>, Arc<dyn InboxStore>, Arc<dyn BrokerStore>) =
-            if !config.redis.url.is_empty() {
-                let r = &config.redis;
-                let mut options = RedisOptions::new(r.url.clone());
-                options.prefix = r.prefix.clone();
-                options.partitions = r.partitions;
-                options.timeout = r.timeout;
-                options.connect_timeout = r.connect_timeout;
-                options.check_every = r.check_every;
-                options.log_len = r.feed_log;
-                options.node = node.clone();
-                let s = Arc::new(RedisStore::open(options, store_config).await?);
-                tracing::info!(node, redis = r.url.len(), "sharing channels with other nodes over Redis");
-                (s.clone(), s.clone(), s)
-            } else if config.server.memory {
-                let s = Arc::new(MemoryStore::new(store_config));
-                (s.clone(), s.clone(), s)
-            } else {
-                let mut options = SqliteOptions::new(&config.server.data);
-                options.sync = match config.store.sync {
-                    SyncSetting::Normal => SyncMode::Normal,
-                    SyncSetting::Full => SyncMode::Full,
-                };
-                options.max_batch = config.store.max_batch.max(1);
-                let s = Arc::new(SqliteStore::open(options, store_config)?);
-                (s.clone(), s.clone(), s)
+        let (store, inbox_store, broker_store, job_store): Stores = if !config.redis.url.is_empty() {
+            let r = &config.redis;
+            let mut options = RedisOptions::new(r.url.clone());
+            options.prefix = r.prefix.clone();
+            options.partitions = r.partitions;
+            options.timeout = r.timeout;
+            options.connect_timeout = r.connect_timeout;
+            options.check_every = r.check_every;
+            options.log_len = r.feed_log;
+            options.node = node.clone();
+            let s = Arc::new(RedisStore::open(options, store_config).await?);
+            tracing::info!(node, redis = r.url.len(), "sharing channels with other nodes over Redis");
+            (s.clone(), s.clone(), s.clone(), s)
+        } else if config.server.memory {
+            let s = Arc::new(MemoryStore::new(store_config));
+            (s.clone(), s.clone(), s.clone(), s)
+        } else {
+            let mut options = SqliteOptions::new(&config.server.data);
+            options.sync = match config.store.sync {
+                SyncSetting::Normal => SyncMode::Normal,
+                SyncSetting::Full => SyncMode::Full,
             };
+            options.max_batch = config.store.max_batch.max(1);
+            let s = Arc::new(SqliteStore::open(options, store_config)?);
+            (s.clone(), s.clone(), s.clone(), s)
+        };
         let shared = broker_store.is_shared();
         let mqtt = Arc::new(crate::transport::mqtt::Broker::new(broker_store));
         if shared {
@@ -94,9 +98,21 @@ impl Server {
         if auth.is_open() && !config.server.http.ip().is_loopback() && !config.auth.allow_open {
             return Err(ServerError::OpenOnNetwork(config.server.http));
         }
-        let inbox = Inbox::new(store.clone(), inbox_store);
+        let inbox = Inbox::new(store.clone(), inbox_store.clone());
         inbox.spawn_listener(&hub, shutdown.clone());
         sink.attach(inbox.clone(), mqtt.clone());
+        let tracker = tokio_util::task::TaskTracker::new();
+        let outbound = Outbound::start(
+            &config,
+            job_store,
+            store.clone(),
+            inbox_store,
+            inbox.clone(),
+            &hub,
+            shutdown.clone(),
+            tracker.clone(),
+        )
+        .await?;
         let state = Arc::new(AppState {
             config,
             store,
@@ -108,6 +124,7 @@ impl Server {
             inbox,
             mqtt,
             node,
+            outbound,
         });
         let mqtt = match state.config.server.mqtt.trim() {
             "" | "off" => None,
@@ -121,7 +138,7 @@ impl Server {
                 Some(listen(parsed).map_err(|source| ServerError::Bind { addr: parsed, source })?)
             }
         };
-        Ok(Server { state, listener, mqtt })
+        Ok(Server { state, listener, mqtt, outbound: tracker })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -145,7 +162,7 @@ impl Server {
     /// Serves until shutdown, then waits (up to the grace period) for open
     /// requests to finish and closes the store.
     pub async fn run(self) -> Result<(), ServerError> {
-        let Server { state, listener, mqtt } = self;
+        let Server { state, listener, mqtt, outbound } = self;
         // Every connection is tracked, so that shutdown waits for each to end
         // (an MQTT session stores its state then) before the store closes.
         let tracker = tokio_util::task::TaskTracker::new();
@@ -165,6 +182,15 @@ impl Server {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(?grace, "requests still open after the grace period; closing anyway");
         }
+        // Outbound sends in flight end within their timeouts; one cut short
+        // runs again after the restart (same delivery id).
+        outbound.close();
+        if tokio::time::timeout(grace, outbound.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "outbound sends still running after the grace period; they run again at the next start"
+            );
+        }
         state.store.close().await;
         tracing::info!("stopped");
         Ok(())
@@ -183,6 +209,8 @@ fn node_name(config: &Config, port: u16) -> String {
     let host = if host.is_empty() { "herald".to_owned() } else { host };
     format!("{host}:{port}")
 }
+
+type Stores = (Arc<dyn Store>, Arc<dyn InboxStore>, Arc<dyn BrokerStore>, Arc<dyn JobStore>);
 
 /// A listener with a deep accept backlog: thousands of clients reconnecting at
 /// once (after a restart, or a load test) would overflow the default of 128

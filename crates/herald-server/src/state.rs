@@ -34,6 +34,8 @@ pub struct AppState {
     pub mqtt: Arc<crate::transport::mqtt::Broker>,
     /// This node's name (`[server] node`), in logs and stats.
     pub node: String,
+    /// Unread fallback, outbound webhooks, e-mail and their jobs.
+    pub outbound: Arc<crate::outbound::Outbound>,
 }
 
 impl AppState {

@@ -9,9 +9,14 @@
 //! [`SqliteStore`] (the embedded default) and [`RedisStore`] (several nodes
 //! sharing Redis: ids and history in Redis, and every node's sink fed from
 //! Redis, its own commits included).
+//!
+//! Beside messages, the same stores keep inbox state ([`InboxStore`]), the
+//! MQTT broker's records ([`BrokerStore`]) and outbound jobs ([`JobStore`],
+//! in `jobs/`).
 
 mod heads;
 mod idempotency;
+mod jobs;
 mod memory;
 mod readers;
 mod redis;
@@ -26,6 +31,10 @@ use herald_core::{
 };
 
 pub use idempotency::fingerprint;
+pub use jobs::{
+    After, Changes, Claimed, Expect, Job, JobError, JobId, JobState, JobStore, JobSummary, Lease, NewJob, Record,
+    RecordWrite,
+};
 pub use memory::MemoryStore;
 pub use redis::{RedisOptions, RedisStore};
 pub use sqlite::{SqliteOptions, SqliteStore, SyncMode};

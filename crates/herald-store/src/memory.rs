@@ -15,7 +15,7 @@ use herald_core::{
 
 use crate::{
     BoxFuture, BrokerRecord, BrokerStore, BrokerTable, IDEMPOTENCY_TTL_MS, Idempotency, InboxStore, Page, Receipt,
-    Signal, Store, StoreConfig, StoreError, monotonic,
+    Signal, Store, StoreConfig, StoreError, jobs::JobTable, monotonic,
 };
 
 struct Log {
@@ -38,6 +38,8 @@ struct State {
 pub struct MemoryStore {
     config: StoreConfig,
     state: Mutex<State>,
+    /// Outbound jobs and their records (`jobs::memory`), under a lock of their own.
+    jobs: Mutex<JobTable>,
 }
 
 impl MemoryStore {
@@ -53,11 +55,16 @@ impl MemoryStore {
                 broker: HashMap::new(),
                 idempotency: HashMap::new(),
             }),
+            jobs: Mutex::new(JobTable::default()),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn job_table(&self) -> std::sync::MutexGuard<'_, JobTable> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -4,8 +4,10 @@
 //! queue (up to `max_batch` messages), writes them in one transaction, commits,
 //! hands them to the sink, and only then answers the publishers: group commit, so
 //! throughput grows with concurrency while each publish is still acknowledged
-//! only once durable. Reads run on a few reader threads with connections of
-//! their own (`readers`), which WAL lets run alongside the writer.
+//! only once durable. Other writes that must be as durable (outbound jobs,
+//! `jobs/sqlite.rs`) queue to the same writer and share its commits. Reads
+//! run on a few reader threads with connections of their own (`readers`),
+//! which WAL lets run alongside the writer.
 
 use std::{
     collections::HashMap,
@@ -77,9 +79,57 @@ enum Committed {
     Conflict,
 }
 
+/// What the writer thread takes from its queue.
+enum Op {
+    Append(Append),
+    /// Any other write (outbound jobs): applied in the transaction of the
+    /// group it arrives with, so it shares the group's commit.
+    Write(Box<dyn WriteOp>),
+}
+
+/// A write other than an append, run by the writer thread.
+trait WriteOp: Send {
+    /// Applies the change inside the group's transaction, under a savepoint
+    /// of its own: `false` (its own failure, kept for `done`) undoes this op
+    /// alone.
+    fn apply(&mut self, conn: &Connection) -> bool;
+    /// Told once the group committed (`Ok`) or failed.
+    fn done(self: Box<Self>, committed: Result<(), StoreError>);
+}
+
+/// A closure as a [`WriteOp`], answering through a oneshot after the commit.
+struct Closure<T, E, F> {
+    f: Option<F>,
+    result: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<T, E, F> WriteOp for Closure<T, E, F>
+where
+    T: Send,
+    E: From<StoreError> + Send,
+    F: FnOnce(&Connection) -> Result<T, E> + Send,
+{
+    fn apply(&mut self, conn: &Connection) -> bool {
+        let result = (self.f.take().expect("applied once"))(conn);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn done(self: Box<Self>, committed: Result<(), StoreError>) {
+        let answer = match (committed, self.result) {
+            (Ok(()), Some(result)) => result,
+            (Err(e), _) => Err(e.into()),
+            (Ok(()), None) => Err(StoreError::Backend("a write was not applied".into()).into()),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
 pub struct SqliteStore {
     config: StoreConfig,
-    jobs: Mutex<Option<mpsc::Sender<Append>>>,
+    writes: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Readers,
     /// Inbox writes (membership, read state) are small and rare next to
@@ -179,6 +229,7 @@ impl SqliteStore {
         let conn = open(&path, options.sync).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
         add_meta_column(&conn).map_err(backend)?;
+        crate::jobs::init_sqlite(&conn).map_err(backend)?;
         // Checkpoint every 10,000 pages (10 MiB of WAL) instead of 1,000: a page
         // rewritten by many commits is copied back once per checkpoint, and the
         // commit that triggers one waits for it (measured: ~25% more publishes
@@ -202,7 +253,7 @@ impl SqliteStore {
         let readers = Readers::start(READERS, path, open_reader)?;
         Ok(SqliteStore {
             config,
-            jobs: Mutex::new(Some(tx)),
+            writes: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             readers,
             inbox_writer,
@@ -236,15 +287,32 @@ impl SqliteStore {
     async fn submit(&self, batch: Vec<NewMessage>, idempotency: Option<Idempotency>) -> Result<Committed, StoreError> {
         let (reply, answer) = oneshot::channel();
         {
-            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = jobs.as_ref().ok_or(StoreError::Closed)?;
-            tx.send(Append { batch, idempotency, reply }).map_err(|_| StoreError::Closed)?;
+            let writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = writes.as_ref().ok_or(StoreError::Closed)?;
+            tx.send(Op::Append(Append { batch, idempotency, reply })).map_err(|_| StoreError::Closed)?;
+        }
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the writer thread, in the transaction of the next group
+    /// commit, and answers once that committed.
+    pub(crate) async fn write<T, E>(&self, f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = Closure { f: Some(f), result: None, reply };
+        {
+            let writes = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = writes.as_ref().ok_or(StoreError::Closed)?;
+            tx.send(Op::Write(Box::new(op))).map_err(|_| StoreError::Closed)?;
         }
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on a reader thread's connection.
-    async fn with_reader<T: Send + 'static>(
+    pub(crate) async fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -357,7 +425,7 @@ impl Store for SqliteStore {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // Dropping the sender lets the writer finish its queue and exit.
-            self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+            self.writes.lock().unwrap_or_else(|e| e.into_inner()).take();
             let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(h) = handle {
                 let _ = tokio::task::spawn_blocking(move || h.join()).await;
@@ -381,10 +449,10 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, jobs: mpsc::Receiver<Append>) {
+    fn run(mut self, ops: mpsc::Receiver<Op>) {
         let mut last_sweep = Instant::now();
         loop {
-            let first = match jobs.recv_timeout(self.options.sweep_every) {
+            let first = match ops.recv_timeout(self.options.sweep_every) {
                 Ok(job) => job,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.sweep();
@@ -393,13 +461,17 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let mut size = first.batch.len();
+            let weight = |op: &Op| match op {
+                Op::Append(a) => a.batch.len(),
+                Op::Write(_) => 1,
+            };
+            let mut size = weight(&first);
             let mut group = vec![first];
             while size < self.options.max_batch {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        size += job.batch.len();
-                        group.push(job);
+                match ops.try_recv() {
+                    Ok(op) => {
+                        size += weight(&op);
+                        group.push(op);
                     }
                     Err(_) => break,
                 }
@@ -413,15 +485,21 @@ impl Writer {
         tracing::debug!("store writer stopped");
     }
 
-    fn commit_group(&mut self, group: Vec<Append>) {
+    fn commit_group(&mut self, group: Vec<Op>) {
         let now = monotonic(&self.config.clock, &mut self.last_time);
         let mut replies = Vec::with_capacity(group.len());
         let mut batches = Vec::with_capacity(group.len());
-        for Append { batch, idempotency, reply } in group {
-            replies.push(reply);
-            batches.push((batch, idempotency));
+        let mut writes = Vec::new();
+        for op in group {
+            match op {
+                Op::Append(Append { batch, idempotency, reply }) => {
+                    replies.push(reply);
+                    batches.push((batch, idempotency));
+                }
+                Op::Write(w) => writes.push(w),
+            }
         }
-        match self.write(batches, now) {
+        match self.write(batches, &mut writes, now) {
             Ok(committed) => {
                 let all: Vec<Arc<Message>> = committed
                     .iter()
@@ -432,10 +510,15 @@ impl Writer {
                     .flatten()
                     .cloned()
                     .collect();
-                self.cached_heads.committed(&all);
-                self.config.sink.committed(&all);
+                if !all.is_empty() {
+                    self.cached_heads.committed(&all);
+                    self.config.sink.committed(&all);
+                }
                 for (reply, outcome) in replies.into_iter().zip(committed) {
                     let _ = reply.send(Ok(outcome));
+                }
+                for w in writes {
+                    w.done(Ok(()));
                 }
             }
             Err(e) => {
@@ -444,6 +527,9 @@ impl Writer {
                 for reply in replies {
                     let _ = reply.send(Err(backend(&e)));
                 }
+                for w in writes {
+                    w.done(Err(backend(&e)));
+                }
             }
         }
     }
@@ -451,6 +537,7 @@ impl Writer {
     fn write(
         &mut self,
         batches: Vec<(Vec<NewMessage>, Option<Idempotency>)>,
+        writes: &mut [Box<dyn WriteOp>],
         now: i64,
     ) -> rusqlite::Result<Vec<Committed>> {
         // IMMEDIATE, as the inbox writer's: with two writing connections, a
@@ -458,7 +545,7 @@ impl Writer {
         // failed with "database is locked" when the other had written in
         // between (its busy timeout does not apply to that upgrade), and
         // the whole group of publishes with it.
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut touched: HashMap<i64, (u64, u64)> = HashMap::new();
         let mut out = Vec::with_capacity(batches.len());
         for (batch, idempotency) in batches {
@@ -533,6 +620,12 @@ impl Writer {
             if head > size {
                 tx.prepare_cached("DELETE FROM messages WHERE cid = ?1 AND id <= ?2")?
                     .execute(params![cid, (head - size) as i64])?;
+            }
+        }
+        for w in writes.iter_mut() {
+            let sp = tx.savepoint()?;
+            if w.apply(&sp) {
+                sp.commit()?;
             }
         }
         tx.commit()?;

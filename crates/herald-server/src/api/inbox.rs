@@ -31,7 +31,7 @@ const MAX_USERS: usize = 100_000;
 /// Membership lists of 100,000 ids need more room than a message payload.
 const BULK_BODY: usize = 16 * 1024 * 1024;
 
-fn admin_only(state: &SharedState, headers: &HeaderMap, query: &Query) -> Result<(), ApiError> {
+pub(crate) fn admin_only(state: &SharedState, headers: &HeaderMap, query: &Query) -> Result<(), ApiError> {
     if state.auth.authenticate(headers, query)?.is_admin() {
         Ok(())
     } else {
@@ -40,7 +40,7 @@ fn admin_only(state: &SharedState, headers: &HeaderMap, query: &Query) -> Result
 }
 
 /// A user id: one channel segment, short enough that `user/{id}` is a channel.
-fn user_id(s: &str) -> Result<String, ApiError> {
+pub(crate) fn user_id(s: &str) -> Result<String, ApiError> {
     validate_segment(s).map_err(|e| ApiError::bad_request("invalid_user", format!("user '{s}': {e}")))?;
     if inbox::user_channel(s).is_none() {
         return Err(ApiError::bad_request("invalid_user", "user id is too long"));
@@ -57,7 +57,7 @@ fn group_id(s: &str) -> Result<String, ApiError> {
     Ok(s.to_owned())
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_data() { "invalid_request" } else { "invalid_json" };
         ApiError::bad_request(code, e.to_string())
@@ -73,6 +73,9 @@ struct Notification {
     title: String,
     body: Option<String>,
     data: Option<Box<RawValue>>,
+    /// `false`, or `{"delay":"5m","channels":["email"]}`: this
+    /// notification's unread fallback (`outbound/fallback.rs`).
+    fallback: Option<Value>,
 }
 
 /// `POST /api/notifications`: one message per named user, or one message in
@@ -106,6 +109,10 @@ pub(crate) async fn notify(
     }
     if let Some(d) = n.data {
         payload["data"] = serde_json::from_str(d.get()).expect("RawValue is JSON");
+    }
+    if let Some(f) = &n.fallback {
+        payload["fallback"] =
+            crate::outbound::Spec::request(f).map_err(|e| ApiError::bad_request("invalid_request", e))?;
     }
     let payload = bytes::Bytes::from(payload.to_string());
     if payload.len() > limit {
@@ -194,6 +201,14 @@ fn comes_after(before: &(i64, Channel, u64), m: &herald_core::Message) -> bool {
 }
 
 fn item(m: &herald_core::Message, read: bool) -> Value {
+    let mut v = notification(m);
+    v["read"] = read.into();
+    v
+}
+
+/// A notification as the API shows it (also in outbound events and mails):
+/// `{id,channel,title,body,data,time}`.
+pub(crate) fn notification(m: &herald_core::Message) -> Value {
     let data = serde_json::from_slice::<Value>(&m.json()).expect("message JSON")["data"].take();
     let (title, body, payload) = match (&m.event, data) {
         (Some(e), Value::Object(mut o)) if e.as_str() == NOTIFICATION_EVENT => (
@@ -210,7 +225,6 @@ fn item(m: &herald_core::Message, read: bool) -> Value {
         "body": body,
         "data": payload,
         "time": herald_core::time::rfc3339_ms(m.time),
-        "read": read,
     })
 }
 

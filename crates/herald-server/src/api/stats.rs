@@ -79,6 +79,7 @@ pub(crate) async fn stats(State(state): State<SharedState>) -> Json<Value> {
         "connections": connections,
         "published": state.hub.published(),
         "delivered": s.delivered.load(Ordering::Relaxed),
+        "outbound": state.outbound.stats().await,
     });
     let store = state.store.status();
     if let Some(details) = store.details {

@@ -9,7 +9,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use herald_core::{ChannelError, CursorError, EventNameError, FilterError};
-use herald_store::StoreError;
+use herald_store::{JobError, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -115,6 +115,21 @@ impl From<StoreError> for ApiError {
                 "idempotency_conflict",
                 "this Idempotency-Key was used for a different request in the last 5 minutes",
             ),
+        }
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Store(e) => e.into(),
+            JobError::NotDead(id) => {
+                ApiError::new(StatusCode::NOT_FOUND, "job_not_found", format!("there is no dead job {id}"))
+            }
+            // Another writer got there first; the caller may try again.
+            e @ (JobError::Conflict(_) | JobError::Stale(_)) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", format!("{e}; retry"))
+            }
         }
     }
 }

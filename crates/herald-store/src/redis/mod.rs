@@ -22,6 +22,7 @@
 
 mod feed;
 mod inbox;
+mod jobs;
 mod keys;
 mod scripts;
 mod shard;

@@ -329,27 +329,49 @@ pub(super) enum Via {
 }
 
 /// Publishes `messages` payloads one after another (so sequence order is id
-/// order), in a burst or at `rate` per second.
+/// order), in a burst or at `rate` per second. With `retry`, a publish that
+/// fails is sent again (Herald: with an Idempotency-Key) until accepted;
+/// answers how many retries that took.
 pub(super) async fn publish(
     target: &Target,
     channel: &str,
     messages: usize,
     rate: u32,
     via: Via,
-) -> anyhow::Result<()> {
+    retry: bool,
+) -> anyhow::Result<u64> {
     if via == Via::Mqtt {
-        return publish_mqtt(&target.mqtt, channel, messages, rate).await;
+        return publish_mqtt(&target.mqtt, channel, messages, rate).await.map(|()| 0);
     }
     let url = target.peer.publish_url(&target.server, channel);
     let mut http = Http1::new(&target.server)?;
     let start = Instant::now();
+    let mut retries = 0;
     for seq in 0..messages {
         if rate > 0 {
             tokio::time::sleep_until((start + Duration::from_secs_f64(seq as f64 / f64::from(rate))).into()).await;
         }
-        post_json(&mut http, &url, &payload(seq)).await.with_context(|| format!("publish {seq}"))?;
+        if !retry {
+            post_json(&mut http, &url, &payload(seq)).await.with_context(|| format!("publish {seq}"))?;
+            continue;
+        }
+        let key = format!("{channel}/{seq}");
+        let headers: &[(&str, &str)] = match target.peer {
+            super::peer::Peer::Herald => &[("content-type", "application/json"), ("idempotency-key", &key)],
+            _ => &[("content-type", "application/json")],
+        };
+        let (_, path) = split_url(&url)?;
+        loop {
+            match http.request("POST", path, headers, payload(seq).as_bytes()).await {
+                Ok(res) if (200..300).contains(&res.status) => break,
+                _ => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
-    Ok(())
+    Ok(retries)
 }
 
 /// POSTs a JSON body and checks that it was accepted.

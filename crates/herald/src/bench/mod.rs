@@ -161,6 +161,11 @@ pub(crate) struct FanoutArgs {
     channel: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     publisher: Publisher,
+    /// Retry a refused or failed publish (HTTP) until it is accepted, with an
+    /// Idempotency-Key on Herald (Nchan has none), instead of giving up: for
+    /// runs that fail the store on purpose. The retries are reported.
+    #[arg(long)]
+    retry: bool,
     /// Also write the latency histogram to this file, one `µs count` line per
     /// value, so that several processes' latencies merge into exact quantiles.
     #[arg(long)]
@@ -264,8 +269,9 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let server_before = a.target.pid.map(ProcStat::read).transpose()?;
     let tool_before = ProcStat::read_self()?;
     let start = Instant::now();
+    let mut retries = 0;
     if let Some(via) = via {
-        clients::publish(&a.target, &channel, a.messages, a.rate, via).await?;
+        retries = clients::publish(&a.target, &channel, a.messages, a.rate, via, a.retry).await?;
     }
     let publish_time = start.elapsed();
     let expected = (a.messages * a.subscribers) as u64;
@@ -337,6 +343,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         .add("lost", expected - counts.unique.min(expected))
         .add("dup", counts.duplicates)
         .add("ooo", counts.out_of_order)
+        .add("retries", retries)
         .num("p50_ms", p50, 2)
         .num("p99_ms", p99, 2)
         .num("max_ms", max, 2)
