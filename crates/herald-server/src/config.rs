@@ -266,6 +266,8 @@ pub struct RedisConfig {
     pub check_every: std::time::Duration,
     /// Recent feed messages Redis keeps per partition for nodes that missed some.
     pub feed_log: usize,
+    /// `url` lists seed nodes of one Redis Cluster instead of shards.
+    pub cluster: bool,
 }
 
 impl Default for RedisConfig {
@@ -278,6 +280,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(2),
             check_every: Duration::from_secs(1),
             feed_log: 10_000,
+            cluster: false,
         }
     }
 }

@@ -72,6 +72,7 @@ impl Server {
             options.check_every = r.check_every;
             options.log_len = r.feed_log;
             options.node = node.clone();
+            options.cluster = r.cluster;
             let s = Arc::new(RedisStore::open(options, store_config).await?);
             tracing::info!(node, redis = r.url.len(), "sharing channels with other nodes over Redis");
             (s.clone(), s.clone(), s.clone(), s)

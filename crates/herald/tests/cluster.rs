@@ -21,7 +21,7 @@ use std::{
 
 use eventsource_stream::Eventsource;
 use futures_util::{SinkExt, StreamExt};
-use redis_server::RedisServer;
+use redis_server::{RedisCluster, RedisServer};
 use serde_json::{Value, json};
 use tokio::{sync::Notify, task::JoinHandle};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -808,4 +808,45 @@ async fn mqtt_sessions_retained_messages_and_wills_work_across_nodes() {
     let (mortal, _) = Client::connect(will_opts).await;
     mortal.kill();
     assert_eq!(late.message().await, "gone");
+}
+
+/// A node on a Redis Cluster (the seeds of its masters).
+fn cluster_node(cluster: &RedisCluster) -> Server {
+    let seeds = cluster.seeds().join(",");
+    Server::start_with(&[
+        ("HERALD_REDIS_URL", &seeds),
+        ("HERALD_REDIS_CLUSTER", "true"),
+        ("HERALD_REDIS_PARTITIONS", "32"),
+        ("HERALD_REDIS_CHECK_EVERY", "200ms"),
+    ])
+}
+
+/// Nodes on a 3-master Redis Cluster: a publish naming channels in every
+/// master's slots reaches a subscriber on another node, once each, and its
+/// retry with the same Idempotency-Key applies nothing more.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    let (a, b) = (cluster_node(&cluster), cluster_node(&cluster));
+    let channels: Vec<String> = (0..24).map(|i| format!("spread/{i}")).collect();
+    let mut multi = sse(&b, "/api/events?channel=spread%2F%23&since=0", &[]).await;
+    let body = json!({"channels": channels, "data": "everywhere"});
+    let send = || client().post(format!("{}/api/publish", a.url)).header("idempotency-key", "c-1").json(&body).send();
+    let first: Value = send().await.unwrap().json().await.unwrap();
+    let again: Value = send().await.unwrap().json().await.unwrap();
+    assert_eq!(first, again);
+    let mut got = Vec::new();
+    for _ in 0..24 {
+        let m: Value = serde_json::from_str(&next_event(&mut multi).await.unwrap().data).unwrap();
+        got.push(m["channel"].as_str().unwrap().to_owned());
+    }
+    got.sort();
+    let mut want = channels.clone();
+    want.sort();
+    assert_eq!(got, want);
+    for n in &cluster.nodes {
+        assert!(n.cli(&["--scan", "--pattern", "herald:*:s:spread/*"]).lines().count() > 0, "master {}", n.port);
+    }
+    let (_, stats) = get_json(&b, "/api/stats").await;
+    assert!(stats["redis"]["shards"][0]["feed_received"].as_u64().unwrap() > 0, "{stats}");
 }

@@ -23,10 +23,10 @@ use std::{
 
 use bytes::Bytes;
 use herald_core::Channel;
-use redis::Value;
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::oneshot;
 
-use super::{Inner, wire};
+use super::{Inner, shard::Conn, wire};
 use crate::{Signal, StoreError, now_ms};
 
 /// "Unknown": nothing received from this partition since start.
@@ -35,8 +35,80 @@ pub(super) const UNKNOWN: u64 = u64::MAX;
 /// Starts shard `s`'s feed task; the receiver fires once it first subscribed.
 pub(super) fn start(inner: Arc<Inner>, s: usize) -> oneshot::Receiver<()> {
     let (ready, subscribed) = oneshot::channel();
-    tokio::spawn(run(inner, s, ready));
+    if inner.shards[s].is_cluster() {
+        tokio::spawn(run_cluster(inner, s, ready));
+    } else {
+        tokio::spawn(run(inner, s, ready));
+    }
     subscribed
+}
+
+/// A Redis Cluster's feeds: sharded pub/sub (`SSUBSCRIBE`, one channel at a
+/// time: each partition's feed lives on the master of its slot) on the
+/// cluster connection, whose client resubscribes by itself after a
+/// reconnection or a slot move; messages arrive as RESP3 pushes. A lost
+/// connection shows as a `Disconnection` push; the sequence check, here as
+/// on one Redis, reads back what was missed.
+async fn run_cluster(inner: Arc<Inner>, s: usize, ready: oneshot::Sender<()>) {
+    let shard = &inner.shards[s];
+    let Conn::Cluster { conn, pushes } = &shard.conn else { return };
+    let Some(mut pushes) = pushes.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    let partitions: Vec<u32> = (0..inner.keys.partitions()).collect();
+    let by_feed: HashMap<String, u32> = partitions.iter().map(|p| (inner.keys.feed(*p), *p)).collect();
+    let mut stop = inner.stop.subscribe();
+    let mut conn = conn.clone();
+    let mut backoff = Duration::from_millis(50);
+    for name in by_feed.keys() {
+        loop {
+            match tokio::time::timeout(inner.options.timeout, conn.ssubscribe(name)).await {
+                Ok(Ok(())) => break,
+                failed => {
+                    tracing::warn!(redis = %shard.name, ?failed, "sharded feed not subscribed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    if let Err(e) = check(&inner, &partitions).await {
+        tracing::warn!(redis = %shard.name, error = %e, "could not read the feed sequence");
+    }
+    shard.feed_up.store(true, Ordering::Relaxed);
+    let _ = ready.send(());
+    let mut tick = tokio::time::interval(inner.options.check_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            push = pushes.recv() => match push {
+                Some(PushInfo { kind: PushKind::SMessage, data }) => {
+                    let mut data = data.into_iter();
+                    let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next())
+                    else { continue };
+                    let Some(p) = std::str::from_utf8(&channel).ok().and_then(|c| by_feed.get(c)).copied() else { continue };
+                    shard.received.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = receive(&inner, p, Bytes::from(payload)).await {
+                        tracing::warn!(redis = %shard.name, error = %e, "could not read back missed feed messages");
+                    }
+                }
+                Some(PushInfo { kind: PushKind::Disconnection, .. }) => {
+                    shard.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(redis = %shard.name, "a cluster connection was lost; the client resubscribes");
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tick.tick() => {
+                if let Err(e) = check(&inner, &partitions).await {
+                    tracing::debug!(redis = %shard.name, error = %e, "feed sequence check failed");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn run(inner: Arc<Inner>, s: usize, ready: oneshot::Sender<()>) {
@@ -51,8 +123,9 @@ async fn run(inner: Arc<Inner>, s: usize, ready: oneshot::Sender<()>) {
         if *stop.borrow() {
             return;
         }
+        let Conn::Single { client, .. } = &shard.conn else { return };
         let connected = async {
-            let mut pubsub = tokio::time::timeout(inner.options.connect_timeout, shard.client.get_async_pubsub())
+            let mut pubsub = tokio::time::timeout(inner.options.connect_timeout, client.get_async_pubsub())
                 .await
                 .map_err(|_| "no answer".to_string())?
                 .map_err(|e| e.to_string())?;
@@ -223,11 +296,21 @@ fn log_entry(v: Value) -> Option<wire::Item> {
 /// Compares each partition's sequence in Redis with what was handed on.
 async fn check(inner: &Inner, partitions: &[u32]) -> Result<(), StoreError> {
     let Some(&first) = partitions.first() else { return Ok(()) };
-    let mut pipe = redis::pipe();
-    for p in partitions {
-        pipe.cmd("HMGET").arg(inner.keys.part(*p)).arg("q").arg("run");
-    }
-    let records: Vec<(Option<u64>, Option<String>)> = inner.shard(first).pipe(&pipe).await?;
+    let shard = inner.shard(first);
+    let records: Vec<(Option<u64>, Option<String>)> = if shard.is_cluster() {
+        // Each partition's record is on the master of its slot.
+        let mut out = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            out.push(shard.query(redis::cmd("HMGET").arg(inner.keys.part(*p)).arg("q").arg("run")).await?);
+        }
+        out
+    } else {
+        let mut pipe = redis::pipe();
+        for p in partitions {
+            pipe.cmd("HMGET").arg(inner.keys.part(*p)).arg("q").arg("run");
+        }
+        shard.pipe(&pipe).await?
+    };
     for (&p, (q, run)) in partitions.iter().zip(records) {
         // Ids were given out here (a publish records the Redis run): if the
         // record goes missing, Redis lost it, and ids must not start over.

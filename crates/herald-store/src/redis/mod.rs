@@ -67,6 +67,10 @@ pub struct RedisOptions {
     pub log_len: usize,
     /// This node's name, in logs and stats.
     pub node: String,
+    /// `urls` are seeds of one Redis Cluster (not client-side shards):
+    /// commands go to the master of their partition's slot, and the feeds
+    /// are sharded pub/sub.
+    pub cluster: bool,
 }
 
 impl RedisOptions {
@@ -80,6 +84,7 @@ impl RedisOptions {
             check_every: Duration::from_secs(1),
             log_len: 10_000,
             node: "herald".into(),
+            cluster: false,
         }
     }
 }
@@ -124,10 +129,16 @@ impl RedisStore {
         let partitions = options.partitions.clamp(1, 16_384);
         let keys = Keys::new(&options.prefix, partitions);
         let mut shards = Vec::new();
-        for url in &options.urls {
-            let shard = Shard::connect(url, options.timeout, options.connect_timeout).await?;
+        if options.cluster {
+            let shard = Shard::connect_cluster(&options.urls, options.timeout, options.connect_timeout).await?;
             check_settings(&shard, &keys).await?;
             shards.push(shard);
+        } else {
+            for url in &options.urls {
+                let shard = Shard::connect(url, options.timeout, options.connect_timeout).await?;
+                check_settings(&shard, &keys).await?;
+                shards.push(shard);
+            }
         }
         let n = shards.len();
         let (stop, _) = watch::channel(false);
@@ -237,12 +248,16 @@ impl Inner {
     async fn commit(&self, batch: &[NewMessage], idempotency: Option<&Idempotency>) -> Result<Committed, StoreError> {
         self.check_open()?;
         let now = (self.config.clock)();
-        // Shard -> indexes of its messages, in batch order.
-        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        // One script per shard (its partitions together), or per partition
+        // on a Cluster (a script's keys must share a slot): indexes of its
+        // messages, in batch order.
+        let cluster = self.shards[0].is_cluster();
+        let mut calls: BTreeMap<(usize, u32), Vec<usize>> = BTreeMap::new();
         for (i, m) in batch.iter().enumerate() {
-            by_shard.entry(self.shard_of[self.keys.channel_partition(&m.channel) as usize]).or_default().push(i);
+            let p = self.keys.channel_partition(&m.channel);
+            calls.entry((self.shard_of[p as usize], if cluster { p } else { 0 })).or_default().push(i);
         }
-        let calls = by_shard.into_iter().map(|(s, idx)| self.commit_on(s, batch, idx, idempotency, now));
+        let calls = calls.into_iter().map(|((s, _), idx)| self.commit_on(s, batch, idx, idempotency, now));
         let results = futures_join(calls).await;
         let mut out = vec![(0u64, 0i64); batch.len()];
         let mut replayed = false;
@@ -304,7 +319,7 @@ impl Inner {
             .arg(groups.len())
             .arg(idx.len())
             .arg(self.options.log_len)
-            .arg("0");
+            .arg(if shard.is_cluster() { "1" } else { "0" });
         for &p in &groups {
             script.arg(self.keys.feed(p)).arg(if self.known[p as usize].load(Ordering::Relaxed) { "1" } else { "0" });
         }
@@ -558,7 +573,7 @@ impl Inner {
             .key(self.keys.records(p, record.map_or('r', |r| r.1)))
             .arg(self.keys.feed(p))
             .arg(self.options.log_len)
-            .arg("0")
+            .arg(if self.shard(p).is_cluster() { "1" } else { "0" })
             .arg(wire::signal_fields(signal))
             .arg(op)
             .arg(record.map_or("", |r| r.0))

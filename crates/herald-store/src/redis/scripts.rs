@@ -106,8 +106,10 @@ for i = 0, N - 1 do
     if ev ~= '' then f[#f + 1] = 'e'; f[#f + 1] = ev end
     if meta ~= '' then f[#f + 1] = 'm'; f[#f + 1] = meta end
     redis.call(unpack(f))
-    if age > 0 then
-      -- Entries are in time order: drop the expired ones from the front.
+    -- Entries are in time order: when the oldest has expired, drop the
+    -- expired ones from the front (most publishes look at one entry only).
+    local oldest = age > 0 and redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+    if oldest and tonumber(oldest[2][4]) < tm - age then
       local cutoff, keep = tm - age, nil
       local old = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
       for _, e in ipairs(old) do

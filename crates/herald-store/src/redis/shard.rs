@@ -11,15 +11,17 @@ use std::{
     time::Duration,
 };
 
-use redis::{Client, Cmd, FromRedisValue, RedisError, aio::ConnectionManager};
+use redis::{
+    Client, Cmd, FromRedisValue, PushInfo, RedisError, aio::ConnectionManager, cluster_async::ClusterConnection,
+};
+use tokio::sync::mpsc;
 
 use crate::StoreError;
 
 pub(crate) struct Shard {
     /// The URL without its password, for logs and stats.
     pub(crate) name: String,
-    pub(crate) client: Client,
-    conn: ConnectionManager,
+    pub(crate) conn: Conn,
     /// Every command and script is bounded by this: past it the outcome is
     /// unknown, and the caller is told the store is unavailable.
     timeout: Duration,
@@ -35,6 +37,35 @@ pub(crate) struct Shard {
     pub(crate) received: AtomicU64,
     pub(crate) recovered: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+}
+
+/// How commands reach Redis.
+pub(crate) enum Conn {
+    /// One Redis: commands on a connection manager, the feed on a pub/sub
+    /// connection of its own made from `client`.
+    Single { client: Client, manager: ConnectionManager },
+    /// A Redis Cluster: commands go to the master of their keys' slot; the
+    /// feed is sharded pub/sub (`SSUBSCRIBE`) on the same connection, its
+    /// messages arriving on `pushes` (RESP3), resubscribed by the client
+    /// after a reconnection or a slot move.
+    Cluster { conn: ClusterConnection, pushes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>> },
+}
+
+/// Runs `$body` with `$c` a clone of the shard's connection, whichever kind
+/// it is (both are `ConnectionLike`, but not one type), bounded by the timeout.
+macro_rules! on_conn {
+    ($shard:expr, $c:ident => $body:expr) => {
+        match &$shard.conn {
+            Conn::Single { manager, .. } => {
+                let mut $c = manager.clone();
+                $shard.bounded(async move { $body }).await
+            }
+            Conn::Cluster { conn, .. } => {
+                let mut $c = conn.clone();
+                $shard.bounded(async move { $body }).await
+            }
+        }
+    };
 }
 
 /// Partition `p`'s shard among `n`: Lamping and Veach's jump consistent hash.
@@ -67,14 +98,39 @@ impl Shard {
             .set_connection_timeout(Some(connect_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn =
+        let manager =
             tokio::time::timeout(connect_timeout * 3, ConnectionManager::new_with_config(client.clone(), config))
                 .await
                 .map_err(|_| StoreError::Unavailable(format!("{name}: no answer within {connect_timeout:?}")))?
                 .map_err(|e| StoreError::Unavailable(format!("{name}: {e}")))?;
-        Ok(Shard {
+        Ok(Shard::new(name, Conn::Single { client, manager }, timeout))
+    }
+
+    /// Connects to a Redis Cluster through any of its `seeds`.
+    pub(crate) async fn connect_cluster(
+        seeds: &[String],
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<Shard, StoreError> {
+        let name = format!("cluster {}", seeds.iter().map(|s| redact(s)).collect::<Vec<_>>().join(","));
+        let (tx, pushes) = mpsc::unbounded_channel();
+        let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .response_timeout(timeout)
+            .connection_timeout(connect_timeout)
+            .build()
+            .map_err(|e| StoreError::Backend(format!("{name}: {e}")))?;
+        let conn = tokio::time::timeout(connect_timeout * 3, client.get_async_connection())
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("{name}: no answer within {connect_timeout:?}")))?
+            .map_err(|e| StoreError::Unavailable(format!("{name}: {e}")))?;
+        Ok(Shard::new(name, Conn::Cluster { conn, pushes: std::sync::Mutex::new(Some(pushes)) }, timeout))
+    }
+
+    fn new(name: String, conn: Conn, timeout: Duration) -> Shard {
+        Shard {
             name,
-            client,
             conn,
             timeout,
             lossy: AtomicBool::new(true),
@@ -84,19 +140,22 @@ impl Shard {
             received: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
-        })
+        }
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster { .. })
     }
 
     /// Runs one command, bounded by the timeout.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { cmd.query_async::<T>(&mut conn).await }).await
+        on_conn!(self, c => cmd.query_async::<T>(&mut c).await)
     }
 
-    /// Runs a pipeline, bounded by the timeout.
+    /// Runs a pipeline, bounded by the timeout. (On a Cluster, only for
+    /// commands whose keys share a slot.)
     pub(crate) async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { pipe.query_async::<T>(&mut conn).await }).await
+        on_conn!(self, c => pipe.query_async::<T>(&mut c).await)
     }
 
     /// Runs a script, bounded by the timeout.
@@ -104,8 +163,7 @@ impl Shard {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { invocation.invoke_async::<T>(&mut conn).await }).await
+        on_conn!(self, c => invocation.invoke_async::<T>(&mut c).await)
     }
 
     async fn bounded<T>(&self, f: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {

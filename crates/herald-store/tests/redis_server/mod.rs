@@ -94,3 +94,51 @@ fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
+
+/// A Redis Cluster of `masters` masters (no replicas) on loopback, each a
+/// real `redis-server`, formed with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("temp dir");
+                // The cluster bus listens on the port + 10000: both must be free.
+                let port = loop {
+                    let p = free_port();
+                    if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                        break p;
+                    }
+                };
+                let child =
+                    spawn(port, dir.path(), &["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+                let server = RedisServer { port, child, _dir: dir };
+                server.wait_ready();
+                server
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is installed (Debian's redis-tools)");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = RedisCluster { nodes };
+        // Formed when every node says so (the nodes agree over their bus).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(Instant::now() < deadline, "the cluster did not form");
+            std::thread::yield_now();
+        }
+        cluster
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
