@@ -49,9 +49,9 @@ use crate::{
 
 /// The largest request head read here; a bigger one goes to hyper, which
 /// serves it within its own limit (about 400 KiB) and answers 431 past that.
-const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// Most headers a request may have here (the rest: hyper).
-const MAX_HEADERS: usize = 48;
+pub(crate) const MAX_HEADERS: usize = 48;
 /// How long a kept-alive connection may sit without starting a request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a request head may take once it has begun.
@@ -87,7 +87,7 @@ pub(crate) async fn serve(
 }
 
 /// What to do with a request whose head has been read.
-enum Route {
+pub(crate) enum Route {
     /// Answer it here, through the router.
     Here(Box<Request<Body>>, bool),
     /// A poll, answered here without the router.
@@ -122,13 +122,7 @@ fn connection(
             // Scoped: what is only needed until the head is written does not
             // take room in this task's future while a body streams.
             let (body, keep_alive, close) = {
-                // A body, a pipelined request behind this one, or anything unusual:
-                // hyper takes over with what was read so far. (After a WebSocket
-                // handshake, what follows is the client's first frames.)
-                let (route, head_len) = match route(&pending) {
-                    Some((r, len)) if len == pending.len() || matches!(r, Route::WebSocket(_)) => (r, len),
-                    _ => (Route::Hyper, 0),
-                };
+                let (route, head_len) = decide(&pending);
                 // Nothing is kept while the response is produced or streamed.
                 let head = std::mem::take(&mut pending);
                 // Answering and writing a head are boxed: they last a moment (a long
@@ -247,8 +241,20 @@ async fn read_head(tcp: &mut TcpStream, buf: &mut BytesMut, shutdown: &Cancellat
     }
 }
 
-fn head_complete(buf: &[u8]) -> bool {
+pub(crate) fn head_complete(buf: &[u8]) -> bool {
     buf.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// What to do with the bytes read so far, `buf` holding a whole head (or as
+/// much as is read of one): the route and the head's length. A body, a
+/// pipelined request behind this one, or anything unusual: hyper takes over
+/// with what was read so far. (After a WebSocket handshake, what follows is
+/// the client's first frames.)
+pub(crate) fn decide(buf: &[u8]) -> (Route, usize) {
+    match route(buf) {
+        Some((r, len)) if len == buf.len() || matches!(r, Route::WebSocket(_)) => (r, len),
+        _ => (Route::Hyper, 0),
+    }
 }
 
 /// Parses the head at the start of `buf`: the request to answer here, or
