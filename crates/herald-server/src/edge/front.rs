@@ -241,8 +241,15 @@ async fn read_head(tcp: &mut TcpStream, buf: &mut BytesMut, shutdown: &Cancellat
     }
 }
 
+/// Whether `buf` holds a whole request head: an empty line ends it. A line
+/// may end with a bare LF (RFC 9112 section 2.2; httparse and hyper accept
+/// it), so `\n\n` and `\n\r\n` end a head too: looking only for
+/// `\r\n\r\n`, a head written with bare LFs was never seen whole and its
+/// connection waited out the head timeout unanswered (found by fuzzing).
 pub(crate) fn head_complete(buf: &[u8]) -> bool {
-    buf.windows(4).any(|w| w == b"\r\n\r\n")
+    buf.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (buf.get(i + 1) == Some(&b'\n') || buf.get(i + 1..i + 3) == Some(b"\r\n")))
 }
 
 /// What to do with the bytes read so far, `buf` holding a whole head (or as
@@ -587,5 +594,19 @@ mod tests {
         }
         // Not a request head at all: hyper answers 400.
         assert!(routed("NOT HTTP\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn a_head_with_bare_line_feeds_is_whole_and_answered() {
+        // Fuzzing found these waiting for more bytes until the head timeout.
+        for head in
+            ["GET /healthz HTTP/1.1\nHost: x\n\n", "GET /healthz HTTP/1.1\r\nHost: x\n\r\n", "GET / HTTP/1.1\n\n"]
+        {
+            assert!(head_complete(head.as_bytes()), "{head:?}");
+            assert_eq!(routed(head), Some((true, true, head.len())), "{head:?}");
+        }
+        for partial in ["GET / HTTP/1.1\r\nHost: x\r\n", "GET / HTTP/1.1\n", "GET / HTTP/1.1\r\n\r"] {
+            assert!(!head_complete(partial.as_bytes()), "{partial:?}");
+        }
     }
 }
