@@ -293,7 +293,6 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
     }
     let mut keep_alive = true;
     let mut cross_origin = false;
-    let mut authorization = None;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         if announces_body(h) || name == header::UPGRADE || name == header::EXPECT {
@@ -303,13 +302,10 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
             keep_alive = false;
         }
         cross_origin |= name == header::ORIGIN;
-        if name == header::AUTHORIZATION {
-            authorization = header_text(h.value);
-        }
     }
     // A cross-origin poll goes through the router for its CORS headers.
     if !cross_origin && let Some(mut direct) = direct_poll(path) {
-        direct.authorization = authorization;
+        direct.authorization = authorization(parsed.headers);
         return Some((Route::Poll(Box::new(direct), keep_alive), len));
     }
     let mut req = Request::builder().method(Method::GET).version(Version::HTTP_11).uri(path);
@@ -325,24 +321,24 @@ fn announces_body(h: &httparse::Header<'_>) -> bool {
         || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
 }
 
-/// A header's value as the router's extractors read it (`HeaderValue::to_str`):
-/// visible ASCII, or nothing.
-fn header_text(value: &[u8]) -> Option<String> {
-    HeaderValue::from_bytes(value).ok().and_then(|v| v.to_str().ok().map(str::to_owned))
+/// The credential as the router's extractors read it: the first
+/// `Authorization` header (`HeaderMap::get`), when it is visible ASCII
+/// (`HeaderValue::to_str`). Not the last one: a request with two was
+/// answered with the second credential here and the first through the
+/// router (found by fuzzing).
+fn authorization(headers: &[httparse::Header<'_>]) -> Option<String> {
+    let h = headers.iter().find(|h| h.name.eq_ignore_ascii_case("authorization"))?;
+    HeaderValue::from_bytes(h.value).ok().and_then(|v| v.to_str().ok().map(str::to_owned))
 }
 
 /// What a WebSocket connection needs of its request: query, credential, handshake.
 fn websocket_request(endpoint: ws::Endpoint, path: &str, headers: &[httparse::Header<'_>]) -> ws::Request {
     let mut handshake = Handshake::default();
-    let mut authorization = None;
     for h in headers {
         handshake.header(h.name, h.value);
-        if h.name.eq_ignore_ascii_case("authorization") {
-            authorization = header_text(h.value);
-        }
     }
     let query = path.split_once('?').map(|(_, q)| q.to_owned());
-    ws::Request { endpoint, query, authorization, handshake }
+    ws::Request { endpoint, query, authorization: authorization(headers), handshake }
 }
 
 /// `/api/channels/{channel}/messages[?query]` with a valid channel name and
@@ -554,6 +550,13 @@ mod tests {
         let got =
             direct("GET /api/channels/chat/room/messages?since=4&wait=30 HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n");
         assert_eq!(got, Some(("chat/room".into(), Some("since=4&wait=30".into()), Some("Bearer t".into()))));
+        // Two credentials: the first, as the router reads it (fuzzing found
+        // the fast path taking the last).
+        let two = "GET /api/channels/a/messages HTTP/1.1\r\nAuthorization: Bearer first\r\nauthorization: Bearer second\r\n\r\n";
+        assert_eq!(direct(two).and_then(|d| d.2).as_deref(), Some("Bearer first"));
+        let invalid_first =
+            "GET /api/channels/a/messages HTTP/1.1\r\nAuthorization: é\r\nAuthorization: Bearer b\r\n\r\n";
+        assert_eq!(direct(invalid_first).map(|d| d.2), Some(None), "the router reads no credential either");
         for routed in [
             "GET /api/channels/chat/messages HTTP/1.1\r\nOrigin: https://x.example\r\n\r\n",
             "GET /api/channels/chat%2Froom/messages HTTP/1.1\r\n\r\n",
