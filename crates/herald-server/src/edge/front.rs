@@ -254,12 +254,16 @@ pub(crate) fn head_complete(buf: &[u8]) -> bool {
 
 /// What to do with the bytes read so far, `buf` holding a whole head (or as
 /// much as is read of one): the route and the head's length. A body, a
-/// pipelined request behind this one, or anything unusual: hyper takes over
-/// with what was read so far. (After a WebSocket handshake, what follows is
-/// the client's first frames.)
+/// pipelined request behind this one, a head over `MAX_HEAD`, or anything
+/// unusual: hyper takes over with what was read so far. (After a WebSocket
+/// handshake, what follows is the client's first frames.)
+///
+/// The size is checked here because `read_head` stops at `MAX_HEAD` only
+/// between reads: a larger head that came in one read was answered here,
+/// and the same head in smaller reads went to hyper (found by fuzzing).
 pub(crate) fn decide(buf: &[u8]) -> (Route, usize) {
     match route(buf) {
-        Some((r, len)) if len == buf.len() || matches!(r, Route::WebSocket(_)) => (r, len),
+        Some((r, len)) if len <= MAX_HEAD && (len == buf.len() || matches!(r, Route::WebSocket(_))) => (r, len),
         _ => (Route::Hyper, 0),
     }
 }
@@ -597,6 +601,18 @@ mod tests {
         }
         // Not a request head at all: hyper answers 400.
         assert!(routed("NOT HTTP\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn a_head_over_the_limit_goes_to_hyper_however_it_arrived() {
+        let head = |n: usize| format!("GET /api/channels/a/messages HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(n));
+        let fits = head(MAX_HEAD - head(0).len());
+        assert_eq!(fits.len(), MAX_HEAD);
+        assert!(matches!(decide(fits.as_bytes()), (Route::Poll(..), MAX_HEAD)));
+        let over = head(MAX_HEAD - head(0).len() + 1);
+        assert!(matches!(decide(over.as_bytes()), (Route::Hyper, 0)), "read whole in one read, still hyper's");
+        let ws = format!("GET /api/ws HTTP/1.1\r\nUpgrade: websocket\r\nX-Pad: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        assert!(matches!(decide(ws.as_bytes()), (Route::Hyper, 0)));
     }
 
     #[test]
