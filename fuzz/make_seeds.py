@@ -128,6 +128,7 @@ def front_door_seeds():
         "http10": crlf("GET /api/channels/a/messages HTTP/1.0"),
         "head": crlf("HEAD / HTTP/1.1", "Host: x"),
         "lf_only": "GET /healthz HTTP/1.1\nHost: x\n\n",
+        "poll_fragment": crlf("GET /api/channels/chat/messages?since=4#x HTTP/1.1", "Host: x"),
         "two_authorizations": crlf("GET /api/channels/a/messages HTTP/1.1", "Authorization: Bearer first", "Authorization: Bearer second"),
         "many_headers": crlf("GET / HTTP/1.1", *[f"X-H{i}: {i}" for i in range(60)]),
         "oversized": crlf("GET /api/channels/a/messages HTTP/1.1", "X-Big: " + "a" * 17000),

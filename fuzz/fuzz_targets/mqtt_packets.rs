@@ -12,7 +12,7 @@ use arbitrary::Arbitrary;
 use herald_server::fuzz::mqtt::{self, Version};
 use libfuzzer_sys::fuzz_target;
 use mqtt_proto::{
-    Pid, QosPid, v3,
+    Pid, QoS, QosPid, TopicName, v3,
     v5::{self, ConnectReasonCode, SubscribeReasonCode},
 };
 
@@ -38,8 +38,26 @@ fuzz_target!(|input: Input| {
             | v5::Packet::Disconnect(_)
             | v5::Packet::Auth(_)
     );
-    // The broker's packet ids start at 1 (mqtt-proto's `Arbitrary` makes 0).
+    // What the broker sends is built from valid parts: packet ids from 1,
+    // topics it received or channel names (mqtt-proto's `Arbitrary` makes
+    // id 0 and topics with NUL or wildcards, which it would refuse to parse).
     if !server_packet || pid(p).is_some_and(|pid| pid.value() == 0) {
+        return;
+    }
+    if let v5::Packet::Publish(publish) = p
+        && (TopicName::is_invalid(&publish.topic_name)
+            || publish.properties.response_topic.as_ref().is_some_and(|t| TopicName::is_invalid(t))
+            // A payload marked UTF-8 is UTF-8: the broker refuses others on
+            // the way in, and HTTP publishes carry no such mark.
+            || (publish.properties.payload_is_utf8 == Some(true) && std::str::from_utf8(&publish.payload).is_err()))
+    {
+        return;
+    }
+    // A CONNACK's Maximum QoS is 0 or 1 (MQTT 5 section 3.2.2.3.4); the
+    // broker sets none (it supports QoS 2), mqtt-proto would write 2.
+    if let v5::Packet::Connack(c) = p
+        && c.properties.max_qos == Some(QoS::Level2)
+    {
         return;
     }
     let v5_bytes = mqtt::encode(Version::V5, p);
