@@ -156,6 +156,7 @@ def names_seeds():
         "non_ascii": "chat/é\ncafé\n+",
         "max_len": "a" * 255 + "\n" + "b" * 255 + "\n" + "a" * 256,
         "dollar_only": "$\n$/a\n$+",
+        "share_filter": "chat/+/Default\nchat/room/Default\n$share/+",
     }
     for name, data in seeds.items():
         write("names", name, data)

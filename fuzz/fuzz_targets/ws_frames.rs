@@ -40,7 +40,7 @@ fn read(chunks: &[&[u8]], max: usize) -> Vec<Result<Message, u16>> {
         rx.push(chunk);
         pushed += chunk.len();
         loop {
-            let next = rx.next();
+            let next = rx.parse();
             let (len, capacity) = rx.buffered();
             if len == 0 {
                 assert_eq!(capacity, 0, "an idle receiver keeps no buffer");

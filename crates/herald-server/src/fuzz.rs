@@ -161,7 +161,7 @@ pub mod websocket {
 
         /// The next whole message, `None` until one is there; an error is
         /// the close code the connection ends with.
-        pub fn next(&mut self) -> Result<Option<Message>, u16> {
+        pub fn parse(&mut self) -> Result<Option<Message>, u16> {
             match self.0.parse() {
                 Ok(m) => Ok(m.map(|m| match m {
                     Incoming::Text(b) => Message::Text(b.to_vec()),
