@@ -14,12 +14,15 @@
 //! - at the top: the shared state, the route table, auth, subscriptions,
 //!   live inboxes, configuration, the server's start and stop, the store's
 //!   sink (`signals.rs`: what other nodes tell this one), and
-//!   `webhook.rs`: the signature and HTTP client of every outbound request.
+//!   `webhook.rs`: the signature and HTTP client of every outbound request;
+//! - `fuzz.rs`: hidden entry points into the private parsers, for `fuzz/`.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod edge;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod inbox;
 pub mod outbound;
 pub mod routes;

@@ -30,7 +30,7 @@ use std::{
 use axum::{
     Router,
     body::Body,
-    http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header},
+    http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header},
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -49,9 +49,9 @@ use crate::{
 
 /// The largest request head read here; a bigger one goes to hyper, which
 /// serves it within its own limit (about 400 KiB) and answers 431 past that.
-const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// Most headers a request may have here (the rest: hyper).
-const MAX_HEADERS: usize = 48;
+pub(crate) const MAX_HEADERS: usize = 48;
 /// How long a kept-alive connection may sit without starting a request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a request head may take once it has begun.
@@ -87,7 +87,7 @@ pub(crate) async fn serve(
 }
 
 /// What to do with a request whose head has been read.
-enum Route {
+pub(crate) enum Route {
     /// Answer it here, through the router.
     Here(Box<Request<Body>>, bool),
     /// A poll, answered here without the router.
@@ -122,13 +122,7 @@ fn connection(
             // Scoped: what is only needed until the head is written does not
             // take room in this task's future while a body streams.
             let (body, keep_alive, close) = {
-                // A body, a pipelined request behind this one, or anything unusual:
-                // hyper takes over with what was read so far. (After a WebSocket
-                // handshake, what follows is the client's first frames.)
-                let (route, head_len) = match route(&pending) {
-                    Some((r, len)) if len == pending.len() || matches!(r, Route::WebSocket(_)) => (r, len),
-                    _ => (Route::Hyper, 0),
-                };
+                let (route, head_len) = decide(&pending);
                 // Nothing is kept while the response is produced or streamed.
                 let head = std::mem::take(&mut pending);
                 // Answering and writing a head are boxed: they last a moment (a long
@@ -247,8 +241,31 @@ async fn read_head(tcp: &mut TcpStream, buf: &mut BytesMut, shutdown: &Cancellat
     }
 }
 
-fn head_complete(buf: &[u8]) -> bool {
-    buf.windows(4).any(|w| w == b"\r\n\r\n")
+/// Whether `buf` holds a whole request head: an empty line ends it. A line
+/// may end with a bare LF (RFC 9112 section 2.2; httparse and hyper accept
+/// it), so `\n\n` and `\n\r\n` end a head too: looking only for
+/// `\r\n\r\n`, a head written with bare LFs was never seen whole and its
+/// connection waited out the head timeout unanswered (found by fuzzing).
+pub(crate) fn head_complete(buf: &[u8]) -> bool {
+    buf.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (buf.get(i + 1) == Some(&b'\n') || buf.get(i + 1..i + 3) == Some(b"\r\n")))
+}
+
+/// What to do with the bytes read so far, `buf` holding a whole head (or as
+/// much as is read of one): the route and the head's length. A body, a
+/// pipelined request behind this one, a head over `MAX_HEAD`, or anything
+/// unusual: hyper takes over with what was read so far. (After a WebSocket
+/// handshake, what follows is the client's first frames.)
+///
+/// The size is checked here because `read_head` stops at `MAX_HEAD` only
+/// between reads: a larger head that came in one read was answered here,
+/// and the same head in smaller reads went to hyper (found by fuzzing).
+pub(crate) fn decide(buf: &[u8]) -> (Route, usize) {
+    match route(buf) {
+        Some((r, len)) if len <= MAX_HEAD && (len == buf.len() || matches!(r, Route::WebSocket(_))) => (r, len),
+        _ => (Route::Hyper, 0),
+    }
 }
 
 /// Parses the head at the start of `buf`: the request to answer here, or
@@ -263,10 +280,14 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
     if parsed.method != Some("GET") || parsed.version != Some(1) {
         return Some((Route::Hyper, len));
     }
-    let path = parsed.path?;
-    let endpoint = match path.split('?').next() {
-        Some("/api/ws") => Some(ws::Endpoint::Herald),
-        Some("/mqtt") => Some(ws::Endpoint::Mqtt),
+    // The target as hyper and the router read it (`http::Uri`): a fragment
+    // is dropped, and one it refuses goes to hyper (which answers 400).
+    // Split by hand, a poll's query kept its fragment (`?since=4#x` was
+    // refused here and served through the router; found by fuzzing).
+    let uri = Uri::try_from(parsed.path?).ok()?;
+    let endpoint = match uri.path() {
+        "/api/ws" => Some(ws::Endpoint::Herald),
+        "/mqtt" => Some(ws::Endpoint::Mqtt),
         _ => None,
     };
     if let Some(endpoint) = endpoint {
@@ -274,13 +295,12 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         let route = if parsed.headers.iter().any(announces_body) {
             Route::Hyper
         } else {
-            Route::WebSocket(Box::new(websocket_request(endpoint, path, parsed.headers)))
+            Route::WebSocket(Box::new(websocket_request(endpoint, uri.query(), parsed.headers)))
         };
         return Some((route, len));
     }
     let mut keep_alive = true;
     let mut cross_origin = false;
-    let mut authorization = None;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         if announces_body(h) || name == header::UPGRADE || name == header::EXPECT {
@@ -290,16 +310,13 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
             keep_alive = false;
         }
         cross_origin |= name == header::ORIGIN;
-        if name == header::AUTHORIZATION {
-            authorization = header_text(h.value);
-        }
     }
     // A cross-origin poll goes through the router for its CORS headers.
-    if !cross_origin && let Some(mut direct) = direct_poll(path) {
-        direct.authorization = authorization;
+    if !cross_origin && let Some(mut direct) = direct_poll(uri.path(), uri.query()) {
+        direct.authorization = authorization(parsed.headers);
         return Some((Route::Poll(Box::new(direct), keep_alive), len));
     }
-    let mut req = Request::builder().method(Method::GET).version(Version::HTTP_11).uri(path);
+    let mut req = Request::builder().method(Method::GET).version(Version::HTTP_11).uri(uri);
     for h in parsed.headers.iter() {
         req = req.header(HeaderName::from_bytes(h.name.as_bytes()).ok()?, HeaderValue::from_bytes(h.value).ok()?);
     }
@@ -312,34 +329,29 @@ fn announces_body(h: &httparse::Header<'_>) -> bool {
         || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
 }
 
-/// A header's value as the router's extractors read it (`HeaderValue::to_str`):
-/// visible ASCII, or nothing.
-fn header_text(value: &[u8]) -> Option<String> {
-    HeaderValue::from_bytes(value).ok().and_then(|v| v.to_str().ok().map(str::to_owned))
+/// The credential as the router's extractors read it: the first
+/// `Authorization` header (`HeaderMap::get`), when it is visible ASCII
+/// (`HeaderValue::to_str`). Not the last one: a request with two was
+/// answered with the second credential here and the first through the
+/// router (found by fuzzing).
+fn authorization(headers: &[httparse::Header<'_>]) -> Option<String> {
+    let h = headers.iter().find(|h| h.name.eq_ignore_ascii_case("authorization"))?;
+    HeaderValue::from_bytes(h.value).ok().and_then(|v| v.to_str().ok().map(str::to_owned))
 }
 
 /// What a WebSocket connection needs of its request: query, credential, handshake.
-fn websocket_request(endpoint: ws::Endpoint, path: &str, headers: &[httparse::Header<'_>]) -> ws::Request {
+fn websocket_request(endpoint: ws::Endpoint, query: Option<&str>, headers: &[httparse::Header<'_>]) -> ws::Request {
     let mut handshake = Handshake::default();
-    let mut authorization = None;
     for h in headers {
         handshake.header(h.name, h.value);
-        if h.name.eq_ignore_ascii_case("authorization") {
-            authorization = header_text(h.value);
-        }
     }
-    let query = path.split_once('?').map(|(_, q)| q.to_owned());
-    ws::Request { endpoint, query, authorization, handshake }
+    ws::Request { endpoint, query: query.map(str::to_owned), authorization: authorization(headers), handshake }
 }
 
-/// `/api/channels/{channel}/messages[?query]` with a valid channel name and
-/// nothing percent-escaped (the router would decode it): a poll to answer
-/// without the router.
-fn direct_poll(path: &str) -> Option<poll::Direct> {
-    let (path, query) = match path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path, None),
-    };
+/// `/api/channels/{channel}/messages` with a valid channel name and nothing
+/// percent-escaped (the router would decode it): a poll to answer without
+/// the router.
+fn direct_poll(path: &str, query: Option<&str>) -> Option<poll::Direct> {
     let channel = path.strip_prefix("/api/channels/")?.strip_suffix("/messages")?;
     if channel.contains('%') {
         return None;
@@ -541,6 +553,18 @@ mod tests {
         let got =
             direct("GET /api/channels/chat/room/messages?since=4&wait=30 HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n");
         assert_eq!(got, Some(("chat/room".into(), Some("since=4&wait=30".into()), Some("Bearer t".into()))));
+        // Two credentials: the first, as the router reads it (fuzzing found
+        // the fast path taking the last).
+        let two = "GET /api/channels/a/messages HTTP/1.1\r\nAuthorization: Bearer first\r\nauthorization: Bearer second\r\n\r\n";
+        assert_eq!(direct(two).and_then(|d| d.2).as_deref(), Some("Bearer first"));
+        let invalid_first =
+            "GET /api/channels/a/messages HTTP/1.1\r\nAuthorization: é\r\nAuthorization: Bearer b\r\n\r\n";
+        assert_eq!(direct(invalid_first).map(|d| d.2), Some(None), "the router reads no credential either");
+        // The target as the router reads it: no fragment (fuzzing found the
+        // query keeping it here); one http::Uri refuses goes to hyper.
+        let fragment = "GET /api/channels/a/messages?since=4#x HTTP/1.1\r\n\r\n";
+        assert_eq!(direct(fragment).map(|d| (d.0, d.1)), Some(("a".into(), Some("since=4".into()))));
+        assert_eq!(direct("GET /api/channels/a/messages#?since=4 HTTP/1.1\r\n\r\n").map(|d| d.1), Some(None));
         for routed in [
             "GET /api/channels/chat/messages HTTP/1.1\r\nOrigin: https://x.example\r\n\r\n",
             "GET /api/channels/chat%2Froom/messages HTTP/1.1\r\n\r\n",
@@ -581,5 +605,31 @@ mod tests {
         }
         // Not a request head at all: hyper answers 400.
         assert!(routed("NOT HTTP\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn a_head_over_the_limit_goes_to_hyper_however_it_arrived() {
+        let head = |n: usize| format!("GET /api/channels/a/messages HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(n));
+        let fits = head(MAX_HEAD - head(0).len());
+        assert_eq!(fits.len(), MAX_HEAD);
+        assert!(matches!(decide(fits.as_bytes()), (Route::Poll(..), MAX_HEAD)));
+        let over = head(MAX_HEAD - head(0).len() + 1);
+        assert!(matches!(decide(over.as_bytes()), (Route::Hyper, 0)), "read whole in one read, still hyper's");
+        let ws = format!("GET /api/ws HTTP/1.1\r\nUpgrade: websocket\r\nX-Pad: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        assert!(matches!(decide(ws.as_bytes()), (Route::Hyper, 0)));
+    }
+
+    #[test]
+    fn a_head_with_bare_line_feeds_is_whole_and_answered() {
+        // Fuzzing found these waiting for more bytes until the head timeout.
+        for head in
+            ["GET /healthz HTTP/1.1\nHost: x\n\n", "GET /healthz HTTP/1.1\r\nHost: x\n\r\n", "GET / HTTP/1.1\n\n"]
+        {
+            assert!(head_complete(head.as_bytes()), "{head:?}");
+            assert_eq!(routed(head), Some((true, true, head.len())), "{head:?}");
+        }
+        for partial in ["GET / HTTP/1.1\r\nHost: x\r\n", "GET / HTTP/1.1\n", "GET / HTTP/1.1\r\n\r"] {
+            assert!(!head_complete(partial.as_bytes()), "{partial:?}");
+        }
     }
 }

@@ -33,7 +33,7 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Read at most this much per `try_read`; on the stack, never kept.
 const READ_CHUNK: usize = 4096;
 /// Room reserved at once for an incomplete frame: more comes as its bytes do.
-const MAX_RESERVE: usize = 4 * READ_CHUNK;
+pub(crate) const MAX_RESERVE: usize = 4 * READ_CHUNK;
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -194,29 +194,28 @@ impl WsError {
 /// One WebSocket connection after the handshake.
 pub(crate) struct WebSocket {
     tcp: TcpStream,
-    /// Bytes read but not yet a whole frame; empty (unallocated) when idle.
-    read: BytesMut,
-    /// A fragmented message being put together: its opcode and payload so far.
-    partial: Option<Box<(u8, BytesMut)>>,
+    /// What was read and is not yet a whole message.
+    rx: Receiver,
     /// Frames fed but not yet written, and how much of them is written.
     write: Vec<u8>,
     written: usize,
-    max_message: usize,
     close_sent: bool,
+}
+
+/// The receiving side's state, apart from the socket: bytes go in, whole
+/// messages come out (the fuzz targets drive it without a socket).
+pub(crate) struct Receiver {
+    /// Bytes read but not yet a whole frame; empty (unallocated) when idle.
+    pub(crate) read: BytesMut,
+    /// A fragmented message being put together: its opcode and payload so far.
+    partial: Option<Box<(u8, BytesMut)>>,
+    max_message: usize,
 }
 
 impl WebSocket {
     /// `early`: bytes that came after the handshake in the same read.
     pub(crate) fn new(tcp: TcpStream, early: &[u8], max_message: usize) -> Self {
-        WebSocket {
-            tcp,
-            read: BytesMut::from(early),
-            partial: None,
-            write: Vec::new(),
-            written: 0,
-            max_message,
-            close_sent: false,
-        }
+        WebSocket { tcp, rx: Receiver::new(early, max_message), write: Vec::new(), written: 0, close_sent: false }
     }
 
     /// The next message; `None` when the connection ended without a close
@@ -227,7 +226,7 @@ impl WebSocket {
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Incoming, WsError>>> {
         loop {
-            match self.parse() {
+            match self.rx.parse() {
                 Ok(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Some(Err(e))),
@@ -248,12 +247,101 @@ impl WebSocket {
     fn fill(&mut self) -> io::Result<usize> {
         let mut chunk = [0u8; READ_CHUNK];
         let n = self.tcp.try_read(&mut chunk)?;
-        self.read.extend_from_slice(&chunk[..n]);
+        self.rx.read.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
 
+    /// Queues a text message; [`WebSocket::flush`] writes it.
+    pub(crate) fn feed_text(&mut self, text: &[u8]) {
+        self.feed(TEXT, text);
+    }
+
+    pub(crate) fn feed_binary(&mut self, data: &[u8]) {
+        self.feed(BINARY, data);
+    }
+
+    pub(crate) fn feed_ping(&mut self) {
+        self.feed(PING, &[]);
+    }
+
+    /// The answer to a ping, with its payload.
+    pub(crate) fn feed_pong(&mut self, payload: &[u8]) {
+        self.feed(PONG, payload);
+    }
+
+    /// Queues the close frame (once; nothing may follow it).
+    pub(crate) fn feed_close(&mut self, code: u16, reason: &str) {
+        if self.close_sent {
+            return;
+        }
+        self.feed(CLOSE, &close_payload(code, reason));
+        self.close_sent = true;
+    }
+
+    fn feed(&mut self, opcode: u8, payload: &[u8]) {
+        if self.close_sent {
+            return;
+        }
+        put_frame(&mut self.write, opcode, payload);
+    }
+
+    /// Writes everything fed so far.
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.write.len() {
+            let n = ready!(std::pin::Pin::new(&mut self.tcp).poll_write(cx, &self.write[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        // Given back once written: most connections are idle between writes.
+        self.written = 0;
+        self.write = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends a close frame (if none was) and ends the connection.
+    pub(crate) async fn close(&mut self, code: u16, reason: &str) {
+        self.feed_close(code, reason);
+        if self.flush().await.is_ok() {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.tcp).await;
+        }
+    }
+
+    /// After a close this side started: reads until the client's close frame,
+    /// the end of the stream, or `patience`. A socket dropped with unread
+    /// bytes is reset, and a reset can make the client lose the close frame
+    /// (and its code) it already received. What cannot be parsed (after a
+    /// protocol error) is read and dropped.
+    pub(crate) async fn await_close(&mut self, patience: std::time::Duration) {
+        let wait = async {
+            loop {
+                match self.recv().await {
+                    None | Some(Ok(Incoming::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(WsError::Io(_))) => return,
+                    Some(Err(_)) => {
+                        self.rx.read = BytesMut::new();
+                        self.rx.partial = None;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(patience, wait).await;
+    }
+}
+
+impl Receiver {
+    pub(crate) fn new(early: &[u8], max_message: usize) -> Self {
+        Receiver { read: BytesMut::from(early), partial: None, max_message }
+    }
+
     /// The next whole message in what was read, if there is one.
-    fn parse(&mut self) -> Result<Option<Incoming>, WsError> {
+    pub(crate) fn parse(&mut self) -> Result<Option<Incoming>, WsError> {
         loop {
             let Some(head) = FrameHead::parse(&self.read)? else { return Ok(None) };
             let partial_len = self.partial.as_ref().map_or(0, |p| p.1.len());
@@ -307,110 +395,6 @@ impl WebSocket {
                 _ => Incoming::Close(close_code(&payload)?),
             }));
         }
-    }
-
-    /// Queues a text message; [`WebSocket::flush`] writes it.
-    pub(crate) fn feed_text(&mut self, text: &[u8]) {
-        self.feed(TEXT, text);
-    }
-
-    pub(crate) fn feed_binary(&mut self, data: &[u8]) {
-        self.feed(BINARY, data);
-    }
-
-    pub(crate) fn feed_ping(&mut self) {
-        self.feed(PING, &[]);
-    }
-
-    /// The answer to a ping, with its payload.
-    pub(crate) fn feed_pong(&mut self, payload: &[u8]) {
-        self.feed(PONG, payload);
-    }
-
-    /// Queues the close frame (once; nothing may follow it).
-    pub(crate) fn feed_close(&mut self, code: u16, reason: &str) {
-        if self.close_sent {
-            return;
-        }
-        // A control frame's payload is at most 125 bytes: 2 for the code.
-        let mut cut = reason.len().min(123);
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let mut payload = Vec::with_capacity(2 + cut);
-        payload.extend_from_slice(&code.to_be_bytes());
-        payload.extend_from_slice(&reason.as_bytes()[..cut]);
-        self.feed(CLOSE, &payload);
-        self.close_sent = true;
-    }
-
-    fn feed(&mut self, opcode: u8, payload: &[u8]) {
-        if self.close_sent {
-            return;
-        }
-        let len = payload.len();
-        self.write.reserve(len + 10);
-        self.write.push(0x80 | opcode);
-        // Server frames are not masked.
-        if len < 126 {
-            self.write.push(len as u8);
-        } else if len <= usize::from(u16::MAX) {
-            self.write.push(126);
-            self.write.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            self.write.push(127);
-            self.write.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        self.write.extend_from_slice(payload);
-    }
-
-    /// Writes everything fed so far.
-    pub(crate) async fn flush(&mut self) -> io::Result<()> {
-        poll_fn(|cx| self.poll_flush(cx)).await
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.write.len() {
-            let n = ready!(std::pin::Pin::new(&mut self.tcp).poll_write(cx, &self.write[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
-        }
-        // Given back once written: most connections are idle between writes.
-        self.written = 0;
-        self.write = Vec::new();
-        Poll::Ready(Ok(()))
-    }
-
-    /// Sends a close frame (if none was) and ends the connection.
-    pub(crate) async fn close(&mut self, code: u16, reason: &str) {
-        self.feed_close(code, reason);
-        if self.flush().await.is_ok() {
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.tcp).await;
-        }
-    }
-
-    /// After a close this side started: reads until the client's close frame,
-    /// the end of the stream, or `patience`. A socket dropped with unread
-    /// bytes is reset, and a reset can make the client lose the close frame
-    /// (and its code) it already received. What cannot be parsed (after a
-    /// protocol error) is read and dropped.
-    pub(crate) async fn await_close(&mut self, patience: std::time::Duration) {
-        let wait = async {
-            loop {
-                match self.recv().await {
-                    None | Some(Ok(Incoming::Close(_))) => return,
-                    Some(Ok(_)) => {}
-                    Some(Err(WsError::Io(_))) => return,
-                    Some(Err(_)) => {
-                        self.read = BytesMut::new();
-                        self.partial = None;
-                    }
-                }
-            }
-        };
-        let _ = tokio::time::timeout(patience, wait).await;
     }
 }
 
@@ -507,6 +491,36 @@ impl AsyncWrite for ByteStream {
         ready!(self.ws.poll_flush(cx))?;
         Pin::new(&mut self.ws.tcp).poll_shutdown(cx)
     }
+}
+
+/// Appends one whole server frame (unmasked, as server frames are) to `out`.
+pub(crate) fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    let len = payload.len();
+    out.reserve(len + 10);
+    out.push(0x80 | opcode);
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// A close frame's payload: the code, then as much of `reason` as fits in
+/// a control frame's 125 bytes, cut at a character boundary.
+pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + cut);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    payload
 }
 
 /// A frame's header, parsed.
@@ -676,7 +690,7 @@ mod tests {
         assert_eq!(ws.recv().await.unwrap().unwrap(), Incoming::Text(Bytes::from("héllo world")));
         assert_eq!(ws.recv().await.unwrap().unwrap(), Incoming::Binary(Bytes::from(big)));
         assert_eq!(ws.recv().await.unwrap().unwrap(), Incoming::Close(Some(1000)));
-        assert!(ws.read.capacity() == 0, "nothing kept once every frame is read");
+        assert!(ws.rx.read.capacity() == 0, "nothing kept once every frame is read");
     }
 
     #[tokio::test]

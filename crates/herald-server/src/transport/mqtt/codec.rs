@@ -95,7 +95,7 @@ impl<R: AsyncRead + Unpin> Framer<R> {
 }
 
 /// The length of the first packet in `buf` when it is all there.
-fn whole_packet(buf: &[u8], max: usize) -> Result<Option<usize>, ReadError> {
+pub(crate) fn whole_packet(buf: &[u8], max: usize) -> Result<Option<usize>, ReadError> {
     let mut remaining = 0usize;
     for i in 0..4 {
         let Some(&b) = buf.get(1 + i) else { return Ok(None) };

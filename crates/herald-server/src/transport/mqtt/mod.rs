@@ -6,12 +6,12 @@
 //! password carries the token (or API key).
 
 mod broker;
-mod codec;
+pub(crate) mod codec;
 mod connection;
 mod outbox;
 mod persist;
 mod session;
-mod topic;
+pub(crate) mod topic;
 
 pub use broker::Broker;
 
