@@ -666,6 +666,8 @@ impl Config {
             ("[limits] subscriber_queue", self.limits.subscriber_queue),
             ("[limits] poll_limit", self.limits.poll_limit),
             ("[ws] max_subscriptions", self.ws.max_subscriptions),
+            ("[mqtt] receive_max", usize::from(self.mqtt.receive_max)),
+            ("[mqtt] send_max", usize::from(self.mqtt.send_max)),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -848,6 +850,11 @@ mod tests {
         let err = Config::from_toml("[[history.rules]]\npattern = \"a/#/b\"\n").unwrap_err().to_string();
         assert!(err.contains("a/#/b"), "{err}");
         assert!(Config::from_toml("[longpoll]\nmax_wait = \"10m\"\n").is_err());
+        // A receive maximum of 0 is a protocol error in MQTT 5 (3.2.2.3.3).
+        let err = Config::from_toml("[mqtt]\nreceive_max = 0\n").unwrap_err().to_string();
+        assert!(err.contains("receive_max"), "{err}");
+        let err = Config::from_toml("[redis]\nurl = \"redis://x\"\npartitions = 0\n").unwrap_err().to_string();
+        assert!(err.contains("partitions"), "{err}");
     }
 
     #[test]
