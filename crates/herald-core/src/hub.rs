@@ -128,6 +128,21 @@ impl Hub {
         self.published.load(Ordering::Relaxed)
     }
 
+    /// Messages waiting in mailboxes, over every subscriber: memory held for
+    /// consumers that have not taken them yet (a stalled one's stays until
+    /// it is closed).
+    pub fn queued(&self) -> usize {
+        let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        // A subscriber registered for several targets is counted once.
+        let mut seen = std::collections::HashSet::new();
+        let exact = reg.exact.values().flat_map(|subs| subs.iter().map(|(id, mb)| (*id, mb)));
+        exact
+            .chain(reg.filters.iter().map(|(_, id, mb)| (*id, mb)))
+            .filter(|(id, _)| seen.insert(*id))
+            .map(|(_, mb)| mb.queue.len())
+            .sum()
+    }
+
     /// How many (subscriber, target) registrations exist.
     pub fn registrations(&self) -> usize {
         let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());

@@ -31,11 +31,13 @@
 
 /** An error the server (or the client) reports with a stable code. */
 export class HeraldError extends Error {
-  constructor(code, message, status = 0) {
+  /** `retryAfter`: seconds the server asked to wait (a limit's refusal), else 0. */
+  constructor(code, message, status = 0, retryAfter = 0) {
     super(message);
     this.name = 'HeraldError';
     this.code = code;
     this.status = status;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -279,10 +281,12 @@ export class Herald {
     // It worked for a while: the same transport again, soon. (One that drops
     // right after opening, as behind a proxy that accepts and then cuts
     // WebSockets, counts as not having opened.)
+    // A limit's refusal says how long to wait: never sooner than that.
+    const wait = (err?.retryAfter || 0) * 1000;
     if (attempt.opened && Date.now() - attempt.openedAt > 2000) {
       this._failures = 0;
       this._strikes = 0;
-      return this._schedule(this._backoff());
+      return this._schedule(Math.max(wait, this._backoff()));
     }
     this._failures++;
     // A transport that cannot open while the server is reachable is blocked
@@ -297,7 +301,7 @@ export class Herald {
     // check does not cost the preferred transport (a timeout counts as both).
     // A refusal the server gave (4xx: a missing or expired token) is not the
     // transport's fault, and costs it nothing.
-    const refused = err?.status >= 400 && err.status < 500;
+    const refused = (err?.status >= 400 && err.status < 500) || wait > 0;
     if (!refused) this._strikes = reachable ? this._strikes + (err?.code === 'timeout' ? 2 : 1) : 0;
     if (this._strikes >= 2) {
       this._strikes = 0;
@@ -305,7 +309,7 @@ export class Herald {
     }
     const firstRound = reachable && this._failures < 2 * this.transports.length;
     this._setStatus('reconnecting', this.transports[this._index], err?.message);
-    this._schedule(firstRound && !refused ? 50 : this._backoff());
+    this._schedule(Math.max(wait, firstRound && !refused ? 50 : this._backoff()));
   }
 
   /** Does the server answer at all? (Any HTTP answer counts; `no-cors` so another origin works too.) */
@@ -447,7 +451,7 @@ function connectWs(h, ctx) {
       case 'unread': ctx.unread(f.count); break;
       case 'published': h._settle(f.ref, null, f.id); break;
       case 'error': {
-        const err = new HeraldError(f.code, f.message);
+        const err = new HeraldError(f.code, f.message, 0, f.retry_after || 0);
         if (f.ref != null && h._pending.has(String(f.ref))) h._settle(String(f.ref), err);
         else ctx.error(err);
         break;
@@ -455,7 +459,10 @@ function connectWs(h, ctx) {
       default: break; // subscribed, unsubscribed, pong
     }
   };
-  ws.onclose = e => ctx.closed(new HeraldError('ws_closed', `WebSocket closed (${e.code}${e.reason ? `: ${e.reason}` : ''})`));
+  // 4029: a publish flood; slow down before coming back (4008, a slow
+  // consumer, and the rest: reconnect and resume as usual).
+  ws.onclose = e => ctx.closed(new HeraldError('ws_closed', `WebSocket closed (${e.code}${e.reason ? `: ${e.reason}` : ''})`,
+    0, e.code === 4029 ? 5 : 0));
   // The server pings at the protocol level; this ping lets the client notice a
   // dead connection too (no frame at all for a minute).
   const pinger = setInterval(() => {
@@ -496,7 +503,15 @@ function connectSse(h, ctx) {
   es.onmessage = json(msg => ctx.message(msg));
   es.addEventListener('gap', json(g => ctx.gap(g)));
   es.addEventListener('unread', json(u => ctx.unread(u.count)));
-  es.onerror = () => ctx.closed(new HeraldError('sse_error', 'the event stream failed or ended'));
+  // A refusal for a limit comes in band (EventSource gives up on any answer
+  // but 200): one `error` event whose data is the JSON error, with the wait.
+  es.onerror = e => {
+    let info = null;
+    try { info = e.data ? JSON.parse(e.data) : null; } catch { /* not ours */ }
+    ctx.closed(info?.code
+      ? new HeraldError(info.code, info.message, info.code === 'server_busy' ? 503 : 429, info.retry_after || 0)
+      : new HeraldError('sse_error', 'the event stream failed or ended'));
+  };
   return { close: () => es.close() };
 }
 
@@ -853,7 +868,8 @@ async function readJson(res) {
   let body = null;
   try { body = await res.json(); } catch { /* no JSON body */ }
   if (!res.ok) {
-    throw new HeraldError(body?.code || `http_${res.status}`, body?.message || `HTTP ${res.status}`, res.status);
+    const retryAfter = body?.retry_after || Number(res.headers.get('retry-after')) || 0;
+    throw new HeraldError(body?.code || `http_${res.status}`, body?.message || `HTTP ${res.status}`, res.status, retryAfter);
   }
   return body;
 }

@@ -5,7 +5,12 @@
 //! backends — or a JWT minted by the application for a user: HS256 with the
 //! configured secret, or RS256/ES256 with the configured public key. `exp` is
 //! required and, like `nbf`, enforced with the configured leeway; `sub` must be
-//! one valid channel segment; `channels` and `publish` are filter lists.
+//! one valid channel segment; `channels` and `publish` are filter lists;
+//! `aud` and `iss` must be `[auth] audience` and `issuer` when those are set.
+//!
+//! An API key is accepted only from the `Authorization` header: query strings
+//! end up in proxy and browser logs, so a key sent as `?token=` is refused
+//! (`api_key_in_query`) with a message saying where keys go.
 //!
 //! With nothing configured the server is in open development mode: requests
 //! without credentials act as an API key would, and a random per-process secret
@@ -32,6 +37,9 @@ pub struct Auth {
     secret: Option<Vec<u8>>,
     public_key: Option<(DecodingKey, Algorithm)>,
     leeway: u64,
+    /// `[auth] audience` and `issuer`, when set.
+    audience: Option<String>,
+    issuer: Option<String>,
     /// Shared by every admin connection: one allocation, not one each.
     admin: Arc<Principal>,
 }
@@ -49,6 +57,11 @@ pub struct Claims {
     pub channels: Vec<String>,
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Checked against `[auth] audience` when that is set (one or a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
 }
 
 fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -74,6 +87,8 @@ impl Auth {
             secret,
             public_key,
             leeway: cfg.leeway.as_secs(),
+            audience: Some(cfg.audience.trim().to_owned()).filter(|a| !a.is_empty()),
+            issuer: Some(cfg.issuer.trim().to_owned()).filter(|i| !i.is_empty()),
             admin: Arc::new(Principal::Admin),
         })
     }
@@ -84,7 +99,32 @@ impl Auth {
 
     /// The principal behind a request.
     pub(crate) fn authenticate(&self, headers: &HeaderMap, query: &Query) -> Result<Arc<Principal>, ApiError> {
-        self.authenticate_credential(credential(headers, query))
+        self.authenticate_bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()), query)
+    }
+
+    /// The principal behind an `Authorization` header's value, else
+    /// `?token=`; an API key in the query is refused.
+    pub(crate) fn authenticate_bearer(
+        &self,
+        authorization: Option<&str>,
+        query: &Query,
+    ) -> Result<Arc<Principal>, ApiError> {
+        let credential = bearer(authorization, query);
+        if let Some(c) = credential
+            && header_token(authorization).is_none()
+            && self.is_api_key(c)
+        {
+            return Err(unauthorized(
+                "api_key_in_query",
+                "API keys are accepted only in the Authorization header (Authorization: Bearer KEY): a query \
+                 string ends up in proxy and browser logs. ?token= is for user tokens; consider this key exposed.",
+            ));
+        }
+        self.authenticate_credential(credential)
+    }
+
+    fn is_api_key(&self, credential: &str) -> bool {
+        self.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), credential.as_bytes()))
     }
 
     /// The principal behind a credential found by [`credential`] or [`bearer`].
@@ -104,7 +144,7 @@ impl Auth {
                 Err(unauthorized("missing_token", "send an API key or a token: Authorization: Bearer ..., or ?token="))
             };
         };
-        if self.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), cred.as_bytes())) {
+        if self.is_api_key(cred) {
             return Ok(Principal::Admin);
         }
         self.verify(cred).map(Principal::User)
@@ -123,12 +163,28 @@ impl Auth {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        validation.validate_aud = false;
+        match &self.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => unauthorized("token_expired", "the token has expired; get a new one"),
             ErrorKind::ImmatureSignature => unauthorized("token_not_yet_valid", "the token is not valid yet (nbf)"),
             ErrorKind::InvalidSignature => unauthorized("invalid_token", "the token's signature does not verify"),
             ErrorKind::MissingRequiredClaim(c) => unauthorized("invalid_token", format!("the token has no '{c}'")),
+            ErrorKind::InvalidAudience => {
+                unauthorized("invalid_token", "the token's audience ('aud') is not this server's ([auth] audience)")
+            }
+            ErrorKind::InvalidIssuer => {
+                unauthorized("invalid_token", "the token's issuer ('iss') is not the one configured ([auth] issuer)")
+            }
             _ => unauthorized("invalid_token", format!("the token is not valid: {e}")),
         })?;
         let claims = data.claims;
@@ -164,7 +220,8 @@ impl Auth {
         let secret = self.secret.as_ref().ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no HS256 secret is configured to mint tokens with")
         })?;
-        mint(secret, sub, channels, publish, ttl)
+        let stamp = Stamp { audience: self.audience.as_deref(), issuer: self.issuer.as_deref() };
+        mint_with(secret, sub, channels, publish, ttl, stamp)
     }
 }
 
@@ -175,6 +232,34 @@ pub fn mint(
     channels: &[String],
     publish: &[String],
     ttl: Duration,
+) -> Result<String, ApiError> {
+    mint_with(secret, sub, channels, publish, ttl, Stamp::default())
+}
+
+/// The `aud` and `iss` a minted token carries (a server checking them
+/// accepts only tokens that do).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stamp<'a> {
+    pub audience: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+}
+
+impl<'a> Stamp<'a> {
+    /// The audience and issuer `[auth]` configures.
+    pub fn of(cfg: &'a AuthConfig) -> Self {
+        let set = |s: &'a str| Some(s.trim()).filter(|s| !s.is_empty());
+        Stamp { audience: set(&cfg.audience), issuer: set(&cfg.issuer) }
+    }
+}
+
+/// [`mint`], stamped with an audience and an issuer.
+pub fn mint_with(
+    secret: &[u8],
+    sub: &str,
+    channels: &[String],
+    publish: &[String],
+    ttl: Duration,
+    stamp: Stamp<'_>,
 ) -> Result<String, ApiError> {
     validate_segment(sub).map_err(|e| ApiError::bad_request("invalid_user", format!("sub: {e}")))?;
     for p in channels.iter().chain(publish) {
@@ -188,6 +273,8 @@ pub fn mint(
         iat: Some(now),
         channels: channels.to_vec(),
         publish: publish.to_vec(),
+        aud: stamp.audience.map(Into::into),
+        iss: stamp.issuer.map(str::to_owned),
     };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
@@ -200,11 +287,15 @@ pub(crate) fn credential<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option
 
 /// The credential from an `Authorization` header's value, else `?token=`.
 pub(crate) fn bearer<'a>(authorization: Option<&'a str>, query: &'a Query) -> Option<&'a str> {
+    header_token(authorization).or_else(|| query.get("token")).filter(|t| !t.is_empty())
+}
+
+/// The token of a `Bearer` `Authorization` header.
+fn header_token(authorization: Option<&str>) -> Option<&str> {
     authorization
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim())
-        .or_else(|| query.get("token"))
         .filter(|t| !t.is_empty())
 }
 

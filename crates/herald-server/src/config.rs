@@ -21,6 +21,17 @@ const SECTIONS: &[&str] = &[
     "server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt",  // the core
     "redis", // several nodes
     "fallback", "webhooks", "smtp", "jobs", // outbound delivery
+    "moderation", // the guards (`guard/`)
+];
+
+/// Tables inside a section that the environment may set too, with their keys:
+/// `HERALD_LIMITS_REQUESTS_RATE` is `[limits.requests] rate`. Listed key by
+/// key, because `HERALD_LIMITS_PUBLISH_CHANNELS` is `[limits] publish_channels`.
+const NESTED: &[(&str, &str, &[&str])] = &[
+    ("limits", "requests", &["rate", "burst"]),
+    ("limits", "connections", &["max", "per_ip", "per_user", "rate_per_ip", "retry_after"]),
+    ("limits", "publish", &["per_connection", "per_user", "burst"]),
+    ("moderation", "webhook", &["url", "secret", "timeout", "on_error", "channels"]),
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -41,6 +52,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub smtp: SmtpConfig,
     pub jobs: JobsConfig,
+    // The guards (`guard/`); their limits are in `limits`.
+    pub moderation: ModerationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,12 +157,271 @@ pub struct LimitsConfig {
     pub poll_limit: usize,
     /// Most channels one `POST /api/publish` may name.
     pub publish_channels: usize,
+
+    // The guards (`guard/`): rate and connection limits, slow consumers.
+    /// A write that makes no progress for this long closes the connection
+    /// (a slow consumer); "0" never.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    /// A lagged subscriber whose oldest undelivered message is older than
+    /// this is closed instead of catching up from the store; "0" never.
+    #[serde(with = "duration")]
+    pub max_lag: Duration,
+    /// Addresses (CIDRs) whose `X-Forwarded-For` is believed.
+    #[serde(deserialize_with = "list")]
+    pub trusted_proxies: Vec<String>,
+    /// Client addresses (CIDRs) never rate or connection limited.
+    #[serde(deserialize_with = "list")]
+    pub exempt: Vec<String>,
+    /// Rate and connection limits apply to API-key calls too (keyed by key).
+    pub api_keys: bool,
+    /// Most clients each keyed limiter tracks; past it, new clients share
+    /// one bucket until idle ones are forgotten.
+    pub max_tracked: usize,
+    pub requests: RequestLimits,
+    pub connections: ConnectionLimits,
+    pub publish: PublishLimits,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_payload: 64 * 1024, subscriber_queue: 1024, poll_limit: 1000, publish_channels: 100 }
+        LimitsConfig {
+            max_payload: 64 * 1024,
+            subscriber_queue: 1024,
+            poll_limit: 1000,
+            publish_channels: 100,
+            write_timeout: Duration::from_secs(10),
+            max_lag: Duration::ZERO,
+            trusted_proxies: Vec::new(),
+            exempt: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            api_keys: false,
+            max_tracked: 100_000,
+            requests: RequestLimits::default(),
+            connections: ConnectionLimits::default(),
+            publish: PublishLimits::default(),
+        }
     }
+}
+
+/// `[limits.requests]`: plain HTTP requests per client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestLimits {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits { rate: Rate::per(50, Duration::from_secs(1)), burst: 200 }
+    }
+}
+
+/// `[limits.connections]`: long-lived connections (SSE, iframe, WebSocket,
+/// MQTT, waiting long polls). `0` is no limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// The whole node.
+    pub max: usize,
+    pub per_ip: usize,
+    pub per_user: usize,
+    /// New connections per address.
+    pub rate_per_ip: Rate,
+    /// The wait a client refused for a connection count is told.
+    #[serde(with = "duration")]
+    pub retry_after: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max: 0,
+            per_ip: 1000,
+            per_user: 100,
+            rate_per_ip: Rate::per(20, Duration::from_secs(1)),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[limits.publish]`: client-originated publishes (JWT users over HTTP,
+/// WebSocket and MQTT; API keys when `[limits] api_keys`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishLimits {
+    pub per_connection: Rate,
+    pub per_user: Rate,
+    pub burst: u32,
+}
+
+impl Default for PublishLimits {
+    fn default() -> Self {
+        PublishLimits {
+            per_connection: Rate::per(10, Duration::from_secs(1)),
+            per_user: Rate::per(20, Duration::from_secs(1)),
+            burst: 50,
+        }
+    }
+}
+
+/// A rate: `count` per `period` ("50/s", "20/m", "1/10s"); `0` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub const OFF: Rate = Rate { count: 0, period: Duration::ZERO };
+
+    pub const fn per(count: u32, period: Duration) -> Rate {
+        Rate { count, period }
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.count == 0 || self.period.is_zero()
+    }
+
+    /// The time one more event's token takes to come back.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count.max(1)
+    }
+
+    /// Parses "50/s", "20/m", "100/h", "1/10s" (any duration after the
+    /// slash), or "0".
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Rate::OFF);
+        }
+        let (count, per) =
+            s.split_once('/').ok_or_else(|| format!("'{s}' is not a rate like \"50/s\", \"20/m\" or \"0\""))?;
+        let count: u32 = count.trim().parse().map_err(|_| format!("'{s}': the count must be a whole number"))?;
+        let per = per.trim();
+        // "s", "m", "h" alone are one of the unit.
+        let period = match per {
+            "s" | "m" | "h" | "d" => parse_duration(&format!("1{per}"))?,
+            _ => parse_duration(per)?,
+        };
+        if count > 0 && period.is_zero() {
+            return Err(format!("'{s}': the period must be longer than 0"));
+        }
+        Ok(Rate { count, period })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_off() {
+            return f.write_str("0");
+        }
+        match self.period.as_secs() {
+            1 if self.period.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
+            60 if self.period.subsec_nanos() == 0 => write!(f, "{}/m", self.count),
+            3600 if self.period.subsec_nanos() == 0 => write!(f, "{}/h", self.count),
+            _ => write!(f, "{}/{}", self.count, format_duration(&self.period)),
+        }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match StrOrNum::deserialize(d)? {
+            StrOrNum::Str(s) => Rate::parse(&s).map_err(serde::de::Error::custom),
+            StrOrNum::Int(0) => Ok(Rate::OFF),
+            _ => Err(serde::de::Error::custom("a rate is a string like \"50/s\", or 0")),
+        }
+    }
+}
+
+/// `[moderation]`: what client-originated publishes may carry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Moderate publishes made with an API key too.
+    pub api_keys: bool,
+    /// Per channel pattern; the first rule whose channels match applies.
+    pub rules: Vec<ModerationRule>,
+    pub webhook: ModerationWebhook,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationRule {
+    /// Channel filters (MQTT syntax) the rule covers.
+    pub channels: Vec<String>,
+    /// Words refused (whole words, any case; a word with CJK characters
+    /// matches anywhere, as CJK text has no spaces between words).
+    #[serde(default)]
+    pub words: Vec<String>,
+    /// Regular expressions refused.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+    /// Most links a message may carry; 0 is no limit.
+    #[serde(default)]
+    pub max_links: usize,
+    /// Most characters of text a message may carry; 0 is no limit.
+    #[serde(default)]
+    pub max_chars: usize,
+    #[serde(default)]
+    pub action: RuleAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Refuse the publish (`422 content_rejected`).
+    #[default]
+    Reject,
+    /// Store it with what broke the rule masked (`*`), links past the limit
+    /// masked, and text past the length cut.
+    Mask,
+}
+
+/// `[moderation.webhook]`: the operator's service, asked after the rules.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationWebhook {
+    /// Empty: no webhook.
+    pub url: String,
+    /// `whsec_...`: every request is signed (Standard Webhooks).
+    pub secret: String,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// What a failed call (timeout, refused connection, a bad answer) means.
+    pub on_error: OnError,
+    /// Channel filters whose publishes go to the webhook.
+    #[serde(deserialize_with = "list")]
+    pub channels: Vec<String>,
+}
+
+impl Default for ModerationWebhook {
+    fn default() -> Self {
+        ModerationWebhook {
+            url: String::new(),
+            secret: String::new(),
+            timeout: Duration::from_secs(1),
+            on_error: OnError::Reject,
+            channels: vec!["#".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail closed: the publish is refused (`503 moderation_unavailable`).
+    #[default]
+    Reject,
+    /// Fail open: the publish goes through unchecked by the webhook.
+    Accept,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -300,6 +572,10 @@ pub struct AuthConfig {
     pub leeway: Duration,
     /// Run without auth on a non-loopback address (same as `--allow-open`).
     pub allow_open: bool,
+    /// When set, a token's `aud` must name it.
+    pub audience: String,
+    /// When set, a token's `iss` must be it.
+    pub issuer: String,
 }
 
 impl AuthConfig {
@@ -687,6 +963,9 @@ impl Config {
         if self.ws.ping.is_zero() || self.sse.heartbeat.is_zero() {
             return Err(ConfigError::Invalid("[ws] ping and [sse] heartbeat must be longer than 0".into()));
         }
+        // The guards' settings (CIDRs, rules, patterns, the webhook) are
+        // checked by building them once.
+        crate::guard::Guards::check(self)?;
         self.validate_outbound()
     }
 
@@ -707,11 +986,27 @@ impl Config {
 
 /// `HERALD_SECTION_KEY` to `section.key`, for known sections only.
 fn env_provider() -> Env {
-    Env::prefixed("HERALD_").filter_map(|key| {
-        let key = key.as_str().to_ascii_lowercase();
-        let (section, rest) = key.split_once('_')?;
-        SECTIONS.contains(&section).then(|| format!("{section}.{rest}").into())
-    })
+    Env::prefixed("HERALD_").filter_map(|key| env_key(key.as_str()).map(Into::into))
+}
+
+/// The configuration key a variable (without `HERALD_`) sets, if any:
+/// `HISTORY_SIZE` is `history.size`, `LIMITS_REQUESTS_RATE` is
+/// `limits.requests.rate`.
+fn env_key(var: &str) -> Option<String> {
+    let key = var.to_ascii_lowercase();
+    let (section, rest) = key.split_once('_')?;
+    if !SECTIONS.contains(&section) {
+        return None;
+    }
+    for (s, table, keys) in NESTED {
+        if let Some(k) = rest.strip_prefix(table).and_then(|r| r.strip_prefix('_'))
+            && *s == section
+            && keys.contains(&k)
+        {
+            return Some(format!("{section}.{table}.{k}"));
+        }
+    }
+    Some(format!("{section}.{rest}"))
 }
 
 /// Parses "500ms", "15s", "10m", "24h", "7d", "0", or a bare number of seconds.
@@ -896,12 +1191,52 @@ mod tests {
         for (section, value) in &defaults {
             let keys = value.as_dict().expect("sections are tables");
             let documented = sample.get(section).and_then(|v| v.as_dict());
-            for key in keys.keys() {
-                assert!(
-                    documented.is_some_and(|d| d.contains_key(key)),
-                    "herald.sample.toml does not set [{section}] {key}"
-                );
+            for (key, default) in keys {
+                let set = documented.and_then(|d| d.get(key));
+                assert!(set.is_some(), "herald.sample.toml does not set [{section}] {key}");
+                // Tables within a section ([limits.requests]): every key of theirs too.
+                if let (Some(table), Some(set)) = (default.as_dict(), set.and_then(|v| v.as_dict())) {
+                    for k in table.keys() {
+                        assert!(set.contains_key(k), "herald.sample.toml does not set [{section}.{key}] {k}");
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse("50/s").unwrap(), Rate::per(50, Duration::from_secs(1)));
+        assert_eq!(Rate::parse("20/m").unwrap(), Rate::per(20, Duration::from_secs(60)));
+        assert_eq!(Rate::parse("1/10s").unwrap(), Rate::per(1, Duration::from_secs(10)));
+        assert_eq!(Rate::parse("3/500ms").unwrap().interval(), Duration::from_nanos(166_666_666));
+        assert!(Rate::parse("0").unwrap().is_off());
+        assert!(Rate::parse("0/s").unwrap().is_off());
+        for bad in ["50", "fast/s", "5/y", "5/0"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+        for r in ["50/s", "20/m", "100/h", "1/10s", "0"] {
+            assert_eq!(Rate::parse(r).unwrap().to_string(), r);
+        }
+        let c = Config::from_toml("[limits.requests]\nrate = \"5/m\"\nburst = 2\n[limits.publish]\nper_user = 0\n")
+            .unwrap();
+        assert_eq!(c.limits.requests.rate, Rate::per(5, Duration::from_secs(60)));
+        assert!(c.limits.publish.per_user.is_off());
+        let err = Config::from_toml("[limits.connections]\nrate_per_ip = \"lots\"\n").unwrap_err().to_string();
+        assert!(err.contains("lots"), "{err}");
+    }
+
+    /// Variables name tables within sections key by key; the rest as before.
+    #[test]
+    fn environment_names() {
+        assert_eq!(env_key("HISTORY_SIZE").as_deref(), Some("history.size"));
+        assert_eq!(env_key("LIMITS_REQUESTS_RATE").as_deref(), Some("limits.requests.rate"));
+        assert_eq!(env_key("LIMITS_CONNECTIONS_RATE_PER_IP").as_deref(), Some("limits.connections.rate_per_ip"));
+        assert_eq!(env_key("LIMITS_PUBLISH_PER_USER").as_deref(), Some("limits.publish.per_user"));
+        assert_eq!(env_key("LIMITS_PUBLISH_CHANNELS").as_deref(), Some("limits.publish_channels"));
+        assert_eq!(env_key("LIMITS_WRITE_TIMEOUT").as_deref(), Some("limits.write_timeout"));
+        assert_eq!(env_key("MODERATION_WEBHOOK_ON_ERROR").as_deref(), Some("moderation.webhook.on_error"));
+        assert_eq!(env_key("AUTH_AUDIENCE").as_deref(), Some("auth.audience"));
+        assert_eq!(env_key("LOG"), None);
     }
 }

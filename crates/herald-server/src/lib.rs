@@ -11,6 +11,8 @@
 //!   outbound (contacts, deliveries, jobs), health, stats, the demo pages;
 //! - `outbound/`: what Herald sends elsewhere, durably: unread fallback,
 //!   outbound webhooks, e-mail, the job worker and its sweep;
+//! - `guard/`: rate and connection limits, client addresses behind proxies,
+//!   content moderation (rules and the moderation webhook);
 //! - at the top: the shared state, the route table, auth, subscriptions,
 //!   live inboxes, configuration, the server's start and stop, the store's
 //!   sink (`signals.rs`: what other nodes tell this one), and
@@ -23,6 +25,7 @@ pub mod config;
 pub mod edge;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod guard;
 pub mod inbox;
 pub mod outbound;
 pub mod routes;

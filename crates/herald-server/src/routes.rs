@@ -2,7 +2,7 @@
 //! router through [`app`].
 
 use axum::{
-    Router,
+    Extension, Router,
     extract::{Path, RawQuery, State, rejection::PathRejection},
     http::{HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
@@ -13,6 +13,7 @@ use herald_core::Channel;
 use crate::{
     api::{health, inbox, outbound, pages, publish, stats},
     edge::{error::ApiError, query::Query},
+    guard::Client,
     state::SharedState,
     transport::{iframe, poll, sse, ws},
 };
@@ -49,6 +50,8 @@ pub fn app(state: SharedState) -> Router {
                 format!("{method} is not allowed on this route"),
             )
         })
+        // Inside CORS, so a refusal carries the CORS headers a page needs to read it.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::guard::http::limit_requests))
         .layer(cors(&state.config.server.cors_origins))
         .with_state(state)
 }
@@ -73,6 +76,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 /// transport, everything before it the channel.
 async fn channel_get(
     State(state): State<SharedState>,
+    Extension(client): Extension<Client>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -90,21 +94,24 @@ async fn channel_get(
     // Each branch boxed: this future is what a long poll holds while it waits,
     // and inline it would be as big as the biggest branch. The headers, the
     // path and the query are freed before a long poll starts waiting.
+    let who = state.guards.who(&principal, crate::auth::credential(&headers, &query));
     match resource {
         "messages" => {
             drop((headers, path));
             let params = poll::Params::parse(&query, &state)?;
             drop(query);
-            Box::pin(poll::messages(state, principal, channel, params, &mut Default::default())).await
+            let permit = params.admit(&state, client, who)?;
+            Box::pin(poll::messages(state, principal, channel, params, permit, &mut Default::default())).await
         }
-        "events" => Box::pin(sse::single_channel(state, principal, channel, &headers, &query)).await,
-        _ => Box::pin(iframe::stream(state, principal, channel, &query)).await,
+        "events" => Box::pin(sse::single_channel(state, principal, channel, &headers, &query, client, who)).await,
+        _ => Box::pin(iframe::stream(state, principal, channel, &query, client, who)).await,
     }
 }
 
 /// `POST /api/channels/{channel}`: publish; the whole path is the channel.
 async fn channel_post(
     State(state): State<SharedState>,
+    Extension(client): Extension<Client>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -114,5 +121,8 @@ async fn channel_post(
     let channel = Channel::parse(&path)?;
     let query = Query::parse(raw.as_deref());
     let principal = state.auth.authenticate(&headers, &query)?;
-    publish::publish_body(state, &principal, channel, &headers, &query, body).await.map(IntoResponse::into_response)
+    let who = state.guards.who(&principal, crate::auth::credential(&headers, &query));
+    publish::publish_body(state, &principal, (client, who), channel, &headers, &query, body)
+        .await
+        .map(IntoResponse::into_response)
 }

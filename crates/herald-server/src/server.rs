@@ -99,6 +99,8 @@ impl Server {
         if auth.is_open() && !config.server.http.ip().is_loopback() && !config.auth.allow_open {
             return Err(ServerError::OpenOnNetwork(config.server.http));
         }
+        let guards = Arc::new(crate::guard::Guards::new(&config)?);
+        guards.spawn_sweeper(shutdown.clone());
         let inbox = Inbox::new(store.clone(), inbox_store.clone());
         inbox.spawn_listener(&hub, shutdown.clone());
         sink.attach(inbox.clone(), mqtt.clone());
@@ -126,6 +128,7 @@ impl Server {
             mqtt,
             node,
             outbound,
+            guards,
         });
         let mqtt = match state.config.server.mqtt.trim() {
             "" | "off" => None,

@@ -15,6 +15,7 @@ use crate::{
     auth::{Auth, forbidden},
     config::Config,
     edge::error::ApiError,
+    guard::{Client, Permit, Who},
     inbox::Inbox,
     subscription::{Context, Subscription},
 };
@@ -36,6 +37,8 @@ pub struct AppState {
     pub node: String,
     /// Unread fallback, outbound webhooks, e-mail and their jobs.
     pub outbound: Arc<crate::outbound::Outbound>,
+    /// Rate and connection limits, moderation (`guard/`).
+    pub guards: Arc<crate::guard::Guards>,
 }
 
 impl AppState {
@@ -69,7 +72,19 @@ impl AppState {
             // include; a one-shot read has no use for a live count.
             inbox: live.then(|| self.inbox.clone()),
             principal,
+            max_lag: self.guards.max_lag(),
         }
+    }
+
+    /// Admits a long-lived connection (SSE, iframe, waiting long poll,
+    /// WebSocket, MQTT) from `client` as `who`: the permit it holds while
+    /// open, or the answer refusing it. `new_connection`: see `Guards::admit`.
+    pub(crate) fn admit(&self, client: Client, who: Who, new_connection: bool) -> Result<Permit, ApiError> {
+        if client.addr.is_none() {
+            return Ok(Permit::none()); // exempt: nothing to count
+        }
+        let open = self.stats.open_connections();
+        self.guards.admit(client, who, open, new_connection).map_err(|r| self.guards.connection_error(r))
     }
 
     /// Ready for traffic: started, not stopping, and the store can take

@@ -205,7 +205,8 @@ fn token(config: Option<PathBuf>, sub: &str, channels: &[String], publish: &[Str
         );
     }
     let ttl = herald_server::config::parse_duration(ttl).map_err(anyhow::Error::msg)?;
-    let token = herald_server::auth::mint(config.auth.jwt_secret.as_bytes(), sub, channels, publish, ttl)
+    let stamp = herald_server::auth::Stamp::of(&config.auth);
+    let token = herald_server::auth::mint_with(config.auth.jwt_secret.as_bytes(), sub, channels, publish, ttl, stamp)
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     println!("{token}");
     Ok(())

@@ -3,7 +3,7 @@
 //! only once the message is committed.
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Body,
     extract::{RawQuery, State},
     http::{HeaderMap, StatusCode, header},
@@ -15,7 +15,25 @@ use herald_store::{Idempotency, Receipt};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{auth::forbidden, edge::error::ApiError, edge::query::Query, state::SharedState};
+use crate::{
+    auth::forbidden,
+    edge::error::ApiError,
+    edge::query::Query,
+    guard::{Client, Publish, Who},
+    state::SharedState,
+};
+
+/// Who publishes and over what, for the guards: publish limits are checked
+/// by the caller (per request over HTTP, per connection on WebSocket), and
+/// [`append`] moderates.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    /// Published with an API key (a backend): moderated only when
+    /// `[moderation] api_keys` says so.
+    pub(crate) api_key: bool,
+    /// `http`, `ws` or `mqtt`, as the moderation webhook is told.
+    pub(crate) transport: &'static str,
+}
 
 /// Room for the envelope's own fields around a maximal payload.
 const ENVELOPE_OVERHEAD: usize = 16 * 1024;
@@ -23,11 +41,13 @@ const ENVELOPE_OVERHEAD: usize = 16 * 1024;
 pub(crate) async fn publish_body(
     state: SharedState,
     principal: &Principal,
+    (client, who): (Client, Who),
     channel: Channel,
     headers: &HeaderMap,
     query: &Query,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    state.guards.check_publish(client, who, None).map_err(|l| state.guards.publish_error(l))?;
     let limit = state.config.limits.max_payload;
     let event = query.get("event").map(EventName::parse).transpose()?;
     let bytes = read_body(headers, body, limit).await?;
@@ -41,8 +61,9 @@ pub(crate) async fn publish_body(
             )
         })?
     };
+    let origin = Origin { api_key: matches!(who, Who::ApiKey(_)), transport: "http" };
     let key = idempotency_key(headers)?;
-    let ids = append(&state, principal, vec![channel], event, data, key).await?;
+    let ids = append(&state, principal, origin, vec![channel], event, data, key).await?;
     Ok(Json(ids.into_iter().next().expect("one channel, one id")))
 }
 
@@ -57,11 +78,12 @@ struct Envelope {
 
 pub(crate) async fn publish_envelope(
     State(state): State<SharedState>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Response {
-    match envelope(state, &headers, &Query::parse(raw.as_deref()), body).await {
+    match envelope(state, client, &headers, &Query::parse(raw.as_deref()), body).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -69,11 +91,14 @@ pub(crate) async fn publish_envelope(
 
 async fn envelope(
     state: SharedState,
+    client: Client,
     headers: &HeaderMap,
     query: &Query,
     body: Body,
 ) -> Result<serde_json::Value, ApiError> {
     let principal = state.auth.authenticate(headers, query)?;
+    let who = state.guards.who(&principal, crate::auth::credential(headers, query));
+    state.guards.check_publish(client, who, None).map_err(|l| state.guards.publish_error(l))?;
     let limit = state.config.limits.max_payload;
     let bytes = read_body(headers, body, limit + ENVELOPE_OVERHEAD).await?;
     let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| {
@@ -102,8 +127,9 @@ async fn envelope(
     }
     let data = data_from_json(raw);
     let single = channels.len() == 1;
+    let origin = Origin { api_key: matches!(who, Who::ApiKey(_)), transport: "http" };
     let key = idempotency_key(headers)?;
-    let mut results = append(&state, &principal, channels, event, data, key).await?;
+    let mut results = append(&state, &principal, origin, channels, event, data, key).await?;
     Ok(if single { results.remove(0) } else { json!({ "results": results }) })
 }
 
@@ -134,10 +160,13 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
 /// Stores one message per channel, atomically, and answers each
 /// `{channel,id}`. With an idempotency key, a repeat within 5 minutes (by
 /// the same sender: keys are kept per API key holder and per user) is
-/// answered with the first answer and stores nothing.
+/// answered with the first answer and stores nothing. Each channel's copy is
+/// moderated first (the rule covering that channel, then the webhook): one
+/// refusal refuses the whole publish, and nothing of it is stored.
 pub(crate) async fn append(
     state: &SharedState,
     principal: &Principal,
+    origin: Origin,
     channels: Vec<Channel>,
     event: Option<EventName>,
     data: Data,
@@ -154,10 +183,18 @@ pub(crate) async fn append(
         };
         return Err(forbidden(format!("not allowed to publish to '{c}': {why}")));
     }
-    let batch = channels
-        .into_iter()
-        .map(|channel| NewMessage { channel, event: event.clone(), data: data.clone(), meta: None })
-        .collect();
+    let mut batch = Vec::with_capacity(channels.len());
+    for channel in channels {
+        let p = Publish {
+            channel: &channel,
+            event: event.as_ref(),
+            user: principal.user(),
+            api_key: origin.api_key,
+            transport: origin.transport,
+        };
+        let data = state.guards.moderate(&p, data.clone()).await.map_err(|r| r.api_error())?;
+        batch.push(NewMessage { channel, event: event.clone(), data, meta: None });
+    }
     let receipt = store_batch(state, principal, batch, idempotency_key).await?;
     Ok(receipt.iter().map(|(channel, id)| json!({ "channel": channel, "id": id })).collect())
 }

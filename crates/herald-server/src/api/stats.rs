@@ -1,5 +1,6 @@
 //! Live counters for the admin page (`GET /api/stats`): open connections per
-//! transport, messages published and deliveries made. Plain atomics; the
+//! transport, messages published and deliveries made, messages waiting in
+//! subscribers' mailboxes, and the guards' counters (`guard/`). Plain atomics; the
 //! Prometheus endpoint will read the same numbers when metrics arrive.
 
 use std::sync::{
@@ -56,6 +57,12 @@ impl Stats {
     pub fn connections(&self, t: Transport) -> i64 {
         self.connections[t as usize].load(Ordering::Relaxed)
     }
+
+    /// Long-lived connections open on every transport: the node's total
+    /// that `[limits.connections] max` caps.
+    pub fn open_connections(&self) -> usize {
+        self.connections.iter().map(|c| c.load(Ordering::Relaxed).max(0) as usize).sum()
+    }
 }
 
 pub struct ConnectionGuard {
@@ -79,6 +86,8 @@ pub(crate) async fn stats(State(state): State<SharedState>) -> Json<Value> {
         "connections": connections,
         "published": state.hub.published(),
         "delivered": s.delivered.load(Ordering::Relaxed),
+        "queued": state.hub.queued(),
+        "guards": state.guards.stats_json(),
         "outbound": state.outbound.stats().await,
     });
     let store = state.store.status();

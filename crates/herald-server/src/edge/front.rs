@@ -44,7 +44,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use crate::{
-    edge::coalesce::Coalescer, edge::websocket::Handshake, state::SharedState, transport::poll, transport::ws,
+    edge::coalesce::Coalescer,
+    edge::websocket::Handshake,
+    guard::{Client, Peer, address::AddressPolicy},
+    state::SharedState,
+    transport::poll,
+    transport::ws,
 };
 
 /// The largest request head read here; a bigger one goes to hyper, which
@@ -67,7 +72,7 @@ pub(crate) async fn serve(
 ) {
     let router = crate::routes::app(state.clone());
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -82,7 +87,9 @@ pub(crate) async fn serve(
         };
         // Events are written in whole batches already; Nagle would only delay them.
         let _ = tcp.set_nodelay(true);
-        tracker.spawn(connection(tcp, state.clone(), router.clone(), shutdown.clone(), tracker.clone()));
+        // Who the peer is, decided once: exempt, a trusted proxy, or an address to limit.
+        let peer = state.guards.address.peer(addr.ip());
+        tracker.spawn(connection(tcp, peer, state.clone(), router.clone(), shutdown.clone(), tracker.clone()));
     }
 }
 
@@ -105,6 +112,7 @@ pub(crate) enum Route {
 #[allow(clippy::manual_async_fn)] // the block is the point
 fn connection(
     mut tcp: TcpStream,
+    peer: Peer,
     state: SharedState,
     router: Router,
     shutdown: CancellationToken,
@@ -122,7 +130,11 @@ fn connection(
             // Scoped: what is only needed until the head is written does not
             // take room in this task's future while a body streams.
             let (body, keep_alive, close) = {
-                let (route, head_len) = decide(&pending);
+                let Routed { route, len: head_len, untrusted_forwarding } =
+                    decide(&pending, peer, &state.guards.address);
+                if untrusted_forwarding {
+                    state.guards.address.untrusted_forwarding(|| tcp.peer_addr().ok().map(|a| a.ip()));
+                }
                 // Nothing is kept while the response is produced or streamed.
                 let head = std::mem::take(&mut pending);
                 // Answering and writing a head are boxed: they last a moment (a long
@@ -130,7 +142,9 @@ fn connection(
                 // connection, streaming or idle, for their largest state (measured:
                 // 1,032 bytes inline, 464 boxed).
                 let (res, keep_alive) = match route {
-                    Route::Hyper => return Box::pin(hand_to_hyper(tcp, head.freeze(), router, shutdown)).await,
+                    Route::Hyper => {
+                        return Box::pin(hand_to_hyper(tcp, peer, head.freeze(), router, state, shutdown)).await;
+                    }
                     Route::WebSocket(request) => {
                         let early = Bytes::copy_from_slice(&head[head_len..]);
                         drop(head);
@@ -145,11 +159,13 @@ fn connection(
                         };
                         return;
                     }
-                    Route::Here(req, keep_alive) => {
+                    Route::Here(mut req, keep_alive) => {
                         // Dropped here, not at the end of the iteration: it would
                         // be held for as long as the response streams (1 KiB of
                         // every idle SSE connection, heaptrack).
                         drop(head);
+                        // The router's guard layer resolves the client from it.
+                        req.extensions_mut().insert(peer);
                         let answer =
                             async { router.clone().oneshot(*req).await.unwrap_or_else(|never| match never {}) };
                         (Box::pin(respond(&mut tcp, Box::pin(answer), &mut pending)).await, keep_alive)
@@ -161,14 +177,14 @@ fn connection(
                     }
                 };
                 let Some(res) = res else { return };
-                match Box::pin(write_head(&mut tcp, res)).await {
+                match Box::pin(write_head(&mut tcp, res, &state)).await {
                     Ok(Written::Whole { close }) => (None, keep_alive, close),
                     Ok(Written::Head { body, close }) => (Some(body), keep_alive, close),
                     Err(_) => return,
                 }
             };
             let streamed = match body {
-                Some(body) => stream_body(&mut tcp, body, &mut pending).await,
+                Some(body) => stream_body(&mut tcp, body, &mut pending, &state).await,
                 None => Ok(true),
             };
             match streamed {
@@ -261,30 +277,55 @@ pub(crate) fn head_complete(buf: &[u8]) -> bool {
 /// The size is checked here because `read_head` stops at `MAX_HEAD` only
 /// between reads: a larger head that came in one read was answered here,
 /// and the same head in smaller reads went to hyper (found by fuzzing).
-pub(crate) fn decide(buf: &[u8]) -> (Route, usize) {
-    match route(buf) {
-        Some((r, len)) if len <= MAX_HEAD && (len == buf.len() || matches!(r, Route::WebSocket(_))) => (r, len),
-        _ => (Route::Hyper, 0),
+pub(crate) fn decide(buf: &[u8], peer: Peer, addresses: &AddressPolicy) -> Routed {
+    match route(buf, peer, addresses) {
+        Some(r) if r.len <= MAX_HEAD && (r.len == buf.len() || matches!(r.route, Route::WebSocket(_))) => r,
+        r => Routed { route: Route::Hyper, len: 0, untrusted_forwarding: r.is_some_and(|r| r.untrusted_forwarding) },
     }
+}
+
+/// A parsed head: where it goes, its length, and whether it carried
+/// `X-Forwarded-For` from a peer whose word on it is not taken.
+pub(crate) struct Routed {
+    pub(crate) route: Route,
+    pub(crate) len: usize,
+    pub(crate) untrusted_forwarding: bool,
 }
 
 /// Parses the head at the start of `buf`: the request to answer here, or
 /// `Route::Hyper`, and the head's length. `None` when it does not parse.
-fn route(buf: &[u8]) -> Option<(Route, usize)> {
+/// The client behind a poll or a WebSocket handshake (answered without the
+/// router and its guard layer) is resolved here.
+fn route(buf: &[u8], peer: Peer, addresses: &AddressPolicy) -> Option<Routed> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         _ => return None,
     };
+    let forwarded = parsed.headers.iter().any(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"));
+    let untrusted_forwarding = forwarded && !peer.is_proxy();
+    let routed = |route| Some(Routed { route, len, untrusted_forwarding });
     if parsed.method != Some("GET") || parsed.version != Some(1) {
-        return Some((Route::Hyper, len));
+        return routed(Route::Hyper);
     }
     // The target as hyper and the router read it (`http::Uri`): a fragment
     // is dropped, and one it refuses goes to hyper (which answers 400).
     // Split by hand, a poll's query kept its fragment (`?since=4#x` was
     // refused here and served through the router; found by fuzzing).
     let uri = Uri::try_from(parsed.path?).ok()?;
+    let client = || {
+        let hops: Vec<&[u8]> = match peer.is_proxy() {
+            true => parsed
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                .map(|h| h.value)
+                .collect(),
+            false => Vec::new(),
+        };
+        Client { addr: addresses.client(peer, &hops) }
+    };
     let endpoint = match uri.path() {
         "/api/ws" => Some(ws::Endpoint::Herald),
         "/mqtt" => Some(ws::Endpoint::Mqtt),
@@ -295,16 +336,16 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
         let route = if parsed.headers.iter().any(announces_body) {
             Route::Hyper
         } else {
-            Route::WebSocket(Box::new(websocket_request(endpoint, uri.query(), parsed.headers)))
+            Route::WebSocket(Box::new(websocket_request(endpoint, uri.query(), parsed.headers, client())))
         };
-        return Some((route, len));
+        return routed(route);
     }
     let mut keep_alive = true;
     let mut cross_origin = false;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         if announces_body(h) || name == header::UPGRADE || name == header::EXPECT {
-            return Some((Route::Hyper, len));
+            return routed(Route::Hyper);
         }
         if name == header::CONNECTION && h.value.to_ascii_lowercase().windows(5).any(|w| w == b"close") {
             keep_alive = false;
@@ -314,13 +355,14 @@ fn route(buf: &[u8]) -> Option<(Route, usize)> {
     // A cross-origin poll goes through the router for its CORS headers.
     if !cross_origin && let Some(mut direct) = direct_poll(uri.path(), uri.query()) {
         direct.authorization = authorization(parsed.headers);
-        return Some((Route::Poll(Box::new(direct), keep_alive), len));
+        direct.client = client();
+        return routed(Route::Poll(Box::new(direct), keep_alive));
     }
     let mut req = Request::builder().method(Method::GET).version(Version::HTTP_11).uri(uri);
     for h in parsed.headers.iter() {
         req = req.header(HeaderName::from_bytes(h.name.as_bytes()).ok()?, HeaderValue::from_bytes(h.value).ok()?);
     }
-    Some((Route::Here(Box::new(req.body(Body::empty()).ok()?), keep_alive), len))
+    routed(Route::Here(Box::new(req.body(Body::empty()).ok()?), keep_alive))
 }
 
 /// Whether a header says a body follows the head.
@@ -340,12 +382,17 @@ fn authorization(headers: &[httparse::Header<'_>]) -> Option<String> {
 }
 
 /// What a WebSocket connection needs of its request: query, credential, handshake.
-fn websocket_request(endpoint: ws::Endpoint, query: Option<&str>, headers: &[httparse::Header<'_>]) -> ws::Request {
+fn websocket_request(
+    endpoint: ws::Endpoint,
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+    client: Client,
+) -> ws::Request {
     let mut handshake = Handshake::default();
     for h in headers {
         handshake.header(h.name, h.value);
     }
-    ws::Request { endpoint, query: query.map(str::to_owned), authorization: authorization(headers), handshake }
+    ws::Request { endpoint, query: query.map(str::to_owned), authorization: authorization(headers), handshake, client }
 }
 
 /// `/api/channels/{channel}/messages` with a valid channel name and nothing
@@ -357,7 +404,7 @@ fn direct_poll(path: &str, query: Option<&str>) -> Option<poll::Direct> {
         return None;
     }
     let channel = Channel::parse(channel).ok()?;
-    Some(poll::Direct { channel, query: query.map(str::to_owned), authorization: None })
+    Some(poll::Direct { channel, query: query.map(str::to_owned), authorization: None, client: Client::default() })
 }
 
 /// What [`write_head`] wrote.
@@ -368,10 +415,69 @@ enum Written {
     Head { body: Body, close: bool },
 }
 
+/// A socket to write to: the whole stream, or its write half while the read
+/// half watches for the client leaving.
+trait Socket: AsyncWrite + Unpin {
+    fn socket(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for tokio::net::tcp::WriteHalf<'_> {
+    fn socket(&self) -> &TcpStream {
+        self.as_ref()
+    }
+}
+
+/// Writes `bytes`, within `[limits] write_timeout`: a client that stops
+/// reading (its receive window and our send buffer full) is a slow consumer,
+/// and its connection ends, freeing its task, its subscription and buffers.
+async fn write_within(w: &mut impl Socket, bytes: &[u8], state: &SharedState) -> io::Result<()> {
+    let n = write_now(w.socket(), bytes)?;
+    if n < bytes.len() {
+        Box::pin(write_rest(w, &bytes[n..], state)).await?;
+    }
+    Ok(())
+}
+
+/// Writes what the socket takes at once (most writes, all of it: no
+/// waiting, no timer); how much that was.
+fn write_now(socket: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match socket.try_write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// The rest of a write that has to wait for room, within the write timeout.
+/// Callers box it: a connection's task is not sized for it.
+async fn write_rest(w: &mut impl Socket, rest: &[u8], state: &SharedState) -> io::Result<()> {
+    match state.guards.write_timeout() {
+        None => w.write_all(rest).await,
+        Some(limit) => match tokio::time::timeout(limit, w.write_all(rest)).await {
+            Ok(r) => r,
+            Err(_) => {
+                state.guards.stats.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(io::Error::new(io::ErrorKind::TimedOut, "slow consumer: a write stalled"))
+            }
+        },
+    }
+}
+
 /// Writes `res`, whole when its body's length is known (`content-length`),
 /// else only its head (`transfer-encoding: chunked`). `close`: the response
 /// asks for the connection to close after it.
-async fn write_head(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<Written> {
+async fn write_head(tcp: &mut TcpStream, res: Response<Body>, state: &SharedState) -> io::Result<Written> {
     let (parts, body) = res.into_parts();
     let no_body = parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
@@ -381,7 +487,7 @@ async fn write_head(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<Writ
     let (mut head, close) = encode_head(parts);
     if no_body {
         head.put_slice(b"\r\n");
-        tcp.write_all(&head).await?;
+        write_within(tcp, &head, state).await?;
         return Ok(Written::Whole { close });
     }
     if let Some(len) = length {
@@ -389,18 +495,18 @@ async fn write_head(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<Writ
         head.put_slice(format!("content-length: {len}\r\n\r\n").as_bytes());
         let bytes = body.collect().await.map_err(io::Error::other)?.to_bytes();
         head.put(bytes);
-        tcp.write_all(&head).await?;
+        write_within(tcp, &head, state).await?;
         return Ok(Written::Whole { close });
     }
     head.put_slice(b"transfer-encoding: chunked\r\n\r\n");
-    tcp.write_all(&head).await?;
+    write_within(tcp, &head, state).await?;
     Ok(Written::Head { body, close })
 }
 
 /// Writes a response whose body is whole (an error), for a connection that
 /// then ends.
-pub(crate) async fn write_whole(tcp: &mut TcpStream, res: Response<Body>) -> io::Result<()> {
-    write_head(tcp, res).await.map(drop)
+pub(crate) async fn write_whole(tcp: &mut TcpStream, res: Response<Body>, state: &SharedState) -> io::Result<()> {
+    write_head(tcp, res, state).await.map(drop)
 }
 
 /// Writes a streamed body as chunks, each as soon as the body yields it. The
@@ -408,26 +514,42 @@ pub(crate) async fn write_whole(tcp: &mut TcpStream, res: Response<Body>) -> io:
 /// once; bytes it sends (its next request) are kept in `pending`. This is
 /// where an idle stream waits, so it holds as little as it can.
 /// `Ok(false)`: the connection must close.
-async fn stream_body(tcp: &mut TcpStream, body: Body, pending: &mut BytesMut) -> io::Result<bool> {
-    let mut frames = body.into_data_stream();
-    let (mut rd, mut wr) = tcp.split();
-    let mut probe = [0u8; 32];
-    loop {
-        // Only the wait is a `select!`; the write follows it, so the task is
-        // sized for one or the other, not both.
-        let frame = tokio::select! {
-            frame = frames.next() => frame,
-            r = rd.read(&mut probe) => if keep_early_bytes(r, &probe, pending) { continue } else { return Ok(false) },
-        };
-        let (bytes, last) = match frame {
-            Some(Ok(data)) if data.is_empty() => continue,
-            Some(Ok(data)) => (chunk(data), false),
-            Some(Err(e)) => return Err(io::Error::other(e)),
-            None => (Bytes::from_static(b"0\r\n\r\n"), true),
-        };
-        wr.write_all(&bytes).await?;
-        if last {
-            return Ok(true);
+///
+/// A block, not an `async fn`: an async fn keeps its arguments' room beside
+/// the copies it works with.
+#[allow(clippy::manual_async_fn)] // the block is the point
+fn stream_body<'a>(
+    tcp: &'a mut TcpStream,
+    body: Body,
+    pending: &'a mut BytesMut,
+    state: &'a SharedState,
+) -> impl Future<Output = io::Result<bool>> + Send + 'a {
+    async move {
+        let mut frames = body.into_data_stream();
+        let (mut rd, mut wr) = tcp.split();
+        let mut probe = [0u8; 32];
+        loop {
+            // Only the wait is a `select!`; the write follows it, so the task is
+            // sized for one or the other, not both.
+            let frame = tokio::select! {
+                frame = frames.next() => frame,
+                r = rd.read(&mut probe) => if keep_early_bytes(r, &probe, pending) { continue } else { return Ok(false) },
+            };
+            let (bytes, last) = match frame {
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => (chunk(data), false),
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => (Bytes::from_static(b"0\r\n\r\n"), true),
+            };
+            // Inline, so this task is sized for a pointer to a stalled write,
+            // not for the write itself.
+            let n = write_now(wr.socket(), &bytes)?;
+            if n < bytes.len() {
+                Box::pin(write_rest(&mut wr, &bytes[n..], state)).await?;
+            }
+            if last {
+                return Ok(true);
+            }
         }
     }
 }
@@ -465,9 +587,27 @@ fn encode_head(parts: axum::http::response::Parts) -> (BytesMut, bool) {
 }
 
 /// Serves the rest of the connection with hyper, `read` being the bytes
-/// already taken from the socket.
-async fn hand_to_hyper(tcp: TcpStream, read: Bytes, router: Router, shutdown: CancellationToken) {
-    let io = hyper_util::rt::TokioIo::new(Rewind { read, inner: tcp });
+/// already taken from the socket. Each request carries the peer for the
+/// router's guard layer; writes are bounded by the write timeout (`Rewind`).
+async fn hand_to_hyper(
+    tcp: TcpStream,
+    peer: Peer,
+    read: Bytes,
+    router: Router,
+    state: SharedState,
+    shutdown: CancellationToken,
+) {
+    let write_timeout = state.guards.write_timeout();
+    let peer_ip = tcp.peer_addr().ok().map(|a| a.ip());
+    let io =
+        hyper_util::rt::TokioIo::new(Rewind { read, inner: tcp, write_timeout, stalled: None, state: state.clone() });
+    let router = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
+        if !peer.is_proxy() && req.headers().contains_key("x-forwarded-for") {
+            state.guards.address.untrusted_forwarding(|| peer_ip);
+        }
+        req.extensions_mut().insert(peer);
+        req
+    });
     let service = hyper_util::service::TowerToHyperService::new(router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -483,10 +623,31 @@ async fn hand_to_hyper(tcp: TcpStream, read: Bytes, router: Router, shutdown: Ca
     }
 }
 
-/// A socket with some bytes already read from it put back in front.
+/// A socket with some bytes already read from it put back in front, whose
+/// writes fail once one has made no progress for the write timeout.
 struct Rewind {
     read: Bytes,
     inner: TcpStream,
+    write_timeout: Option<Duration>,
+    /// Armed while a write waits on a full socket.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    state: SharedState,
+}
+
+impl Rewind {
+    /// A write that could not go: `Pending` until the timeout, then an error.
+    fn poll_stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let Some(limit) = self.write_timeout else { return Poll::Pending };
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.stalled = None;
+                self.state.guards.stats.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "slow consumer: a write stalled")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for Rewind {
@@ -509,7 +670,13 @@ impl AsyncRead for Rewind {
 
 impl AsyncWrite for Rewind {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.poll_stalled(cx),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -517,7 +684,13 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.poll_stalled(cx),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -537,11 +710,46 @@ impl AsyncWrite for Rewind {
 mod tests {
     use super::*;
 
+    fn policy() -> AddressPolicy {
+        AddressPolicy::new(&["10.0.0.0/8".into()], &["127.0.0.0/8".into()]).unwrap()
+    }
+
+    fn route(head: &[u8]) -> Option<(Route, usize)> {
+        super::route(head, Peer::EXEMPT, &policy()).map(|r| (r.route, r.len))
+    }
+
+    fn decide(head: &[u8]) -> (Route, usize) {
+        let r = super::decide(head, Peer::EXEMPT, &policy());
+        (r.route, r.len)
+    }
+
     fn routed(head: &str) -> Option<(bool, bool, usize)> {
         route(head.as_bytes()).map(|(r, len)| match r {
             Route::Here(_, keep_alive) | Route::Poll(_, keep_alive) => (true, keep_alive, len),
             Route::Hyper | Route::WebSocket(_) => (false, false, len),
         })
+    }
+
+    #[test]
+    fn polls_and_handshakes_carry_their_client_and_forwarding_from_strangers_is_noticed() {
+        let p = policy();
+        let key = |s: &str| Some(crate::guard::AddrKey::of(s.parse().unwrap()));
+        let proxy = p.peer("10.0.0.1".parse().unwrap());
+        let poll = b"GET /api/channels/a/messages HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6, 198.51.100.7\r\n\r\n";
+        let routed = super::route(poll, proxy, &p).unwrap();
+        assert!(!routed.untrusted_forwarding);
+        match routed.route {
+            Route::Poll(d, _) => assert_eq!(d.client.addr, key("198.51.100.7")),
+            _ => panic!("a direct poll"),
+        }
+        let stranger = p.peer("192.0.2.9".parse().unwrap());
+        let ws = b"GET /api/ws HTTP/1.1\r\nUpgrade: websocket\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+        let routed = super::route(ws, stranger, &p).unwrap();
+        assert!(routed.untrusted_forwarding, "a stranger's X-Forwarded-For is noticed");
+        match routed.route {
+            Route::WebSocket(r) => assert_eq!(r.client.addr, key("192.0.2.9"), "and not believed"),
+            _ => panic!("a handshake"),
+        }
     }
 
     #[test]

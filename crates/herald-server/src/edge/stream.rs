@@ -19,15 +19,15 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use herald_store::StoreError;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::stats::{ConnectionGuard, Transport},
     edge::coalesce::Coalescer,
+    guard::Permit,
     state::SharedState,
-    subscription::{Delivery, Subscription},
+    subscription::{Delivery, Subscription, SubscriptionError},
 };
 
 /// A chunk grows to about this size before it is handed to the socket.
@@ -54,6 +54,8 @@ pub(crate) struct Settings {
     /// When the credential expires (ms since the epoch): the stream is closed
     /// then, with a `token_expired` close the client can act on.
     pub(crate) expires_at: Option<i64>,
+    /// The stream's place in the connection counts (`guard`).
+    pub(crate) permit: Permit,
 }
 
 /// The stream's state. A hand-written [`Stream`], not an `async` block: an
@@ -75,6 +77,8 @@ struct Streamer<E> {
     sub: Option<Subscription>,
     /// A delivery taken and waiting out the coalescing window.
     held: Option<Delivery>,
+    /// The subscription fell past `max_lag` behind: say so, then end.
+    lagging: bool,
     /// The subscription's own async `next`, when memory is not enough
     /// (history to read, an unread count to follow). Boxed, and only then.
     waiting: Option<Waiting>,
@@ -84,12 +88,14 @@ struct Streamer<E> {
     shutdown: CancellationToken,
     state: SharedState,
     _connection: ConnectionGuard,
+    _permit: Permit,
 }
 
 /// `None`: shutdown.
 /// What the boxed wait gives back: the subscription, and a delivery; `Ok(None)`:
 /// caught up (wait on the mailbox now); `Err(None)`: shutdown.
-type Waiting = Pin<Box<dyn Future<Output = (Subscription, Result<Option<Delivery>, Option<StoreError>>)> + Send>>;
+type Waiting =
+    Pin<Box<dyn Future<Output = (Subscription, Result<Option<Delivery>, Option<SubscriptionError>>)> + Send>>;
 
 pub(crate) fn respond<E: Encoder>(state: SharedState, sub: Subscription, encoder: E, settings: Settings) -> Response {
     let now = Instant::now();
@@ -104,10 +110,12 @@ pub(crate) fn respond<E: Encoder>(state: SharedState, sub: Subscription, encoder
         coalesce: Coalescer::default(),
         sub: Some(sub),
         held: None,
+        lagging: false,
         waiting: None,
         timer: Box::pin(tokio::time::sleep_until(now + settings.heartbeat)),
         shutdown: state.shutdown.clone(),
         _connection: state.stats.connect(settings.transport),
+        _permit: settings.permit,
         state,
     };
     let mut res = Response::new(Body::from_stream(streamer));
@@ -154,6 +162,11 @@ impl<E: Encoder> Streamer<E> {
             if self.held.is_none() {
                 match self.poll_delivery(cx) {
                     Poll::Ready(Some(d)) => self.held = Some(d),
+                    Poll::Ready(None) if self.lagging => {
+                        self.closed = true;
+                        let why = "too far behind the channel; reconnect and resume from your last id";
+                        return Poll::Ready(Some(self.encoder.close("slow_consumer", why)));
+                    }
                     Poll::Ready(None) => return Poll::Ready(None),
                     Poll::Pending => {}
                 }
@@ -193,6 +206,11 @@ impl<E: Encoder> Streamer<E> {
                     Ok(Some(d)) => return Poll::Ready(Some(d)),
                     Ok(None) => continue,                  // caught up: wait on the mailbox alone
                     Err(None) => return Poll::Ready(None), // shutdown
+                    Err(Some(e)) if e.is_lagging() => {
+                        self.state.guards.stats.lagging_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.lagging = true;
+                        return Poll::Ready(None);
+                    }
                     Err(Some(e)) => {
                         tracing::warn!(error = %e, "stream ended by a store error; the client will resume");
                         return Poll::Ready(None);

@@ -8,10 +8,15 @@
 //! overflowed, the subscription re-reads from the store after its cursors
 //! ("catch-up") before taking anything else from the mailbox. Transports only
 //! encode what comes out.
+//!
+//! With `[limits] max_lag`, a subscriber whose oldest undelivered message is
+//! older than that when it lags (or while it catches up) is not caught up:
+//! its next delivery is [`SubscriptionError::TooFarBehind`], and its
+//! transport closes it as a slow consumer. It resumes from its cursor.
 
 pub mod cursors;
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use herald_core::{Channel, CursorToken, Filter, Gap, Hub, Message, Principal, Since, Subscriber, Target, cursor};
 use herald_store::{Store, StoreError};
@@ -29,6 +34,22 @@ pub enum Delivery {
     Unread(u64),
 }
 
+/// Why a subscription cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Past `[limits] max_lag` behind: close, and let the client resume.
+    #[error("the subscriber fell too far behind")]
+    TooFarBehind,
+}
+
+impl SubscriptionError {
+    pub fn is_lagging(&self) -> bool {
+        matches!(self, SubscriptionError::TooFarBehind)
+    }
+}
+
 /// What a subscription is opened with.
 #[derive(Clone)]
 pub struct Context {
@@ -39,6 +60,8 @@ pub struct Context {
     pub inbox: Option<Arc<Inbox>>,
     /// Every message is checked against it before delivery.
     pub principal: Arc<Principal>,
+    /// Close instead of catching up when this far behind (`None`: never).
+    pub max_lag: Option<Duration>,
 }
 
 /// What [`Subscription::add`] reports for the `subscribed` answer.
@@ -69,6 +92,12 @@ pub struct Subscription {
     unread: Option<Box<UnreadWatch>>,
     /// The current count is owed to the client (it comes first, then on change).
     unread_due: bool,
+    /// The backlog is a catch-up after a lag (not a replay the client asked for).
+    catching_up: bool,
+    /// Found past `max_lag` behind: every further call says so.
+    too_far_behind: bool,
+    /// `[limits] max_lag` in milliseconds; 0: never.
+    max_lag_ms: u32,
     /// `None` for one-shot reads (short polling): nothing is registered.
     live: Option<Subscriber>,
     filters: Vec<Filter>,
@@ -104,6 +133,9 @@ impl Subscription {
             inbox: cx.inbox,
             unread: None,
             unread_due: false,
+            catching_up: false,
+            too_far_behind: false,
+            max_lag_ms: cx.max_lag.map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32),
             live: cx.hub.as_ref().map(|h| h.subscriber()),
             filters: Vec::new(),
             cursors: Cursors::default(),
@@ -284,8 +316,11 @@ impl Subscription {
 
     /// The next delivery that needs no waiting for new publishes: replayed
     /// history (reading the store as needed), then whatever is already queued.
-    pub async fn next_ready(&mut self) -> Result<Option<Delivery>, StoreError> {
+    pub async fn next_ready(&mut self) -> Result<Option<Delivery>, SubscriptionError> {
         loop {
+            if self.too_far_behind {
+                return Err(SubscriptionError::TooFarBehind);
+            }
             if let Some(n) = self.take_unread() {
                 return Ok(Some(Delivery::Unread(n)));
             }
@@ -308,6 +343,9 @@ impl Subscription {
     /// is already in memory behind a delivery that was just awaited.
     pub fn try_next(&mut self) -> Option<Delivery> {
         loop {
+            if self.too_far_behind {
+                return None; // `next` and `next_ready` say why
+            }
             if let Some(n) = self.take_unread() {
                 return Some(Delivery::Unread(n));
             }
@@ -330,7 +368,7 @@ impl Subscription {
     /// the general one (store reads, unread counts) is several hundred bytes
     /// and is boxed, so a connection task waiting here is sized for the
     /// common case.
-    pub async fn next(&mut self) -> Result<Delivery, StoreError> {
+    pub async fn next(&mut self) -> Result<Delivery, SubscriptionError> {
         loop {
             if let Some(d) = self.try_next() {
                 return Ok(d);
@@ -352,13 +390,13 @@ impl Subscription {
     /// nothing is ready, so the caller waits the lean way ([`Self::poll_live`])
     /// instead of holding this future for as long as the connection is idle
     /// (heaptrack: 630 bytes of every idle SSE stream that began with a replay).
-    pub async fn next_general(&mut self) -> Result<Option<Delivery>, StoreError> {
+    pub async fn next_general(&mut self) -> Result<Option<Delivery>, SubscriptionError> {
         let mut pause = STORE_RETRY_MIN;
         loop {
             match self.next_ready().await {
                 Ok(Some(d)) => return Ok(Some(d)),
                 Ok(None) => {}
-                Err(StoreError::Unavailable(why)) if self.live.is_some() => {
+                Err(SubscriptionError::Store(StoreError::Unavailable(why))) if self.live.is_some() => {
                     // The store is away (Redis unreachable): a live stream
                     // stays open, its heartbeats go on (they are timed by
                     // whoever polls this), and it reads again shortly; what
@@ -401,7 +439,7 @@ impl Subscription {
     /// store is async) or an unread count is followed (its watch is a future):
     /// then [`Self::next`] is the way.
     pub fn is_memory_only(&self) -> bool {
-        self.backlog.is_empty() && self.unread.is_none()
+        self.backlog.is_empty() && self.unread.is_none() && !self.too_far_behind
     }
 
     /// Waits for the mailbox without a future to hold: `Ready(true)` when a
@@ -435,16 +473,28 @@ impl Subscription {
         }
         let lagged = self.live.as_ref().is_some_and(Subscriber::take_lagged);
         if lagged {
-            // Messages were dropped before this one. It is committed, so the
-            // catch-up read returns it too, in order.
+            // Messages were dropped after this one (the mailbox was full), so
+            // it is the oldest the subscriber has not had: its age is how far
+            // behind the subscriber is.
+            if self.is_too_old(msg.time) {
+                self.too_far_behind = true;
+                return;
+            }
+            // It is committed, so the catch-up read returns it too, in order.
             self.schedule_catch_up();
         } else {
             self.ready.push_back(Delivery::Message(msg));
         }
     }
 
+    /// Whether a message from `time` (ms) is older than `max_lag`.
+    fn is_too_old(&self, time: i64) -> bool {
+        self.max_lag_ms > 0 && herald_store::now_ms().saturating_sub(time) > i64::from(self.max_lag_ms)
+    }
+
     fn schedule_catch_up(&mut self) {
         tracing::debug!(channels = self.cursors.iter().count(), "subscriber lagged; catching up from the store");
+        self.catching_up = true;
         for (ch, id) in self.cursors.iter() {
             self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: id });
         }
@@ -468,6 +518,11 @@ impl Subscription {
                     page = self.store.read(channel.clone(), plan.after, self.page).await?;
                 }
                 self.backlog.pop_front();
+                // Catching up, and still past max_lag behind: give up.
+                if self.catching_up && page.messages.first().is_some_and(|m| self.is_too_old(m.time)) {
+                    self.too_far_behind = true;
+                    return Ok(());
+                }
                 let mut prev = plan.after;
                 match plan.gap {
                     Some(gap) => self.ready.push_back(Delivery::Gap(Box::new(gap))),
@@ -512,6 +567,7 @@ impl Subscription {
             // Caught up: an idle connection keeps no room for more (heaptrack:
             // 116 bytes of every WebSocket that subscribed with a replay).
             self.backlog = VecDeque::new();
+            self.catching_up = false;
         }
         Ok(())
     }
@@ -569,7 +625,13 @@ mod tests {
     }
 
     fn cx(store: &Arc<dyn Store>, hub: Option<&Arc<Hub>>) -> Context {
-        Context { store: store.clone(), hub: hub.cloned(), inbox: None, principal: Arc::new(Principal::Admin) }
+        Context {
+            store: store.clone(),
+            hub: hub.cloned(),
+            inbox: None,
+            principal: Arc::new(Principal::Admin),
+            max_lag: None,
+        }
     }
 
     async fn publish(store: &Arc<dyn Store>, ch: &str, n: usize) {
@@ -643,6 +705,41 @@ mod tests {
         let b: Vec<_> = got.iter().filter(|x| x.starts_with("room/b")).cloned().collect();
         assert_eq!(a, ["room/a:1", "room/a:2", "room/a:3", "room/a:4", "room/a:5"]);
         assert_eq!(b, ["room/b:1", "room/b:2", "room/b:3"]);
+    }
+
+    /// Messages committed a minute ago (the store's clock says so): a
+    /// subscriber that lags on them is past a 30 s `max_lag` and is told so
+    /// instead of catching up; one with no limit catches up; one that never
+    /// lagged is not affected.
+    #[tokio::test]
+    async fn a_lagging_subscriber_past_max_lag_is_closed_instead_of_caught_up() {
+        let a_minute_ago: herald_store::Clock = Arc::new(|| herald_store::now_ms() - 60_000);
+        let setup = |mailbox: usize| {
+            let hub = Hub::new(mailbox);
+            let config =
+                StoreConfig { retention: RetentionRules::default(), clock: a_minute_ago.clone(), sink: hub.clone() };
+            (Arc::new(MemoryStore::new(config)) as Arc<dyn Store>, hub)
+        };
+        let t = || vec![Target::Channel(Channel::parse("c").unwrap())];
+        let none = CursorToken::default();
+        let open = |store: &Arc<dyn Store>, hub: &Arc<Hub>, max_lag: Option<Duration>| {
+            let cx = Context { max_lag, ..cx(store, Some(hub)) };
+            Subscription::open(cx, t(), Since::Now, &none)
+        };
+        let (store, hub) = setup(2);
+        let mut limited = open(&store, &hub, Some(Duration::from_secs(30))).await.unwrap();
+        let mut unlimited = open(&store, &hub, None).await.unwrap();
+        assert!(drain(&mut limited).await.is_empty() && drain(&mut unlimited).await.is_empty());
+        publish(&store, "c", 5).await; // two fit in each mailbox: both lag
+        assert!(matches!(limited.next_ready().await, Err(SubscriptionError::TooFarBehind)));
+        assert!(limited.next().await.unwrap_err().is_lagging(), "and stays so");
+        assert_eq!(ids(&drain(&mut unlimited).await), ["c:1", "c:2", "c:3", "c:4", "c:5"], "caught up");
+
+        let (store, hub) = setup(64);
+        let mut within = open(&store, &hub, Some(Duration::from_secs(30))).await.unwrap();
+        assert!(drain(&mut within).await.is_empty());
+        publish(&store, "c", 5).await;
+        assert_eq!(drain(&mut within).await.len(), 5, "old messages, but no lag: delivered");
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use crate::{
     edge::error::ApiError,
     edge::query::Query,
     edge::stream::{self, Encoder, Settings},
+    guard::{Client, Who},
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -36,6 +37,8 @@ pub(crate) async fn stream(
     principal: Arc<Principal>,
     channel: Channel,
     query: &Query,
+    client: Client,
+    who: Who,
 ) -> Result<Response, ApiError> {
     let callback = query.get("callback").unwrap_or_default();
     if !is_identifier(callback) {
@@ -45,6 +48,7 @@ pub(crate) async fn stream(
         ));
     }
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
+    let permit = state.admit(client, who, true)?;
     let expires_at = principal.expires_at();
     let targets = vec![Target::Channel(channel)];
     let sub = state.subscribe(principal, targets, since, &CursorToken::default(), true).await?;
@@ -54,6 +58,7 @@ pub(crate) async fn stream(
         heartbeat: state.config.sse.heartbeat,
         lifetime: Some(LIFETIME),
         expires_at,
+        permit,
     };
     Ok(stream::respond(state, sub, IframeEncoder { callback: callback.to_owned() }, settings))
 }

@@ -15,9 +15,18 @@ use futures_util::{FutureExt, future::Either};
 use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
 use crate::{
-    api::stats::Transport, edge::coalesce::Coalescer, edge::error::ApiError, edge::query::Query, edge::stream,
-    state::SharedState, subscription::Delivery,
+    api::stats::Transport,
+    edge::coalesce::Coalescer,
+    edge::error::ApiError,
+    edge::query::Query,
+    edge::stream,
+    guard::{Client, Permit, Who},
+    state::SharedState,
+    subscription::Delivery,
 };
+
+/// `Params::known_unread` when the client gave none.
+const NOT_GIVEN: u64 = u64::MAX;
 
 /// Messages per answer when the client does not say.
 const DEFAULT_LIMIT: usize = 100;
@@ -26,20 +35,36 @@ const DEFAULT_LIMIT: usize = 100;
 /// are not kept while a long poll waits.
 pub(crate) struct Params {
     since: Since,
-    limit: usize,
+    /// At most `[limits] poll_limit`; a u32 so the waiting future stays as
+    /// small as it was before the permit came.
+    limit: u32,
     wait: Option<Duration>,
     /// The unread count the client already shows: a different one is news.
-    known_unread: Option<u64>,
+    /// (`NOT_GIVEN` when the client did not say: a count never gets there.
+    /// Not an `Option`: eight bytes fewer in every waiting long poll, room
+    /// for its connection permit.)
+    known_unread: u64,
 }
 
 impl Params {
     pub(crate) fn parse(query: &Query, state: &SharedState) -> Result<Self, ApiError> {
         Ok(Params {
             since: query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0)),
-            limit: query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit),
+            limit: query.positive("limit", DEFAULT_LIMIT)?.min(state.config.limits.poll_limit).min(u32::MAX as usize)
+                as u32,
             wait: query.get("wait").map(parse_wait).transpose()?.map(|w| w.min(state.config.longpoll.max_wait)),
-            known_unread: query.get("unread").map(cursor::parse_id).transpose()?,
+            known_unread: query.get("unread").map(cursor::parse_id).transpose()?.unwrap_or(NOT_GIVEN),
         })
+    }
+
+    /// A long poll counts as a connection while it waits (node, address and
+    /// user counts; not new connections per address: a poller's next
+    /// request is not one). A short poll holds no place.
+    pub(crate) fn admit(&self, state: &SharedState, client: Client, who: Who) -> Result<Permit, ApiError> {
+        match self.wait {
+            Some(w) if !w.is_zero() => state.admit(client, who, false),
+            _ => Ok(Permit::none()),
+        }
     }
 }
 
@@ -59,9 +84,13 @@ pub(crate) fn messages(
     principal: Arc<Principal>,
     channel: Channel,
     mut params: Params,
+    permit: Permit,
     coalesce: &mut Coalescer,
 ) -> impl Future<Output = Result<Response, ApiError>> + Send {
     async move {
+        // Its place in the connection counts, held (as captured: no copy
+        // waits beside the rest) until the answer is done.
+        let _ = &permit;
         if let (Some(w), Some(exp)) = (params.wait.as_mut(), principal.expires_at()) {
             // Never wait past the token's expiry; the next poll is then refused.
             *w = (*w).min(stream::instant_of(exp).saturating_duration_since(tokio::time::Instant::now()));
@@ -75,13 +104,13 @@ pub(crate) fn messages(
         let mut sub =
             Box::pin(state.subscribe(principal, targets, params.since, &CursorToken::default(), waiting)).await?;
         let mut answer = Answer::default();
-        while answer.messages.len() < params.limit {
+        while answer.messages.len() < params.limit as usize {
             match Box::pin(sub.next_ready()).await? {
                 Some(d) => answer.push(d),
                 None => break,
             }
         }
-        let news = answer.has_news(params.known_unread);
+        let news = answer.has_news(Some(params.known_unread).filter(|n| *n != NOT_GIVEN));
         if !news && let Some(wait) = params.wait.filter(|_| waiting) {
             tokio::select! {
                 d = sub.next() => answer.push(d?),
@@ -89,11 +118,11 @@ pub(crate) fn messages(
                 _ = state.shutdown.cancelled() => return Ok(not_modified()),
             }
         }
-        if waiting && answer.messages.len() < params.limit {
+        if waiting && answer.messages.len() < params.limit as usize {
             // A busy poller waits for company; then whatever else is already
             // here goes in the same answer.
             Box::pin(coalesce.ready()).await;
-            while answer.messages.len() < params.limit {
+            while answer.messages.len() < params.limit as usize {
                 match sub.try_next() {
                     Some(d) => answer.push(d),
                     None => break,
@@ -120,6 +149,9 @@ pub(crate) struct Direct {
     pub(crate) channel: Channel,
     pub(crate) query: Option<String>,
     pub(crate) authorization: Option<String>,
+    /// Who the front door says is asking (the router's guard layer does
+    /// this for routed requests).
+    pub(crate) client: Client,
 }
 
 /// Answers a poll without the router: the same answer as
@@ -137,14 +169,22 @@ pub(crate) fn direct(
     let asked = {
         let query = Query::parse(req.query.as_deref());
         let credential = crate::auth::bearer(req.authorization.as_deref(), &query);
-        state
-            .auth
-            .authenticate_credential(credential)
-            .and_then(|principal| Params::parse(&query, &state).map(|params| (principal, params)))
+        let principal = state.auth.authenticate_bearer(req.authorization.as_deref(), &query);
+        // The request counts before its credential is judged: failing ones
+        // are the address's.
+        let who = match &principal {
+            Ok(p) => state.guards.who(p, credential),
+            Err(_) => Who::Anonymous,
+        };
+        state.guards.check_request(req.client, who).and(principal).and_then(|principal| {
+            let params = Params::parse(&query, &state)?;
+            let permit = params.admit(&state, req.client, who)?;
+            Ok((principal, params, permit))
+        })
     };
     match asked {
-        Ok((principal, params)) => Either::Left(
-            messages(state, principal, req.channel, params, coalesce)
+        Ok((principal, params, permit)) => Either::Left(
+            messages(state, principal, req.channel, params, permit, coalesce)
                 .map(|answer| answer.unwrap_or_else(IntoResponse::into_response)),
         ),
         Err(e) => Either::Right(std::future::ready(e.into_response())),
@@ -262,13 +302,15 @@ mod tests {
         // A quiet connection is answered at once.
         let start = Instant::now();
         let params = Params::parse(&Query::parse(Some("since=0&wait=30")), &state).unwrap();
-        let res = messages(state.clone(), admin.clone(), channel.clone(), params, &mut coalesce).await.unwrap();
+        let res = messages(state.clone(), admin.clone(), channel.clone(), params, Permit::none(), &mut coalesce)
+            .await
+            .unwrap();
         assert_eq!(ids(res).await, [1]);
         assert_eq!(Instant::now(), start, "nothing waited");
 
         // Answered just now, it waits out the window for what else comes.
         let params = Params::parse(&Query::parse(Some("since=1&wait=30")), &state).unwrap();
-        let poll = messages(state.clone(), admin.clone(), channel.clone(), params, &mut coalesce);
+        let poll = messages(state.clone(), admin.clone(), channel.clone(), params, Permit::none(), &mut coalesce);
         let burst = async {
             for text in ["2", "3", "4"] {
                 publish(&state, text).await;

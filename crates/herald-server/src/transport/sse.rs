@@ -11,9 +11,10 @@
 use std::time::Duration;
 
 use axum::{
+    Extension,
     extract::{RawQuery, State},
-    http::HeaderMap,
-    response::Response,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::{
     edge::error::ApiError,
     edge::query::Query,
     edge::stream::{self, Encoder, Settings},
+    guard::{Client, Permit, Who},
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -49,25 +51,33 @@ pub(crate) async fn single_channel(
     channel: Channel,
     headers: &HeaderMap,
     query: &Query,
+    client: Client,
+    who: Who,
 ) -> Result<Response, ApiError> {
     let resume = last_event_id(headers, query);
     let since = match resume {
         Some(id) => Since::After(cursor::parse_id(id)?),
         None => query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0)),
     };
+    let permit = match state.admit(client, who, true) {
+        Ok(p) => p,
+        Err(e) => return Ok(refusal(e)),
+    };
     let expires_at = principal.expires_at();
     let targets = vec![Target::Channel(channel)];
     let sub = state.subscribe(principal, targets, since, &CursorToken::default(), true).await?;
-    Ok(stream(state, sub, Ids::Plain, expires_at))
+    Ok(stream(state, sub, Ids::Plain, expires_at, permit))
 }
 
 pub(crate) async fn multi_channel(
     State(state): State<SharedState>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(raw.as_deref());
     let principal = state.auth.authenticate(&headers, &query)?;
+    let who = state.guards.who(&principal, crate::auth::credential(&headers, &query));
     let mut targets = Vec::new();
     for name in query.all("channel") {
         targets.push(Target::from_filter(Filter::parse(name)?));
@@ -83,10 +93,35 @@ pub(crate) async fn multi_channel(
         None => CursorToken::default(),
     };
     let since = query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0));
+    let permit = match state.admit(client, who, true) {
+        Ok(p) => p,
+        Err(e) => return Ok(refusal(e)),
+    };
     let expires_at = principal.expires_at();
     let sub = state.subscribe(principal, targets, since, &token, true).await?;
     let ids = if matches!(query.get("envelope"), Some("1" | "true")) { Ids::Envelope } else { Ids::Token };
-    Ok(stream(state, sub, ids, expires_at))
+    Ok(stream(state, sub, ids, expires_at, permit))
+}
+
+/// A stream refused for a limit, answered in band: a browser's `EventSource`
+/// never retries a non-200 answer, so this is `200` with a `retry:` of the
+/// wait, one `event: error` carrying the JSON error, and the end of the
+/// stream. The browser comes back after the wait with its `Last-Event-ID`.
+/// Any other error (no credential, a bad cursor) is not worth retrying and
+/// stays an HTTP status.
+pub(crate) fn refusal(e: ApiError) -> Response {
+    let Some(wait) = e.retry_after() else { return e.into_response() };
+    // Milliseconds, rounded up: the browser never comes back before the wait is over.
+    let retry = wait.as_nanos().div_ceil(1_000_000).max(1);
+    let mut body = BytesMut::new();
+    body.put_slice(format!("retry: {retry}\n\n").as_bytes());
+    body.put_slice(b"event: error\n");
+    put_data(&mut body, &e.body());
+    let mut res = (StatusCode::OK, body.freeze()).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
 }
 
 /// The resume cursor: the `Last-Event-ID` header (what a reconnecting browser
@@ -99,7 +134,7 @@ fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option<&'a str
         .or_else(|| query.get("lastEventId").filter(|v| !v.is_empty()))
 }
 
-fn stream(state: SharedState, sub: Subscription, ids: Ids, expires_at: Option<i64>) -> Response {
+fn stream(state: SharedState, sub: Subscription, ids: Ids, expires_at: Option<i64>, permit: Permit) -> Response {
     let cfg = &state.config.sse;
     let settings = Settings {
         transport: Transport::Sse,
@@ -107,6 +142,7 @@ fn stream(state: SharedState, sub: Subscription, ids: Ids, expires_at: Option<i6
         heartbeat: cfg.heartbeat,
         lifetime: (!cfg.max_lifetime.is_zero()).then_some(cfg.max_lifetime),
         expires_at,
+        permit,
     };
     let encoder = SseEncoder { retry: cfg.retry, ids };
     stream::respond(state, sub, encoder, settings)

@@ -6,6 +6,14 @@
 //! flush. A bad frame is answered with an `error` frame and the connection stays
 //! usable; a client that keeps sending bad frames is closed with a reason. The
 //! server pings, and closes connections that stay silent for two ping intervals.
+//!
+//! The guards: the handshake is a request (rate limited) and the connection
+//! is admitted (connection limits) before `101`, a refusal being a plain
+//! HTTP answer; a publish over the connection's or the user's rate gets an
+//! `error` frame with its `ref` and the wait (the socket stays open), and a
+//! sustained flood a close `4029`; a write that stalls for `[limits]
+//! write_timeout` closes with `4008 slow_consumer` (if the close frame can
+//! still get out), as does a subscription past `[limits] max_lag`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,6 +37,7 @@ use crate::{
     edge::query::Query,
     edge::stream,
     edge::websocket::{Handshake, Incoming, Refusal, WebSocket, WsError, switching_protocols},
+    guard::{Client, ConnGuard, Who},
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -53,6 +62,8 @@ pub(crate) struct Request {
     pub query: Option<String>,
     pub authorization: Option<String>,
     pub handshake: Handshake,
+    /// Who is asking, as the front door resolved it.
+    pub client: Client,
 }
 
 /// What a WebSocket connection starts from: the socket, the request, and any
@@ -85,18 +96,28 @@ async fn open(opening: Box<Opening>) -> Option<Session> {
         // else is wrong with the request.
         let query = Query::parse(request.query.as_deref());
         let credential = crate::auth::bearer(request.authorization.as_deref(), &query);
-        let principal = state.auth.authenticate_credential(credential).map_err(IntoResponse::into_response)?;
+        let principal = state.auth.authenticate_bearer(request.authorization.as_deref(), &query);
+        // The handshake is a request like any other (and a failing
+        // credential's is the address's).
+        let who = match &principal {
+            Ok(p) => state.guards.who(p, credential),
+            Err(_) => Who::Anonymous,
+        };
+        let client = request.client;
+        state.guards.check_request(client, who).map_err(IntoResponse::into_response)?;
+        let principal = principal.map_err(IntoResponse::into_response)?;
         let accept = request.handshake.accept().map_err(refused)?;
+        let permit = state.admit(client, who, true).map_err(IntoResponse::into_response)?;
         let cx = state.context(principal.clone(), true);
         let sub = Subscription::open(cx, Vec::new(), Since::Now, &CursorToken::default())
             .await
             .map_err(|e| ApiError::from(e).into_response())?;
-        Ok::<_, Response>((accept, principal, sub))
+        Ok::<_, Response>((accept, principal, sub, state.guards.connection_guard(permit, client, who)))
     };
-    let (accept, principal, sub) = match opened.await {
+    let (accept, principal, sub, guard) = match opened.await {
         Ok(v) => v,
         Err(res) => {
-            let _ = crate::edge::front::write_whole(&mut tcp, res).await;
+            let _ = crate::edge::front::write_whole(&mut tcp, res, &state).await;
             return None;
         }
     };
@@ -111,6 +132,7 @@ async fn open(opening: Box<Opening>) -> Option<Session> {
         bad_frames: 0,
         bad_window: Instant::now(),
         coalesce: Coalescer::default(),
+        guard,
     })
 }
 
@@ -173,30 +195,42 @@ enum End {
     Reply(u16),
 }
 
-/// How long a server-initiated close waits for the client's close frame.
+/// How long a server-initiated close waits for the client's close frame
+/// (and, from a client that stopped reading, for room to send ours).
 const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Close codes of the guards.
+const SLOW_CONSUMER: u16 = 4008;
+const FLOOD: u16 = 4029;
 
 struct Session {
     state: SharedState,
     principal: Arc<Principal>,
     socket: WebSocket,
     sub: Subscription,
-    subscriptions: usize,
+    /// At most `[ws] max_subscriptions`.
+    subscriptions: u32,
     bad_frames: u32,
     bad_window: Instant,
     coalesce: Coalescer,
+    /// Its place in the connection counts and its publishes' rate.
+    guard: ConnGuard,
 }
 
 /// Says goodbye: with a reason when the server ends it (then waits for the
 /// client's answer, so the close frame is not lost to a reset), with the
-/// client's code when the client did.
+/// client's code when the client did. Bounded: a client that stopped
+/// reading gets the close frame only if there is room for it.
 async fn close(mut s: Session, end: End) {
     match end {
         End::Close(code, reason) => {
-            s.socket.close(code, &reason).await;
-            s.socket.await_close(CLOSE_PATIENCE).await;
+            if tokio::time::timeout(CLOSE_PATIENCE, s.socket.close(code, &reason)).await.is_ok() {
+                s.socket.await_close(CLOSE_PATIENCE).await;
+            }
         }
-        End::Reply(code) => s.socket.close(code, "").await,
+        End::Reply(code) => {
+            let _ = tokio::time::timeout(CLOSE_PATIENCE, s.socket.close(code, "")).await;
+        }
         End::Gone => {}
     }
 }
@@ -234,6 +268,10 @@ impl Session {
                 }
                 d = self.sub.next() => match d {
                     Ok(d) => Event::Delivery(d),
+                    Err(e) if e.is_lagging() => {
+                        self.state.guards.stats.lagging_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return End::Close(SLOW_CONSUMER, "slow_consumer: too far behind; reconnect and resume".into());
+                    }
                     Err(_) => return End::Close(1011, "store unavailable; reconnect and resume".into()),
                 },
                 _ = ping.tick() => {
@@ -266,19 +304,41 @@ impl Session {
             Event::Frame(Some(Ok(Incoming::Close(code)))) => Some(End::Reply(code.unwrap_or(1000))),
             Event::Frame(Some(Ok(Incoming::Ping(payload)))) => {
                 self.socket.feed_pong(&payload);
-                self.socket.flush().await.err().map(|_| End::Gone)
+                self.flush().await.err()
             }
             Event::Frame(Some(Ok(Incoming::Pong))) => None,
-            Event::Delivery(d) => self.deliver(d).await.err().map(|_| End::Gone),
+            Event::Delivery(d) => self.deliver(d).await.err(),
             Event::Ping => {
                 self.socket.feed_ping();
-                self.socket.flush().await.err().map(|_| End::Gone)
+                self.flush().await.err()
             }
         }
     }
 
+    /// Writes everything fed so far, within the write timeout: a client
+    /// that stops reading is a slow consumer, closed with `4008`.
+    async fn flush(&mut self) -> Result<(), End> {
+        // Most flushes go at once: no timer for those. (A flush stopped
+        // half-way goes on where it stopped: `WebSocket` keeps its place.)
+        if let Some(done) = futures_util::FutureExt::now_or_never(self.socket.flush()) {
+            return done.map_err(|_| End::Gone);
+        }
+        let flushed = match self.state.guards.write_timeout() {
+            None => self.socket.flush().await,
+            Some(limit) => match tokio::time::timeout(limit, self.socket.flush()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.state.guards.stats.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let why = "slow_consumer: the connection stopped reading; reconnect and resume";
+                    return Err(End::Close(SLOW_CONSUMER, why.into()));
+                }
+            },
+        };
+        flushed.map_err(|_| End::Gone)
+    }
+
     /// Writes a delivery and whatever else is already queued, then flushes once.
-    async fn deliver(&mut self, first: Delivery) -> std::io::Result<()> {
+    async fn deliver(&mut self, first: Delivery) -> Result<(), End> {
         // A busy connection gathers what comes within the window into one write.
         self.coalesce.ready().await;
         let mut count = 0;
@@ -301,12 +361,12 @@ impl Session {
         }
         self.state.stats.delivered(count);
         self.coalesce.wrote();
-        self.socket.flush().await
+        self.flush().await
     }
 
     async fn send_json(&mut self, v: Value) -> Option<End> {
         self.socket.feed_text(v.to_string().as_bytes());
-        self.socket.flush().await.err().map(|_| End::Gone)
+        self.flush().await.err()
     }
 
     async fn bad_frame(&mut self, reference: Option<Value>, code: &str, message: &str) -> Option<End> {
@@ -323,6 +383,17 @@ impl Session {
 
     async fn error(&mut self, reference: Option<Value>, code: &str, message: &str) -> Option<End> {
         let mut v = json!({ "type": "error", "code": code, "message": message });
+        if let Some(r) = reference {
+            v["ref"] = r;
+        }
+        self.send_json(v).await
+    }
+
+    /// An `error` frame with everything the error says (a refusal's
+    /// `limit` and `retry_after`, a rejection's `rule` and `reason`).
+    async fn error_from(&mut self, reference: Option<Value>, e: &ApiError) -> Option<End> {
+        let mut v = e.json();
+        v["type"] = "error".into();
         if let Some(r) = reference {
             v["ref"] = r;
         }
@@ -365,7 +436,18 @@ impl Session {
                 }
                 self.send_json(v).await
             }
-            Err(e) if e.status.is_server_error() => self.error(reference, e.code, &e.message).await,
+            // A publish over the rate: not a bad frame, but a flood if it goes on.
+            Err(e) if matches!(e.code, "rate_limited" | "quota_exceeded") => {
+                if self.guard.strike(self.state.guards.flood_after) {
+                    self.state.guards.stats.floods_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Some(End::Close(FLOOD, "rate_limited: too many publishes; slow down".into()));
+                }
+                self.error_from(reference, &e).await
+            }
+            // A refusal that says what happened, not a malformed frame.
+            Err(e) if e.status.is_server_error() || e.code == "content_rejected" => {
+                self.error_from(reference, &e).await
+            }
             Err(e) => self.bad_frame(reference, e.code, &e.message).await,
         }
     }
@@ -385,7 +467,7 @@ impl Session {
             self.subscriptions -= 1;
         }
         let max = self.state.config.ws.max_subscriptions;
-        if self.subscriptions >= max {
+        if self.subscriptions as usize >= max {
             return Err(ApiError::bad_request("too_many_subscriptions", format!("at most {max} per connection")));
         }
         let added = self.sub.add(target, since).await?;
@@ -419,8 +501,14 @@ impl Session {
         if raw.get().len() > limit {
             return Err(ApiError::payload_too_large(limit));
         }
+        let guards = &self.state.guards;
+        self.guard.check_publish(guards).map_err(|l| guards.publish_error(l))?;
+        self.guard.calm();
         let data = publish::data_from_json(raw.get());
-        let result = publish::append(&self.state, &self.principal, vec![channel], event, data, None).await?;
+        // An admin that is not open mode's anonymous holds an API key.
+        let api_key = self.principal.is_admin() && !self.state.auth.is_open();
+        let origin = publish::Origin { api_key, transport: "ws" };
+        let result = publish::append(&self.state, &self.principal, origin, vec![channel], event, data, None).await?;
         let mut v = result.into_iter().next().expect("one channel, one id");
         v["type"] = "published".into();
         Ok(v)

@@ -41,6 +41,29 @@ impl Ws {
         Ws { inner, pending: VecDeque::new() }
     }
 
+    /// A connection from the loopback address `ip` (another client to the
+    /// server's limits), with `query` after `/api/ws?`; the server's answer
+    /// when it refuses the handshake.
+    pub async fn connect_from(
+        s: &Server,
+        ip: &str,
+        query: &str,
+    ) -> Result<Ws, tungstenite::http::Response<Option<Vec<u8>>>> {
+        let tcp = crate::common::tcp_from(ip, &s.addr, None).await;
+        let url = format!("{}?{query}", s.ws_url());
+        match tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)))
+            .await
+            .expect("a WebSocket handshake answer within 10s")
+        {
+            Ok((inner, res)) => {
+                assert_eq!(res.status(), 101);
+                Ok(Ws { inner, pending: VecDeque::new() })
+            }
+            Err(tungstenite::Error::Http(res)) => Err(*res),
+            Err(e) => panic!("WebSocket handshake failed: {e}"),
+        }
+    }
+
     pub async fn send_json(&mut self, v: Value) {
         self.send(Message::text(v.to_string())).await;
     }

@@ -22,7 +22,18 @@ pub struct Server {
     pub mqtt: String,
     pub data: PathBuf,
     env: Vec<(String, String)>,
+    /// Where stderr goes when captured ([`Server::start_opts`]).
+    log: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// How to start a server beyond its environment.
+#[derive(Default)]
+pub struct Opts<'a> {
+    /// `herald.toml` text, for what the environment cannot set (rule lists).
+    pub config: Option<&'a str>,
+    /// Keep stderr (the log) in a file, read by [`Server::log`].
+    pub capture_log: bool,
 }
 
 impl Server {
@@ -33,9 +44,20 @@ impl Server {
 
     /// A server with `HERALD_*` settings, e.g. `("HERALD_SSE_HEARTBEAT", "200ms")`.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Self::start_opts(env, Opts::default())
+    }
+
+    /// A server with settings, a configuration file and/or its log kept.
+    pub fn start_opts(env: &[(&str, &str)], opts: Opts<'_>) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if let Some(toml) = opts.config {
+            let path = dir.path().join("herald.toml");
+            std::fs::write(&path, toml).expect("write herald.toml");
+            env.push(("HERALD_CONFIG".into(), path.display().to_string()));
+        }
+        let log = opts.capture_log.then(|| dir.path().join("stderr.log"));
         let mut s = Server {
             child: None,
             url: String::new(),
@@ -43,10 +65,16 @@ impl Server {
             mqtt: "127.0.0.1:0".into(),
             data,
             env,
+            log,
             _dir: Some(dir),
         };
         s.spawn("127.0.0.1:0");
         s
+    }
+
+    /// What the server has logged so far (started with `capture_log`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().expect("started with capture_log")).unwrap_or_default()
     }
 
     fn spawn(&mut self, http: &str) {
@@ -55,7 +83,10 @@ impl Server {
             .arg(&self.data)
             .env("HERALD_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match &self.log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("the log file")),
+                None => Stdio::inherit(),
+            });
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -118,6 +149,50 @@ impl Drop for Server {
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// A client whose connections come from `ip` (a loopback address other than
+/// 127.0.0.1: each is a different client to the server's limits).
+pub fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .local_address(ip.parse::<std::net::IpAddr>().expect("an address"))
+        .build()
+        .unwrap()
+}
+
+/// A raw TCP connection to `addr` from `ip`, with a receive buffer of
+/// `rcvbuf` bytes when given (a client that will stop reading).
+pub async fn tcp_from(ip: &str, addr: &str, rcvbuf: Option<u32>) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    if let Some(n) = rcvbuf {
+        socket.set_recv_buffer_size(n).expect("SO_RCVBUF");
+    }
+    socket.bind(format!("{ip}:0").parse().unwrap()).expect("bind the source address");
+    socket.connect(addr.parse().expect("a socket address")).await.expect("connect")
+}
+
+/// Waits (bounded: 10 s) until `check` holds for the server's stats, and
+/// returns them.
+pub async fn until_stats(s: &Server, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let v = stats(s).await;
+            if check(&v) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling the stats: nothing to block on
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("stats never showed {what}"))
+}
+
+/// `GET /api/stats`.
+pub async fn stats(s: &Server) -> Value {
+    let (status, v) = get_json(s, "/api/stats").await;
+    assert_eq!(status, 200, "stats: {v}");
+    v
 }
 
 /// Publishes text data; returns the id.

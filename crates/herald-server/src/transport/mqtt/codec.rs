@@ -131,6 +131,11 @@ pub(crate) fn connect_version(packet: &[u8]) -> Option<Version> {
 pub(crate) struct DecodeError(pub(crate) String);
 
 /// Decodes a packet as v5, lifting v3 packets.
+/// Whether a framed packet is a PUBLISH (type 3), without decoding it.
+pub(crate) fn is_publish(bytes: &[u8]) -> bool {
+    bytes.first().is_some_and(|b| b >> 4 == 3)
+}
+
 pub(crate) fn decode(version: Version, bytes: &[u8]) -> Result<v5::Packet, DecodeError> {
     match version {
         Version::V5 => match v5::Packet::decode(bytes) {

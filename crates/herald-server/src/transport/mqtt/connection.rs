@@ -3,10 +3,23 @@
 //! `select!` as everything else), writes what the session has to send within
 //! the client's in-flight window,
 //! enforces keep-alive, and ends with the will and the session parked or gone.
+//!
+//! The guards: a CONNECT over a connection limit is refused (MQTT 5 CONNACK
+//! `0x89` node full, `0x9F` connection rate, `0x97` quota; 3.1.1's "server
+//! unavailable"). A publish over the connection's or the user's rate is
+//! refused (MQTT 5: PUBACK / PUBREC `0x97`; QoS 0 dropped) or held (3.1.1,
+//! which has no way to refuse one), and reading pauses for the wait; a client
+//! that has sent more by the time reading resumes, again and again, is
+//! flooding and is disconnected (`0x96`). A publish moderation rejects gets
+//! `0x83` with the reason (MQTT 5). A flush that stalls for `[limits]
+//! write_timeout`, or a subscription past `max_lag`, ends the connection
+//! (`0x97` "slow_consumer", if it can still be written); the session parks
+//! and resumes from its cursors.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use herald_core::{Channel, CursorToken, Data, Filter, Meta, NewMessage, Principal, Since, Target};
 use mqtt_proto::{
     Pid, QoS, QosPid, TopicName,
@@ -34,6 +47,7 @@ use herald_store::{StoreError, now_ms};
 use crate::{
     api::stats::Transport,
     edge::coalesce::Coalescer,
+    guard::{Client, ConnGuard, Refused as Admission, moderation::Refused as Moderated},
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -48,6 +62,11 @@ const FIRST_FLUSH: Duration = Duration::from_secs(10);
 /// How long the last words to a client (DISCONNECT, the socket's close) may
 /// take: one that no longer reads gets no longer.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
+
+/// The longest reads pause after a publish over its rate: long enough for
+/// TCP to push back on a flood, short enough that a connection whose quota
+/// is out for a while still answers pings and reads its acknowledgements.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// Why a connection ends.
 enum End {
@@ -64,13 +83,18 @@ enum End {
     /// one; a 3.1.1 client sees the connection close, and a reconnect with
     /// the old token is refused at CONNECT.
     TokenExpired,
+    /// The client stopped reading (a flush stalled past the write timeout)
+    /// or fell past `max_lag` behind: `0x97` with the reason `slow_consumer`.
+    SlowConsumer,
+    /// Publishes kept coming while reads were paused for the rate: `0x96`.
+    Flood,
 }
 
 /// A block, not an `async fn`, with the handshake's future made before it:
 /// an async fn's arguments keep their room in its future after moving on,
 /// and this future is every MQTT connection's task.
 #[allow(clippy::manual_async_fn)] // the block is the point
-pub(crate) fn serve<S>(state: SharedState, stream: S) -> impl Future<Output = ()> + Send
+pub(crate) fn serve<S>(state: SharedState, stream: S, client: Client) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -79,11 +103,11 @@ where
     // moment would otherwise size the task every idle connection keeps
     // (the handshake's CONNECT and refusal were laid out beside the
     // connection for its whole life: 1.9 KB a task, -Zprint-type-sizes).
-    let handshake = Box::pin(handshake(state, stream));
+    let handshake = Box::pin(handshake(state, stream, client));
     async move {
         let Some((mut conn, mut framer)) = handshake.await else { return };
         let end = conn.run(&mut framer).await;
-        let closing = matches!(end, End::Close(_) | End::TokenExpired);
+        let closing = matches!(end, End::Close(_) | End::TokenExpired | End::SlowConsumer | End::Flood);
         Box::pin(conn.finish(end)).await;
         if closing {
             // Keep reading (and dropping) until the client closes: closing a socket
@@ -118,7 +142,7 @@ struct Aliases {
 }
 
 /// Reads the CONNECT and opens the connection, or refuses it.
-async fn handshake<S>(state: SharedState, stream: S) -> Option<Halves<S>>
+async fn handshake<S>(state: SharedState, stream: S, client: Client) -> Option<Halves<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -147,7 +171,7 @@ where
         Ok(v5::Packet::Connect(c)) if codec::supported(c.protocol) => c,
         _ => return None,
     };
-    let conn = Box::pin(Connection::open(state, version, connect, wr)).await?;
+    let conn = Box::pin(Connection::open(state, version, connect, wr, client)).await?;
     Some((conn, framer))
 }
 
@@ -169,35 +193,80 @@ struct Connection<W> {
     /// use none (two empty maps inline were 96 bytes of every connection).
     aliases: Option<Box<Aliases>>,
     out_alias_max: u16,
-    /// Inbound QoS 1/2 publishes not yet acknowledged (our receive window).
-    unacked: usize,
+    /// Inbound QoS 1/2 publishes not yet acknowledged (our receive window):
+    /// at most `[mqtt] receive_max`, a u16, so four bytes of what was padding.
+    unacked: u32,
     kick: oneshot::Receiver<Kick>,
     /// The kick has come (or can no longer come): `kick` must not be polled again.
     kicked: bool,
     coalesce: Coalescer,
+    /// Its place in the connection counts, its publishes' rate, and what
+    /// pacing them takes: one pointer, `None` for an exempt client.
+    guard: ConnGuard<Paced>,
+}
+
+/// What pacing a client's publishes takes (only for clients a limit applies to).
+#[derive(Debug, Default)]
+struct Paced {
+    /// Reads pause this long (ms) once the packet being handled is done
+    /// (`pace`): a publish was over its rate.
+    pause_ms: u32,
+    /// How long reads were paused while handling the last event, for the
+    /// keep-alive.
+    paused_ms: u32,
+    /// MQTT 3.1.1: a publish over the rate, held until reads resume (3.1.1
+    /// cannot refuse one, and acknowledging one not kept would lose it).
+    /// Boxed: a publish is some 150 bytes, and most connections hold none.
+    held: Option<Box<v5::Publish>>,
 }
 
 impl<W: AsyncWrite + Unpin + Send> Connection<W> {
-    async fn open(state: SharedState, version: Version, c: v5::Connect, mut wr: Outbox<W>) -> Option<Self> {
-        // Refusals are answered with a CONNACK and nothing else.
+    async fn open(
+        state: SharedState,
+        version: Version,
+        c: v5::Connect,
+        mut wr: Outbox<W>,
+        client: Client,
+    ) -> Option<Self> {
+        // Refusals are answered with a CONNACK and nothing else (MQTT 5: with
+        // a reason string when there is more to say than the code).
         macro_rules! refuse {
-            ($code:expr) => {{
+            ($code:expr) => {
+                refuse!($code, None::<&str>)
+            };
+            ($code:expr, $why:expr) => {{
                 let p = v5::Packet::Connack(v5::Connack {
                     session_present: false,
                     reason_code: $code,
-                    properties: Default::default(),
+                    properties: ConnackProperties { reason_string: $why.map(Arc::from), ..Default::default() },
                 });
                 if let Some(b) = codec::encode(version, &p) {
                     wr.push(&b);
-                    let _ = wr.flush().await;
+                    let _ = tokio::time::timeout(FIRST_FLUSH, wr.flush()).await;
                 }
                 return None;
             }};
         }
         let password = c.password.as_ref().map(|p| String::from_utf8_lossy(p).into_owned());
-        let principal = match state.auth.principal(password.as_deref().filter(|p| !p.is_empty())) {
+        let credential = password.as_deref().filter(|p| !p.is_empty());
+        let principal = match state.auth.principal(credential) {
             Ok(p) => Arc::new(p),
             Err(_) => refuse!(ConnectReasonCode::BadUserNameOrPassword),
+        };
+        let who = state.guards.who(&principal, credential);
+        // This connection is counted already (`serve`): the node's others are one fewer.
+        let others = state.stats.open_connections().saturating_sub(1);
+        let permit = match state.guards.admit(client, who, others, true) {
+            Ok(p) => p,
+            Err(refused) => {
+                let why = state.guards.connection_error(refused).message;
+                let code = match refused {
+                    Admission::Busy(_) => ConnectReasonCode::ServerBusy,
+                    Admission::Rate(_) => ConnectReasonCode::ConnectionRateExceeded,
+                    Admission::Count(..) => ConnectReasonCode::QuotaExceeded,
+                };
+                refuse!(code, Some(why.as_str()))
+            }
         };
         let broker = state.mqtt.clone();
         let mut assigned = None;
@@ -360,6 +429,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             kick,
             kicked: false,
             coalesce: Coalescer::default(),
+            guard: state.guards.connection_guard(permit, client, who),
         };
         conn.send(&connack);
         // A resumed session first repeats what was in flight.
@@ -403,6 +473,12 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             }
             self.wr.push(&bytes);
         }
+    }
+
+    /// Authenticated with an API key (an admin that is not open mode's
+    /// anonymous): publishes moderated only if configured.
+    fn api_key(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.principal.is_admin()) && !self.state.auth.is_open()
     }
 
     fn session(&mut self) -> &mut Session {
@@ -454,10 +530,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         }
                         _ = crate::edge::stream::fired(&mut keep_alive) => return End::Close(DisconnectReasonCode::KeepAliveTimeout),
                         _ = crate::edge::stream::fired(&mut expiry) => return End::TokenExpired,
-                        r = Box::pin(self.wr.flush()) => r,
+                        r = Box::pin(flush_within(&mut self.wr, &self.state.guards)) => r,
                     };
-                    if flushed.is_err() {
-                        return End::Lost;
+                    if let Some(end) = flushed {
+                        return end;
                     }
                     if self.has_sendable() {
                         // The drain stopped at the outbox's high-water mark: go on.
@@ -493,6 +569,10 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     _ = crate::edge::stream::fired(&mut expiry) => return End::TokenExpired,
                     d = session.herald.next(), if open => match d {
                         Ok(d) => Event::Delivery(d),
+                        Err(e) if e.is_lagging() => {
+                            self.state.guards.stats.lagging_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return End::SlowConsumer;
+                        }
                         Err(_) => return End::Close(DisconnectReasonCode::UnspecifiedError),
                     },
                     r = session.routed.recv(), if open => {
@@ -505,21 +585,78 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                         continue;
                     }
                 };
-                if let Some(end) = Box::pin(self.on_event(event)).await {
+                if let Some(end) = Box::pin(self.on_event(event, framer)).await {
                     return end;
+                }
+                if let Some(p) = self.guard.extra().filter(|p| p.paused_ms > 0) {
+                    // A pause for the publish rate (`pace`) is this side's
+                    // silence, not the client's.
+                    last_heard += Duration::from_millis(u64::from(std::mem::take(&mut p.paused_ms)));
                 }
             }
         }
     }
 
     /// Handles what the wait in `run` returned; `Some` ends the connection.
-    async fn on_event(&mut self, event: Event) -> Option<End> {
-        match event {
+    async fn on_event<R: AsyncRead + Unpin>(&mut self, event: Event, framer: &mut Framer<R>) -> Option<End> {
+        let end = match event {
             Event::Kick(kick) => Some(self.taken_over(kick).await),
             Event::Packet(r) => self.on_frame(r).await,
             Event::Delivery(d) => {
                 self.on_delivery(d).await;
                 None
+            }
+        };
+        match end {
+            Some(end) => Some(end),
+            None => self.pace(framer).await,
+        }
+    }
+
+    /// After a publish over its rate, reads pause for the wait (at most
+    /// `MAX_PAUSE`), here, in the handler: an idle connection's task keeps no
+    /// room for it, and while paused the connection answers nothing else
+    /// either (its deliveries wait in its mailbox). Then MQTT 3.1.1's held
+    /// publish goes (or is held again); for MQTT 5, a publish already waiting
+    /// was sent while reads were paused: a client that keeps that up, though
+    /// told 0x97 each time, floods. (An MQTT 3.1.1 client is only paced: its
+    /// publishes are held, not refused.)
+    async fn pace<R: AsyncRead + Unpin>(&mut self, framer: &mut Framer<R>) -> Option<End> {
+        loop {
+            let wait = match self.guard.extra() {
+                Some(p) if p.pause_ms > 0 => {
+                    p.paused_ms = p.paused_ms.saturating_add(p.pause_ms);
+                    Duration::from_millis(u64::from(std::mem::take(&mut p.pause_ms)))
+                }
+                _ => return None,
+            };
+            // The refusal (PUBACK 0x97) goes out before the pause.
+            if let Some(end) = flush_within(&mut self.wr, &self.state.guards).await {
+                return Some(end);
+            }
+            tokio::time::sleep(wait).await;
+            if let Some(p) = self.guard.extra().and_then(|p| p.held.take()) {
+                if let Some(end) = self.on_publish(*p).await {
+                    return Some(end);
+                }
+                continue;
+            }
+            if self.version != Version::V5 {
+                return None;
+            }
+            match framer.next().now_or_never() {
+                Some(r) => {
+                    if r.as_ref().is_ok_and(|b| codec::is_publish(b))
+                        && self.guard.strike(self.state.guards.flood_after)
+                    {
+                        self.state.guards.stats.floods_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Some(End::Flood);
+                    }
+                    if let Some(end) = Box::pin(self.on_frame(r)).await {
+                        return Some(end);
+                    }
+                }
+                None => self.guard.calm(),
             }
         }
     }
@@ -598,7 +735,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             Err(_) => return Err(End::Lost),
         };
         let p = codec::decode(self.version, &bytes).map_err(|_| End::Close(DisconnectReasonCode::MalformedPacket))?;
-        let receive_max = usize::from(self.state.config.mqtt.receive_max);
+        let receive_max = u32::from(self.state.config.mqtt.receive_max);
         if let v5::Packet::Publish(publish) = &p
             && publish.qos_pid.qos() != QoS::Level0
         {
@@ -824,8 +961,39 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             self.send(&codec::pubrec(pid, PubrecReasonCode::Success));
             return None;
         }
+        if let Err(limited) = self.guard.check_publish(&self.state.guards) {
+            let wait = limited.wait();
+            let paced = self.guard.extra().expect("a limited client has its pacing state");
+            paced.pause_ms = wait.min(MAX_PAUSE).as_millis().max(1) as u32;
+            if self.version == Version::V3 {
+                // 3.1.1 has no way to say no: a publish that can go soon is
+                // held until then; one that cannot ends the connection (its
+                // QoS 1/2 publish is not acknowledged, so the client still
+                // has it and sends it again later).
+                if wait > MAX_PAUSE {
+                    self.state.guards.stats.floods_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Some(End::Flood);
+                }
+                paced.held = Some(Box::new(p));
+                return None;
+            }
+            let why = self.state.guards.publish_error(limited).message;
+            match (qos, pid) {
+                (QoS::Level1, Some(pid)) => {
+                    self.unacked = self.unacked.saturating_sub(1);
+                    self.send(&puback_with(pid, PubackReasonCode::QuotaExceeded, Some(why)));
+                }
+                (QoS::Level2, Some(pid)) => {
+                    self.unacked = self.unacked.saturating_sub(1);
+                    self.send(&pubrec_with(pid, PubrecReasonCode::QuotaExceeded, Some(why)));
+                }
+                _ => {} // QoS 0: dropped; the pause tells the client to slow down
+            }
+            return None;
+        }
         let session_id = self.session().id;
         let principal = self.session().principal.clone();
+        let api_key = self.api_key();
         let pp = &p.properties;
         let meta = meta(
             qos,
@@ -843,22 +1011,30 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         let outcome = if p.properties.payload_is_utf8 == Some(true) && std::str::from_utf8(&p.payload).is_err() {
             Err(Refused::PayloadFormat)
         } else {
-            publish(&self.state, &principal, &p.topic_name, p.payload.clone(), meta).await
+            publish(&self.state, &principal, api_key, &p.topic_name, p.payload.clone(), meta).await
         };
         let pid = pid?;
         match qos {
             QoS::Level1 => {
                 self.unacked = self.unacked.saturating_sub(1);
-                self.send(&codec::puback(pid, outcome.map_or_else(Refused::puback, |_| PubackReasonCode::Success)));
+                let ack = match outcome {
+                    Ok(()) => codec::puback(pid, PubackReasonCode::Success),
+                    Err(r) => puback_with(pid, r.puback(), r.reason()),
+                };
+                self.send(&ack);
             }
             _ => {
-                let code = outcome.map_or_else(Refused::pubrec, |_| PubrecReasonCode::Success);
-                if code == PubrecReasonCode::Success {
-                    self.session().awaiting_rel.insert(pid.value(), ());
-                } else {
-                    self.unacked = self.unacked.saturating_sub(1);
-                }
-                self.send(&codec::pubrec(pid, code));
+                let ack = match outcome {
+                    Ok(()) => {
+                        self.session().awaiting_rel.insert(pid.value(), ());
+                        codec::pubrec(pid, PubrecReasonCode::Success)
+                    }
+                    Err(r) => {
+                        self.unacked = self.unacked.saturating_sub(1);
+                        pubrec_with(pid, r.pubrec(), r.reason())
+                    }
+                };
+                self.send(&ack);
             }
         }
         None
@@ -1009,13 +1185,17 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     async fn finish(mut self, end: End) {
         let told = match &end {
             End::Close(code) => Some(disconnect(*code)),
-            End::TokenExpired => Some(v5::Packet::Disconnect(v5::Disconnect {
-                reason_code: DisconnectReasonCode::NotAuthorized,
-                properties: v5::DisconnectProperties {
-                    reason_string: Some(Arc::from("token_expired: reconnect with a new token")),
-                    ..Default::default()
-                },
-            })),
+            End::TokenExpired => {
+                Some(disconnect_with(DisconnectReasonCode::NotAuthorized, "token_expired: reconnect with a new token"))
+            }
+            End::SlowConsumer => Some(disconnect_with(
+                DisconnectReasonCode::QuotaExceeded,
+                "slow_consumer: the connection stopped reading or fell too far behind; reconnect and resume",
+            )),
+            End::Flood => Some(disconnect_with(
+                DisconnectReasonCode::MessageRateTooHigh,
+                "rate_limited: publishes kept coming while reads were paused; slow down",
+            )),
             _ => None,
         };
         // Bounded: a client that no longer reads must not hold the session.
@@ -1104,6 +1284,8 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
     fn publish_will(&mut self, principal: Arc<Principal>, origin: u64, delay: u32, registered: Option<RegisteredWill>) {
         let Some(will) = self.will.take() else { return };
         let state = self.state.clone();
+        // The session may be gone already: the will's principal says.
+        let api_key = principal.is_admin() && !state.auth.is_open();
         let client_id = self.client_id.clone();
         let pending = registered.or_else(|| {
             (delay > 0).then(|| {
@@ -1137,35 +1319,70 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                     expiry: wp.message_expiry_interval,
                 },
             );
-            let _ = publish(&state, &principal, &will.topic_name, will.payload, meta).await;
+            let _ = publish(&state, &principal, api_key, &will.topic_name, will.payload, meta).await;
         });
     }
 }
 
 /// Why an inbound publish was not accepted.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Refused {
     NotAuthorized,
     PayloadFormat,
     Failed,
+    /// Moderation rejected it (`0x83` with the rule and reason) or could
+    /// not judge it and fails closed (`0x80`, `moderation_unavailable`).
+    Moderated(Moderated),
 }
 
 impl Refused {
-    fn puback(self) -> PubackReasonCode {
+    fn puback(&self) -> PubackReasonCode {
         match self {
             Refused::NotAuthorized => PubackReasonCode::NotAuthorized,
             Refused::PayloadFormat => PubackReasonCode::PayloadFormatInvalid,
-            Refused::Failed => PubackReasonCode::UnspecifiedError,
+            Refused::Failed | Refused::Moderated(Moderated::Unavailable(_)) => PubackReasonCode::UnspecifiedError,
+            Refused::Moderated(Moderated::Rejected(_)) => PubackReasonCode::ImplementationSpecificError,
         }
     }
 
-    fn pubrec(self) -> PubrecReasonCode {
+    fn pubrec(&self) -> PubrecReasonCode {
         match self {
             Refused::NotAuthorized => PubrecReasonCode::NotAuthorized,
             Refused::PayloadFormat => PubrecReasonCode::PayloadFormatInvalid,
-            Refused::Failed => PubrecReasonCode::UnspecifiedError,
+            Refused::Failed | Refused::Moderated(Moderated::Unavailable(_)) => PubrecReasonCode::UnspecifiedError,
+            Refused::Moderated(Moderated::Rejected(_)) => PubrecReasonCode::ImplementationSpecificError,
         }
     }
+
+    /// The reason string an MQTT 5 client is told.
+    fn reason(&self) -> Option<String> {
+        match self {
+            Refused::Moderated(m) => {
+                let e = m.api_error();
+                Some(format!("{}: {}", e.code, e.message))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn puback_with(pid: Pid, code: PubackReasonCode, reason: Option<String>) -> v5::Packet {
+    let mut ack = v5::Puback::new(pid, code);
+    ack.properties.reason_string = reason.map(Arc::from);
+    v5::Packet::Puback(ack)
+}
+
+fn pubrec_with(pid: Pid, code: PubrecReasonCode, reason: Option<String>) -> v5::Packet {
+    let mut ack = v5::Pubrec::new(pid, code);
+    ack.properties.reason_string = reason.map(Arc::from);
+    v5::Packet::Pubrec(ack)
+}
+
+fn disconnect_with(code: DisconnectReasonCode, reason: &str) -> v5::Packet {
+    v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: code,
+        properties: v5::DisconnectProperties { reason_string: Some(Arc::from(reason)), ..Default::default() },
+    })
 }
 
 /// Publishes what an MQTT client (or its will) sent: a channel topic is stored
@@ -1174,8 +1391,9 @@ impl Refused {
 async fn publish(
     state: &SharedState,
     principal: &Principal,
+    api_key: bool,
     topic: &str,
-    payload: Bytes,
+    mut payload: Bytes,
     meta: Meta,
 ) -> Result<(), Refused> {
     if topic.starts_with('$') {
@@ -1192,6 +1410,16 @@ async fn publish(
                 Some(Ok(d)) => d,
                 _ => Data::sniff(payload.clone()),
             };
+            let p = crate::guard::Publish {
+                channel: &channel,
+                event: None,
+                user: principal.user(),
+                api_key,
+                transport: "mqtt",
+            };
+            let data = state.guards.moderate(&p, data).await.map_err(Refused::Moderated)?;
+            // A retained copy carries what was stored (masked or modified).
+            payload = data.bytes().clone();
             let msg = NewMessage { channel, event: None, data, meta: Some(meta.clone()) };
             state.store.append(vec![msg]).await.map_err(|_| Refused::Failed)?;
         }
@@ -1325,4 +1553,27 @@ fn disconnect(code: DisconnectReasonCode) -> v5::Packet {
 
 fn pid_of(n: u16) -> Pid {
     Pid::try_from(n).expect("packet ids are never 0")
+}
+
+/// A flush, within the write timeout: `None` when done, else how the
+/// connection ends (lost, or stalled that long: a slow consumer). One
+/// that goes at once arms no timer (`Outbox` keeps its place when a
+/// flush is stopped half-way). Its output is small on purpose: the
+/// connection's loop holds it across an await.
+async fn flush_within<W: AsyncWrite + Unpin>(wr: &mut Outbox<W>, guards: &crate::guard::Guards) -> Option<End> {
+    let flushed = match wr.flush().now_or_never() {
+        Some(done) => Ok(done),
+        None => match guards.write_timeout() {
+            Some(limit) => tokio::time::timeout(limit, wr.flush()).await,
+            None => Ok(wr.flush().await),
+        },
+    };
+    match flushed {
+        Ok(Ok(())) => None,
+        Ok(Err(_)) => Some(End::Lost),
+        Err(_) => {
+            guards.stats.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(End::SlowConsumer)
+        }
+    }
 }

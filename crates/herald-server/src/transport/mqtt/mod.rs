@@ -32,9 +32,11 @@ pub fn spawn_tcp(state: SharedState, listener: TcpListener, tracker: tokio_util:
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
-                    tracker.spawn(connection::serve(state.clone(), stream));
+                    // No proxy speaks for MQTT over TCP: the peer is the client.
+                    let client = crate::guard::Client { addr: state.guards.address.peer(addr.ip()).client() };
+                    tracker.spawn(connection::serve(state.clone(), stream, client));
                 }
                 Err(e) => tracing::warn!(error = %e, "MQTT accept failed"),
             }
@@ -52,18 +54,25 @@ pub(crate) async fn not_upgradable() -> Response {
 /// front door hands over: binary messages carry the MQTT byte stream, and the
 /// connection is the same code as over TCP, on the same task.
 pub(crate) async fn serve_websocket(opening: Box<crate::transport::ws::Opening>) {
-    let Some((state, stream)) = Box::pin(upgrade(opening)).await else { return };
-    connection::serve(state, stream).await;
+    let Some((state, stream, client)) = Box::pin(upgrade(opening)).await else { return };
+    connection::serve(state, stream, client).await;
 }
 
-/// Answers the handshake (no credential here: the CONNECT's password is it).
-async fn upgrade(opening: Box<crate::transport::ws::Opening>) -> Option<(SharedState, ByteStream)> {
+/// Answers the handshake (no credential here: the CONNECT's password is it,
+/// so the handshake counts as the address's request).
+async fn upgrade(
+    opening: Box<crate::transport::ws::Opening>,
+) -> Option<(SharedState, ByteStream, crate::guard::Client)> {
     // Unboxed here, so the box is freed with this future, not kept by the task.
     let crate::transport::ws::Opening { mut tcp, state, request, early } = *opening;
+    if let Err(e) = state.guards.check_request(request.client, crate::guard::Who::Anonymous) {
+        let _ = crate::edge::front::write_whole(&mut tcp, e.into_response(), &state).await;
+        return None;
+    }
     let accept = match request.handshake.accept() {
         Ok(accept) => accept,
         Err(refusal) => {
-            let _ = crate::edge::front::write_whole(&mut tcp, crate::transport::ws::refused(refusal)).await;
+            let _ = crate::edge::front::write_whole(&mut tcp, crate::transport::ws::refused(refusal), &state).await;
             return None;
         }
     };
@@ -72,5 +81,5 @@ async fn upgrade(opening: Box<crate::transport::ws::Opening>) -> Option<(SharedS
     tcp.write_all(&switching_protocols(&accept, protocol)).await.ok()?;
     // Frames carry MQTT packets, bounded like those over TCP.
     let limit = state.config.limits.max_payload + connection::PACKET_OVERHEAD;
-    Some((state, ByteStream::new(WebSocket::new(tcp, &early, limit))))
+    Some((state, ByteStream::new(WebSocket::new(tcp, &early, limit)), request.client))
 }
