@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 const SECTIONS: &[&str] = &[
     "server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt",  // the core
     "redis", // several nodes
-    "fallback", "webhooks", "smtp", "jobs", // outbound delivery
+    "fallback", "webhooks", "smtp", "jobs",    // outbound delivery
+    "metrics", // operations
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -41,6 +42,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub smtp: SmtpConfig,
     pub jobs: JobsConfig,
+    // Operations.
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -278,6 +281,28 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(2),
             check_every: Duration::from_secs(1),
             feed_log: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this address of its own, without credentials
+    /// (keep it to the scraper), instead of on the HTTP address, where it
+    /// needs an API key once auth is configured. Empty: the HTTP address.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address of its own, when one is set.
+    pub fn address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match self.listen.trim() {
+            "" => Ok(None),
+            a => a
+                .parse()
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid(format!("[metrics] listen: '{a}' is not an address"))),
         }
     }
 }
@@ -679,6 +704,7 @@ impl Config {
                 return Err(ConfigError::Invalid("[redis] timeout, check_every and feed_log must be above 0".into()));
             }
         }
+        self.metrics.address()?;
         if self.ws.ping.is_zero() || self.sse.heartbeat.is_zero() {
             return Err(ConfigError::Invalid("[ws] ping and [sse] heartbeat must be longer than 0".into()));
         }

@@ -11,6 +11,7 @@
 //!   outbound (contacts, deliveries, jobs), health, stats, the demo pages;
 //! - `outbound/`: what Herald sends elsewhere, durably: unread fallback,
 //!   outbound webhooks, e-mail, the job worker and its sweep;
+//! - `metrics/`: the Prometheus series at `/metrics` and how to add one;
 //! - at the top: the shared state, the route table, auth, subscriptions,
 //!   live inboxes, configuration, the server's start and stop, the store's
 //!   sink (`signals.rs`: what other nodes tell this one), and
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod edge;
 pub mod inbox;
+pub mod metrics;
 pub mod outbound;
 pub mod routes;
 pub mod server;

@@ -24,6 +24,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/publish", post(publish::publish_envelope))
         .route("/api/events", get(sse::multi_channel))
         .route("/api/stats", get(stats::stats))
+        .route("/metrics", get(crate::metrics::route::metrics))
         .route("/api/ws", get(ws::not_upgradable))
         .route("/api/notifications", post(inbox::notify))
         .route("/api/users/{user}/notifications", get(inbox::list))

@@ -15,7 +15,7 @@ use herald_store::{Idempotency, Receipt};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
-use crate::{auth::forbidden, edge::error::ApiError, edge::query::Query, state::SharedState};
+use crate::{api::stats::Source, auth::forbidden, edge::error::ApiError, edge::query::Query, state::SharedState};
 
 /// Room for the envelope's own fields around a maximal payload.
 const ENVELOPE_OVERHEAD: usize = 16 * 1024;
@@ -43,6 +43,7 @@ pub(crate) async fn publish_body(
     };
     let key = idempotency_key(headers)?;
     let ids = append(&state, principal, vec![channel], event, data, key).await?;
+    state.stats.published(Source::Http, 1);
     Ok(Json(ids.into_iter().next().expect("one channel, one id")))
 }
 
@@ -104,6 +105,7 @@ async fn envelope(
     let single = channels.len() == 1;
     let key = idempotency_key(headers)?;
     let mut results = append(&state, &principal, channels, event, data, key).await?;
+    state.stats.published(Source::Http, results.len() as u64);
     Ok(if single { results.remove(0) } else { json!({ "results": results }) })
 }
 

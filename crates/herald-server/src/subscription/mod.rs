@@ -69,6 +69,8 @@ pub struct Subscription {
     unread: Option<Box<UnreadWatch>>,
     /// The current count is owed to the client (it comes first, then on change).
     unread_due: bool,
+    /// A catch-up after a lag is under way: its end is counted.
+    catching_up: bool,
     /// `None` for one-shot reads (short polling): nothing is registered.
     live: Option<Subscriber>,
     filters: Vec<Filter>,
@@ -104,6 +106,7 @@ impl Subscription {
             inbox: cx.inbox,
             unread: None,
             unread_due: false,
+            catching_up: false,
             live: cx.hub.as_ref().map(|h| h.subscriber()),
             filters: Vec::new(),
             cursors: Cursors::default(),
@@ -445,6 +448,7 @@ impl Subscription {
 
     fn schedule_catch_up(&mut self) {
         tracing::debug!(channels = self.cursors.iter().count(), "subscriber lagged; catching up from the store");
+        self.catching_up = true;
         for (ch, id) in self.cursors.iter() {
             self.backlog.push_back(Backlog::Read { channel: ch.clone(), after: id });
         }
@@ -512,6 +516,11 @@ impl Subscription {
             // Caught up: an idle connection keeps no room for more (heaptrack:
             // 116 bytes of every WebSocket that subscribed with a replay).
             self.backlog = VecDeque::new();
+            if std::mem::take(&mut self.catching_up)
+                && let Some(sub) = &self.live
+            {
+                sub.caught_up();
+            }
         }
         Ok(())
     }

@@ -21,7 +21,13 @@ pub struct Server {
     /// The MQTT listener, `127.0.0.1:PORT`.
     pub mqtt: String,
     pub data: PathBuf,
+    /// `http://ADDR/metrics` when `HERALD_METRICS_LISTEN` was set.
+    pub metrics_url: Option<String>,
     env: Vec<(String, String)>,
+    /// Extra arguments after `serve` (e.g. `--log-format json`).
+    args: Vec<String>,
+    /// Where stderr (the logs) goes, when kept: see [`Server::start_logged`].
+    log: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -33,6 +39,16 @@ impl Server {
 
     /// A server with `HERALD_*` settings, e.g. `("HERALD_SSE_HEARTBEAT", "200ms")`.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Self::build(env, &[], false)
+    }
+
+    /// A server whose logs (stderr) are kept in a file, read with
+    /// [`Server::log`]; `args` go after `serve`.
+    pub fn start_logged(env: &[(&str, &str)], args: &[&str]) -> Server {
+        Self::build(env, args, true)
+    }
+
+    fn build(env: &[(&str, &str)], args: &[&str], keep_log: bool) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -42,20 +58,33 @@ impl Server {
             addr: String::new(),
             mqtt: "127.0.0.1:0".into(),
             data,
+            metrics_url: None,
             env,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: keep_log.then(|| dir.path().join("stderr.log")),
             _dir: Some(dir),
         };
         s.spawn("127.0.0.1:0");
         s
     }
 
+    /// Everything the server logged so far (see [`Server::start_logged`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().expect("started with start_logged")).unwrap_or_default()
+    }
+
     fn spawn(&mut self, http: &str) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.args(["serve", "--http", http, "--mqtt", &self.mqtt, "--data"])
             .arg(&self.data)
+            .args(&self.args)
             .env("HERALD_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Some(path) = &self.log {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("log file");
+            cmd.stderr(file);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -75,6 +104,12 @@ impl Server {
         if let Some(addr) = line.trim().strip_prefix("herald mqtt listening on ") {
             // A restart keeps the port.
             self.mqtt = addr.to_string();
+        }
+        if self.env.iter().any(|(k, v)| k == "HERALD_METRICS_LISTEN" && !v.is_empty()) {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read the metrics line");
+            let url = line.trim().strip_prefix("herald metrics listening on ");
+            self.metrics_url = Some(url.unwrap_or_else(|| panic!("unexpected metrics line {line:?}")).to_string());
         }
         self.child = Some(child);
     }

@@ -32,8 +32,9 @@ use super::{
 use herald_store::{StoreError, now_ms};
 
 use crate::{
-    api::stats::Transport,
+    api::stats::{CloseReason, Source, Transport},
     edge::coalesce::Coalescer,
+    metrics::WriteLatency,
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -66,6 +67,26 @@ enum End {
     TokenExpired,
 }
 
+impl End {
+    /// The reason counted and logged for the connection's end.
+    fn reason(&self) -> CloseReason {
+        match self {
+            End::Clean { .. } | End::Lost => CloseReason::Client,
+            End::TakenOver => CloseReason::Takeover,
+            End::TokenExpired => CloseReason::TokenExpired,
+            End::Close(DisconnectReasonCode::ServerShuttingDown) => CloseReason::Shutdown,
+            End::Close(DisconnectReasonCode::KeepAliveTimeout) => CloseReason::Timeout,
+            End::Close(DisconnectReasonCode::UnspecifiedError) => CloseReason::StoreError,
+            End::Close(
+                DisconnectReasonCode::MessageRateTooHigh
+                | DisconnectReasonCode::QuotaExceeded
+                | DisconnectReasonCode::ReceiveMaximumExceeded,
+            ) => CloseReason::Limit,
+            End::Close(_) => CloseReason::ProtocolError,
+        }
+    }
+}
+
 /// A block, not an `async fn`, with the handshake's future made before it:
 /// an async fn's arguments keep their room in its future after moving on,
 /// and this future is every MQTT connection's task.
@@ -74,15 +95,19 @@ pub(crate) fn serve<S>(state: SharedState, stream: S) -> impl Future<Output = ()
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let connection = state.stats.connect(Transport::Mqtt);
+    let mut connection = state.stats.connect(Transport::Mqtt);
     // Boxed, as are `handle` and `finish`: big futures that live only for a
     // moment would otherwise size the task every idle connection keeps
     // (the handshake's CONNECT and refusal were laid out beside the
     // connection for its whole life: 1.9 KB a task, -Zprint-type-sizes).
-    let handshake = Box::pin(handshake(state, stream));
+    let handshake = Box::pin(handshake(state, stream, connection.opened_ms()));
     async move {
-        let Some((mut conn, mut framer)) = handshake.await else { return };
+        let Some((mut conn, mut framer)) = handshake.await else {
+            connection.end(CloseReason::Refused);
+            return;
+        };
         let end = conn.run(&mut framer).await;
+        connection.end(end.reason());
         let closing = matches!(end, End::Close(_) | End::TokenExpired);
         Box::pin(conn.finish(end)).await;
         if closing {
@@ -118,7 +143,7 @@ struct Aliases {
 }
 
 /// Reads the CONNECT and opens the connection, or refuses it.
-async fn handshake<S>(state: SharedState, stream: S) -> Option<Halves<S>>
+async fn handshake<S>(state: SharedState, stream: S, opened_ms: i64) -> Option<Halves<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -147,7 +172,7 @@ where
         Ok(v5::Packet::Connect(c)) if codec::supported(c.protocol) => c,
         _ => return None,
     };
-    let conn = Box::pin(Connection::open(state, version, connect, wr)).await?;
+    let conn = Box::pin(Connection::open(state, version, connect, wr, opened_ms)).await?;
     Some((conn, framer))
 }
 
@@ -175,10 +200,19 @@ struct Connection<W> {
     /// The kick has come (or can no longer come): `kick` must not be polled again.
     kicked: bool,
     coalesce: Coalescer,
+    /// When the connection opened (wall clock, ms): messages committed
+    /// since are live, for the delivery latency.
+    opened_ms: i64,
 }
 
 impl<W: AsyncWrite + Unpin + Send> Connection<W> {
-    async fn open(state: SharedState, version: Version, c: v5::Connect, mut wr: Outbox<W>) -> Option<Self> {
+    async fn open(
+        state: SharedState,
+        version: Version,
+        c: v5::Connect,
+        mut wr: Outbox<W>,
+        opened_ms: i64,
+    ) -> Option<Self> {
         // Refusals are answered with a CONNACK and nothing else.
         macro_rules! refuse {
             ($code:expr) => {{
@@ -360,6 +394,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             kick,
             kicked: false,
             coalesce: Coalescer::default(),
+            opened_ms,
         };
         conn.send(&connack);
         // A resumed session first repeats what was in flight.
@@ -566,17 +601,30 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             self.coalesce.wrote();
         }
         let window = self.window;
-        let s = self.session();
+        let mut latency = WriteLatency::new(self.opened_ms);
+        let s = self.session.as_mut().expect("session");
+        if let Delivery::Message(m) = &d {
+            latency.note(m);
+        }
         s.queue_delivery(d, now_ms());
         while s.queue.len() < window.max(64) {
             // Every kind: an unread count that changes while messages are
             // drained here must go out too (dropping it lost the red dot's
             // update when a notification and its count came together).
             match s.herald.try_next() {
-                Some(d) => s.queue_delivery(d, now_ms()),
+                Some(d) => {
+                    if let Delivery::Message(m) = &d {
+                        latency.note(m);
+                    }
+                    s.queue_delivery(d, now_ms())
+                }
                 None => break,
             }
         }
+        // Queued for the loop's next flush, which follows at once: that
+        // is when the write goes (a client's full in-flight window holds
+        // QoS 1/2 messages back, which counts as delivered later).
+        latency.record(&self.state.metrics, Transport::Mqtt);
     }
 
     /// Decodes and handles one framed packet; `Some` ends the connection.
@@ -636,7 +684,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             }
             self.alias(&mut p);
             self.send_with_ids(&p, o.sub_ids.get(1..).unwrap_or_default());
-            self.state.stats.delivered(1);
+            self.state.stats.delivered(Transport::Mqtt, 1);
         }
     }
 
@@ -734,7 +782,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
             }
             v5::Packet::Pubrel(a) => {
-                let known = self.session().awaiting_rel.remove(&a.pid.value()).is_some();
+                let known = self.session().awaiting_rel.remove(&a.pid.value());
                 if known {
                     self.unacked = self.unacked.saturating_sub(1);
                 }
@@ -854,7 +902,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             _ => {
                 let code = outcome.map_or_else(Refused::pubrec, |_| PubrecReasonCode::Success);
                 if code == PubrecReasonCode::Success {
-                    self.session().awaiting_rel.insert(pid.value(), ());
+                    self.session().awaiting_rel.insert(pid.value());
                 } else {
                     self.unacked = self.unacked.saturating_sub(1);
                 }
@@ -1205,6 +1253,8 @@ async fn publish(
         }
         Err(_) => return Err(Refused::NotAuthorized),
     }
+    // Channel topics stored, other topics routed among MQTT sessions: both count.
+    state.stats.published(Source::Mqtt, 1);
     if meta.retain {
         state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None }).await.map_err(|e| {
             tracing::error!(error = %e, "storing a retained message failed");
