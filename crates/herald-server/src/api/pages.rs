@@ -9,7 +9,7 @@ use axum::{
 use crate::edge::error::ApiError;
 
 /// (URL path, file contents, content type).
-const ASSETS: &[(&str, &str, &str)] = &[
+pub(crate) const ASSETS: &[(&str, &str, &str)] = &[
     ("/", include_str!("../../assets/index.html"), "text/html; charset=utf-8"),
     ("/chat", include_str!("../../assets/chat.html"), "text/html; charset=utf-8"),
     ("/bell", include_str!("../../assets/bell.html"), "text/html; charset=utf-8"),
