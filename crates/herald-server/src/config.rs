@@ -749,7 +749,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n * 86_400.0,
         _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m, h or d)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    // Checked: a number past what a Duration holds panicked here (found by
+    // schemathesis through `GET /api/dev/token?ttl=`).
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is too long a duration"))
 }
 
 pub fn format_duration(d: &Duration) -> String {
@@ -848,6 +850,7 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("99999999999999999999999d").is_err(), "too long for a Duration: an error, not a panic");
         assert_eq!(parse_bytes("64KiB").unwrap(), 65_536);
         assert_eq!(parse_bytes("1m").unwrap(), 1 << 20);
         assert!(parse_bytes("lots").is_err());

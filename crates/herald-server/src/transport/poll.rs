@@ -177,7 +177,10 @@ pub(crate) fn direct(
 }
 
 fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    s.parse::<f64>().ok().filter(|w| w.is_finite() && *w >= 0.0).map(Duration::from_secs_f64).ok_or_else(|| {
+    // Any finite wait is capped by `[longpoll] max_wait` later; one past what a
+    // Duration holds panicked here (found by schemathesis: `wait=8e307`).
+    let secs = s.parse::<f64>().ok().filter(|w| w.is_finite() && *w >= 0.0);
+    secs.map(|w| Duration::try_from_secs_f64(w).unwrap_or(Duration::MAX)).ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", format!("'wait' must be a number of seconds, got '{s}'"))
     })
 }
