@@ -6,6 +6,8 @@
 //! call, or served on an address of its own.
 
 mod common;
+#[path = "../../herald-store/tests/redis_server/mod.rs"]
+mod redis_server;
 
 use std::{
     io::Write,
@@ -298,4 +300,27 @@ async fn a_real_prometheus_scrapes_herald_and_answers_queries() {
     // A histogram is usable as one: its buckets feed histogram_quantile.
     let p = prom.query_until("histogram_quantile(0.5, sum by (le) (herald_store_commit_seconds_bucket))", |v| v > 0.0);
     assert!(p.await.is_finite());
+}
+
+/// Over Redis the store's figures (those of `/api/stats`'s `redis` section)
+/// are series too, and the commit histogram times each publish's script.
+#[tokio::test]
+async fn over_redis_the_store_exports_its_figures() {
+    let redis = redis_server::RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let s = Server::start_with(&[
+        ("HERALD_AUTH_API_KEYS", KEY),
+        ("HERALD_REDIS_URL", &redis.url()),
+        ("HERALD_REDIS_PARTITIONS", "4"),
+    ]);
+    let res = client().post(format!("{}/api/channels/r", s.url)).bearer_auth(KEY).body("x").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let url = format!("{}/metrics", s.url);
+    let text = scrape_until(&url, Some(KEY), |t| value(t, "herald_redis_feed_received_total", &[]) >= Some(1.0)).await;
+    let (ok, said) = promtool(&text);
+    assert!(ok, "{said}\n{text}");
+    assert_eq!(value(&text, "herald_store_available", &[]), Some(1.0));
+    assert_eq!(value(&text, "herald_redis_shards", &[]), Some(1.0));
+    assert_eq!(value(&text, "herald_redis_shards_available", &[]), Some(1.0));
+    assert_eq!(value(&text, "herald_store_commit_seconds_count", &[]), Some(1.0), "{text}");
+    assert_eq!(value(&text, "herald_messages_published_total", &[("source", "http")]), Some(1.0));
 }

@@ -10,9 +10,10 @@
 //!   a collector copies them into the registry ([`Scrape::counter`],
 //!   [`Scrape::gauge`]). So the hot paths pay one relaxed atomic add and
 //!   nothing else: no registry lookup, no lock, no allocation. To add series
-//!   for a new concern (guards, outbound jobs, Redis): keep its counters in
-//!   its own struct, write `fn collect(.., out: &Scrape)` in a file of this
-//!   folder (see `herald.rs`), and call it from [`collect_all`].
+//!   for a new concern (guards, outbound jobs): keep its counters in its own
+//!   struct, write `fn collect(.., out: &Scrape)` in a file of this folder
+//!   (see `herald.rs`, or `store.rs` for the Redis figures), and call it
+//!   from [`collect_all`].
 //! - **Histograms are handles made once** ([`Metrics::new`], with their
 //!   buckets in [`BUCKETS`]) and recorded where the thing happens. The
 //!   exporter keeps each sample until the next scrape or upkeep (a
@@ -27,6 +28,7 @@
 
 mod herald;
 pub mod route;
+mod store;
 
 use std::sync::Arc;
 
@@ -160,6 +162,7 @@ fn collect_all(state: &AppState, out: &Scrape) {
     herald::subscribers(&state.hub, out);
     herald::inbox(&state.stats, out);
     herald::mqtt(&state.mqtt.counts(), out);
+    store::collect(&state.store.status(), out);
 }
 
 /// The latency of one socket write: notes the oldest message in it that was

@@ -57,6 +57,7 @@ async fn every_series_follows_the_conventions() {
         ("herald_mqtt_inflight_messages", "gauge"),
         ("herald_inbox_notifications_total", "counter"),
         ("herald_inbox_read_marks_total", "counter"),
+        ("herald_store_available", "gauge"),
     ] {
         assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name} in:\n{text}");
     }
