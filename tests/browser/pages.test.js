@@ -102,11 +102,35 @@ describe('demo pages', () => {
     await publish(server.url, 'chat/room/admin', { from: 'x', msg: 'y' }, 'chat');
     // A rate needs two samples; the published total must show the message.
     await page.waitForFunction(() => /[1-9]\d* published/.test(document.querySelector('#totals').textContent));
-    await page.waitForFunction(() => document.querySelectorAll('#chart-connections path.series').length === 4);
+    await page.waitForFunction(() => document.querySelectorAll('#chart-connections path.series').length === 5);
     assert.equal(await page.isHidden('#unavailable'), true);
     assert.deepEqual(page.errors, []);
     await page.context().close();
     await listener.context().close();
+  });
+
+  test('admin counts MQTT beside the web transports, and draws any section /api/stats adds', LIMIT, async () => {
+    const device = await openChat(browser, server.url, { name: 'device', room: 'admin-mqtt', transport: 'mqtt' });
+    const page = await newPage(browser, server.url);
+    // The real answer, with sections a later server might add (limits hit,
+    // jobs, Redis): the page must draw them without knowing them.
+    await page.route('**/api/stats', async route => {
+      const res = await route.fetch();
+      const stats = await res.json();
+      stats.limits = { rate_limited: { http: 3, publish: 1 }, too_many_connections: 0 };
+      stats.redis = { state: 'up', shards: 2 };
+      await route.fulfill({ response: res, json: stats });
+    });
+    await page.goto(`${server.url}/admin`);
+    await page.waitForFunction(() => /MQTT\s*[1-9]/.test(document.querySelector('#legend-connections').textContent));
+    await page.waitForSelector('[data-section="mqtt"] dd[data-key="sessions_live"]');
+    assert.match(await page.textContent('[data-section="mqtt"] dd[data-key="sessions_live"]'), /^[1-9]/);
+    assert.equal(await page.textContent('[data-section="limits"] dd[data-key="rate_limited http"]'), '3');
+    assert.equal(await page.textContent('[data-section="redis"] dd[data-key="state"]'), 'up');
+    assert.match(await page.textContent('[data-section="limits"] h2'), /Limits/);
+    assert.deepEqual(page.errors, []);
+    await page.context().close();
+    await device.context().close();
   });
 
   test('admin says so when /api/stats is missing', LIMIT, async () => {

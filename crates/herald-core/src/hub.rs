@@ -68,6 +68,11 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Messages handed to the hub since start.
     published: AtomicU64,
+    /// Subscribers found lagged (their mailbox overflowed), and those that
+    /// then caught up from the store: counted here, where every subscriber
+    /// already points, rather than in each subscription.
+    lagged: AtomicU64,
+    caught_up: AtomicU64,
     /// Set by [`Hub::close`]: every mailbox is closed, now and when added.
     closed: AtomicBool,
 }
@@ -80,6 +85,8 @@ impl Hub {
             mailbox_capacity: mailbox_capacity.max(1),
             next_id: AtomicU64::new(1),
             published: AtomicU64::new(0),
+            lagged: AtomicU64::new(0),
+            caught_up: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         })
     }
@@ -141,6 +148,16 @@ impl Hub {
             .filter(|(id, _)| seen.insert(*id))
             .map(|(_, mb)| mb.queue.len())
             .sum()
+    }
+
+    /// Times a subscriber was found lagged since start.
+    pub fn lagged(&self) -> u64 {
+        self.lagged.load(Ordering::Relaxed)
+    }
+
+    /// Times a lagged subscriber caught up from the store since start.
+    pub fn caught_up(&self) -> u64 {
+        self.caught_up.load(Ordering::Relaxed)
     }
 
     /// How many (subscriber, target) registrations exist.
@@ -247,7 +264,16 @@ impl Subscriber {
 
     /// True once after messages were dropped because the mailbox was full.
     pub fn take_lagged(&self) -> bool {
-        self.mailbox.lagged.swap(false, Ordering::AcqRel)
+        let lagged = self.mailbox.lagged.swap(false, Ordering::AcqRel);
+        if lagged {
+            self.hub.lagged.fetch_add(1, Ordering::Relaxed);
+        }
+        lagged
+    }
+
+    /// Reports that the catch-up after a lag is done (counted by the hub).
+    pub fn caught_up(&self) {
+        self.hub.caught_up.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -306,6 +332,7 @@ mod tests {
         hub.publish(&[msg("c", 1), msg("c", 2), msg("c", 3)]);
         assert!(s.take_lagged());
         assert!(!s.take_lagged(), "lag is reported once");
+        assert_eq!(hub.lagged(), 1, "and counted once");
         assert_eq!(s.try_recv().unwrap().id, 1);
     }
 

@@ -225,6 +225,9 @@ impl Auth {
     }
 }
 
+/// The longest lifetime a minted token may have.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// Signs a user token with an HS256 secret.
 pub fn mint(
     secret: &[u8],
@@ -262,6 +265,10 @@ pub fn mint_with(
     stamp: Stamp<'_>,
 ) -> Result<String, ApiError> {
     validate_segment(sub).map_err(|e| ApiError::bad_request("invalid_user", format!("sub: {e}")))?;
+    if ttl > MAX_TTL {
+        // Past this, `exp` overflowed into the past: a token born expired.
+        return Err(ApiError::bad_request("invalid_parameter", "a token lives at most 10 years (ttl)"));
+    }
     for p in channels.iter().chain(publish) {
         Filter::parse(p)?;
     }

@@ -13,6 +13,7 @@
 //!   outbound webhooks, e-mail, the job worker and its sweep;
 //! - `guard/`: rate and connection limits, client addresses behind proxies,
 //!   content moderation (rules and the moderation webhook);
+//! - `metrics/`: the Prometheus series at `/metrics` and how to add one;
 //! - at the top: the shared state, the route table, auth, subscriptions,
 //!   live inboxes, configuration, the server's start and stop, the store's
 //!   sink (`signals.rs`: what other nodes tell this one), and
@@ -27,6 +28,7 @@ pub mod edge;
 pub mod fuzz;
 pub mod guard;
 pub mod inbox;
+pub mod metrics;
 pub mod outbound;
 pub mod routes;
 pub mod server;

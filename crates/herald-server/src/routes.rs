@@ -11,7 +11,7 @@ use axum::{
 use herald_core::Channel;
 
 use crate::{
-    api::{health, inbox, outbound, pages, publish, stats},
+    api::{health, inbox, openapi, outbound, pages, publish, stats},
     edge::{error::ApiError, query::Query},
     guard::Client,
     state::SharedState,
@@ -25,6 +25,8 @@ pub fn app(state: SharedState) -> Router {
         .route("/api/publish", post(publish::publish_envelope))
         .route("/api/events", get(sse::multi_channel))
         .route("/api/stats", get(stats::stats))
+        .route("/metrics", get(crate::metrics::route::metrics))
+        .route("/api/openapi.json", get(openapi::openapi))
         .route("/api/ws", get(ws::not_upgradable))
         .route("/api/notifications", post(inbox::notify))
         .route("/api/users/{user}/notifications", get(inbox::list))

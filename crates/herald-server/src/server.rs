@@ -19,6 +19,7 @@ use crate::{
     auth::Auth,
     config::{Config, ConfigError, SyncSetting},
     inbox::Inbox,
+    metrics::Metrics,
     outbound::{Outbound, OutboundError},
     signals::Sink,
     state::AppState,
@@ -50,18 +51,25 @@ pub struct Server {
     mqtt: Option<TcpListener>,
     /// Outbound sends in flight: waited for before the store closes.
     outbound: tokio_util::task::TaskTracker,
+    /// `[metrics] listen`, when set.
+    metrics: Option<TcpListener>,
 }
 
 impl Server {
     /// Opens the store and binds the HTTP listener.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Self, ServerError> {
         let hub = Hub::new(config.limits.subscriber_queue);
-        let sink = Sink::new(hub.clone());
+        let metrics = Metrics::new();
+        let sink = Sink::new(hub.clone(), metrics.clone());
         // Bound first: the node's default name carries the port it got.
         let addr = config.server.http;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let node = node_name(&config, listener.local_addr()?.port());
         let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: sink.clone() };
+        let metrics_listener = match config.metrics.address()? {
+            Some(addr) => Some(listen(addr).map_err(|source| ServerError::Bind { addr, source })?),
+            None => None,
+        };
         let (store, inbox_store, broker_store, job_store): Stores = if !config.redis.url.is_empty() {
             let r = &config.redis;
             let mut options = RedisOptions::new(r.url.clone());
@@ -129,6 +137,7 @@ impl Server {
             node,
             outbound,
             guards,
+            metrics,
         });
         let mqtt = match state.config.server.mqtt.trim() {
             "" | "off" => None,
@@ -142,7 +151,7 @@ impl Server {
                 Some(listen(parsed).map_err(|source| ServerError::Bind { addr: parsed, source })?)
             }
         };
-        Ok(Server { state, listener, mqtt, outbound: tracker })
+        Ok(Server { state, listener, mqtt, outbound: tracker, metrics: metrics_listener })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -159,6 +168,11 @@ impl Server {
         self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The metrics listener's address, when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
     }
@@ -166,13 +180,17 @@ impl Server {
     /// Serves until shutdown, then waits (up to the grace period) for open
     /// requests to finish and closes the store.
     pub async fn run(self) -> Result<(), ServerError> {
-        let Server { state, listener, mqtt, outbound } = self;
+        let Server { state, listener, mqtt, outbound, metrics } = self;
         // Every connection is tracked, so that shutdown waits for each to end
         // (an MQTT session stores its state then) before the store closes.
         let tracker = tokio_util::task::TaskTracker::new();
         if let Some(l) = mqtt {
             crate::transport::mqtt::spawn_tcp(state.clone(), l, tracker.clone());
         }
+        if let Some(l) = metrics {
+            tracker.spawn(crate::metrics::route::serve(l, state.clone()));
+        }
+        tracker.spawn(upkeep(state.clone()));
         let shutdown = state.shutdown.clone();
         let grace = state.config.server.shutdown_grace;
         state.ready.store(true, Ordering::Release);
@@ -215,6 +233,18 @@ fn node_name(config: &Config, port: u16) -> String {
 }
 
 type Stores = (Arc<dyn Store>, Arc<dyn InboxStore>, Arc<dyn BrokerStore>, Arc<dyn JobStore>);
+
+/// Moves histogram samples into their buckets every few seconds, so they do
+/// not pile up in memory when nobody scrapes.
+async fn upkeep(state: Arc<AppState>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = every.tick() => state.metrics.upkeep(),
+        }
+    }
+}
 
 /// A listener with a deep accept backlog: thousands of clients reconnecting at
 /// once (after a restart, or a load test) would overflow the default of 128

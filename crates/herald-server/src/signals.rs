@@ -31,6 +31,8 @@ pub(crate) const MQTT_RELEASED: u8 = 4;
 pub struct Sink {
     hub: Arc<Hub>,
     targets: OnceLock<Targets>,
+    /// Each commit's time and size are recorded here (`/metrics`).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Targets {
@@ -39,8 +41,8 @@ struct Targets {
 }
 
 impl Sink {
-    pub fn new(hub: Arc<Hub>) -> Arc<Self> {
-        Arc::new(Sink { hub, targets: OnceLock::new() })
+    pub fn new(hub: Arc<Hub>, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+        Arc::new(Sink { hub, targets: OnceLock::new(), metrics })
     }
 
     /// Attaches what signals are for, once both exist.
@@ -52,6 +54,10 @@ impl Sink {
 impl CommitSink for Sink {
     fn committed(&self, msgs: &[Arc<Message>]) {
         self.hub.publish(msgs);
+    }
+
+    fn commit_took(&self, messages: usize, took: std::time::Duration) {
+        self.metrics.commit(messages, took);
     }
 
     fn interest(&self) -> (Vec<Channel>, Vec<Filter>) {

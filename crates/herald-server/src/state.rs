@@ -1,5 +1,5 @@
 //! The state every handler shares: configuration, the store, the hub, auth,
-//! inboxes, the MQTT broker, counters and the shutdown token. Handlers depend
+//! inboxes, the MQTT broker, counters, metrics and the shutdown token. Handlers depend
 //! on this, not on the route table (`routes.rs`).
 
 use std::sync::{
@@ -39,6 +39,8 @@ pub struct AppState {
     pub outbound: Arc<crate::outbound::Outbound>,
     /// Rate and connection limits, moderation (`guard/`).
     pub guards: Arc<crate::guard::Guards>,
+    /// Prometheus: the registry and the histogram handles (`metrics/`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {

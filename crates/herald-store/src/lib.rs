@@ -64,6 +64,11 @@ pub enum StoreError {
 pub trait CommitSink: Send + Sync + 'static {
     fn committed(&self, msgs: &[Arc<Message>]);
 
+    /// How long one commit of `messages` messages took (write and commit),
+    /// told just before [`CommitSink::committed`]: for metrics. A store
+    /// that commits in groups reports each group once.
+    fn commit_took(&self, _messages: usize, _took: std::time::Duration) {}
+
     /// A signal from this node or another (see [`Signal`]).
     fn signaled(&self, _signal: &Signal) {}
 

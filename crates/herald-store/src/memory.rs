@@ -75,6 +75,7 @@ impl MemoryStore {
         if st.closed {
             return Err(StoreError::Closed);
         }
+        let started = std::time::Instant::now();
         let now = monotonic(&self.config.clock, &mut st.last_time);
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
@@ -88,6 +89,7 @@ impl MemoryStore {
             }
             out.push(msg);
         }
+        self.config.sink.commit_took(out.len(), started.elapsed());
         self.config.sink.committed(&out);
         Ok(out)
     }

@@ -499,6 +499,7 @@ impl Writer {
                 Op::Write(w) => writes.push(w),
             }
         }
+        let started = Instant::now();
         match self.write(batches, &mut writes, now) {
             Ok(committed) => {
                 let all: Vec<Arc<Message>> = committed
@@ -511,6 +512,7 @@ impl Writer {
                     .cloned()
                     .collect();
                 if !all.is_empty() {
+                    self.config.sink.commit_took(all.len(), started.elapsed());
                     self.cached_heads.committed(&all);
                     self.config.sink.committed(&all);
                 }

@@ -21,6 +21,15 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text, or as JSON (one object a line, for log shippers).
+    #[arg(long, global = true, value_enum, env = "HERALD_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -109,7 +118,7 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Serve { .. }) {
         malloc::one_arena();
     }
-    init_logging();
+    init_logging(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
@@ -136,12 +145,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr (`HERALD_LOG` filters them, e.g. `debug` or
+/// `herald_server=debug`); stdout carries only the lines that name the
+/// listening addresses, which scripts read.
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A closed stderr must not take the server down: write errors are dropped
     // rather than reported (reporting them panics on a broken pipe).
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false).init();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        // One object a line: {"timestamp","level","target","message",..fields}.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+    }
 }
 
 async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
@@ -156,7 +174,11 @@ async fn serve(config_file: Option<PathBuf>, overrides: Overrides) -> anyhow::Re
     // Scripts and tests read these lines to learn the ports. A closed stdout
     // (`herald serve | head -1`) is not an error worth stopping for.
     let mqtt = server.mqtt_addr().map_or("herald mqtt off".to_string(), |a| format!("herald mqtt listening on {a}"));
-    announce(&format!("herald listening on http://{}\n{mqtt}", server.http_addr()));
+    let mut lines = format!("herald listening on http://{}\n{mqtt}", server.http_addr());
+    if let Some(a) = server.metrics_addr() {
+        lines.push_str(&format!("\nherald metrics listening on http://{a}/metrics"));
+    }
+    announce(&lines);
     if server.is_open() {
         tracing::warn!(
             "OPEN MODE: no [auth] configured, so anyone who can reach {} may publish, subscribe and read every \

@@ -274,3 +274,55 @@ async fn publishes_with_bodies_framed_every_way_on_one_connection() {
         .unwrap();
     assert_eq!(answers(&mut tcp, 1).await[0].0, 400);
 }
+
+/// Found by schemathesis: a `ttl` past what a duration holds panicked the
+/// handler (the connection dropped), and one just inside it minted a token
+/// whose `exp` had wrapped into the past. Both are now a 400.
+#[tokio::test]
+async fn dev_token_refuses_a_lifetime_too_long_to_hold() {
+    let s = Server::start();
+    for ttl in ["99999999999999999999999d", "9223372036854775807s", "3651d"] {
+        let (status, body) = get_json(&s, &format!("/api/dev/token?sub=ann&ttl={ttl}")).await;
+        assert_eq!((status, body["code"].as_str()), (400, Some("invalid_parameter")), "{ttl}: {body}");
+    }
+    let (status, body) = get_json(&s, "/api/dev/token?sub=ann&ttl=3650d").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Found by schemathesis: a page answered another method with 405 but no
+/// `Allow` header (RFC 9110 requires one).
+#[tokio::test]
+async fn a_405_says_which_methods_are_allowed() {
+    let s = Server::start();
+    for (method, path) in [("TRACE", "/"), ("POST", "/admin"), ("DELETE", "/herald.js"), ("POST", "/healthz")] {
+        let res = client().request(method.parse().unwrap(), format!("{}{path}", s.url)).send().await.unwrap();
+        assert_eq!(res.status(), 405, "{method} {path}");
+        assert_eq!(res.headers().get("allow").map(|v| v.to_str().unwrap()), Some("GET,HEAD"), "{method} {path}");
+    }
+}
+
+/// Found by schemathesis: a long poll's `wait` past what a duration holds
+/// (`8e307` seconds) panicked the handler; any finite wait is capped by
+/// `[longpoll] max_wait` instead.
+#[tokio::test]
+async fn a_huge_wait_is_capped_not_a_crash() {
+    let s = Server::start_with(&[("HERALD_LONGPOLL_MAX_WAIT", "1s")]);
+    let res = client().get(format!("{}/api/channels/w/messages?since=0&wait=8.1e307", s.url)).send().await.unwrap();
+    assert_eq!(res.status(), 304, "waited the capped second, then nothing");
+    let (status, body) = get_json(&s, "/api/channels/w/messages?since=0&wait=inf").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_parameter")));
+}
+
+/// Found by schemathesis: a `Last-Event-ID` that is not visible ASCII was
+/// ignored, and the stream replayed from `since` as if none had come.
+#[tokio::test]
+async fn a_garbled_last_event_id_is_refused() {
+    let s = Server::start();
+    let bad = reqwest::header::HeaderValue::from_bytes(b"\xc2\x84").unwrap();
+    for path in ["/api/channels/g/events?since=0", "/api/events?channel=g"] {
+        let res = client().get(format!("{}{path}", s.url)).header("last-event-id", bad.clone()).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{path}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_cursor", "{path}");
+    }
+}

@@ -155,7 +155,7 @@ async fn publish_until_closed(s: &Server, first: u64) -> (u64, u64) {
         assert_eq!(publish(s, "slow", &payload).await, id);
         if id % 10 == 0 {
             let v = stats(s).await;
-            most_queued = most_queued.max(v["queued"].as_u64().unwrap());
+            most_queued = most_queued.max(v["subscribers"]["queued"].as_u64().unwrap());
             if v["guards"]["slow_consumers_closed"] == 1 {
                 return (id, most_queued);
             }
@@ -204,7 +204,7 @@ async fn a_client_that_stops_reading_is_closed(kind: Kind) {
     // a connection until they are dropped) and the messages its mailbox
     // held while its writes stalled.
     let after = until_stats(&s, "the stalled connection and its queue gone", |v| {
-        v["connections"] == base["connections"] && v["queued"] == 0
+        v["connections"] == base["connections"] && v["subscribers"]["queued"] == 0
     })
     .await;
     assert_eq!(after["guards"]["slow_consumers_closed"], 1, "{after}");

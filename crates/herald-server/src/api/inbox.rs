@@ -22,7 +22,12 @@ use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
 use crate::{
-    api::publish::read_body, auth::forbidden, edge::error::ApiError, edge::query::Query, inbox::Mark,
+    api::publish::read_body,
+    api::stats::{Audience, Source},
+    auth::forbidden,
+    edge::error::ApiError,
+    edge::query::Query,
+    inbox::Mark,
     state::SharedState,
 };
 
@@ -89,6 +94,11 @@ pub(crate) async fn notify(
     admin_only(&state, &headers, &Query::parse(raw.as_deref()))?;
     let limit = state.config.limits.max_payload;
     let n: Notification = parse_json(&read_body(&headers, body, BULK_BODY).await?)?;
+    let audience = match (&n.users, &n.group) {
+        (Some(_), _) => Audience::Users,
+        (None, Some(_)) => Audience::Group,
+        (None, None) => Audience::All,
+    };
     let channels = match (n.users, n.group, n.all) {
         (Some(users), None, None | Some(false)) if !users.is_empty() && users.len() <= MAX_USERS => users
             .iter()
@@ -126,6 +136,8 @@ pub(crate) async fn notify(
         .collect();
     let key = crate::api::publish::idempotency_key(&headers)?;
     let stored = crate::api::publish::store_batch(&state, &herald_core::Principal::Admin, batch, key).await?;
+    state.stats.published(Source::Notification, stored.len() as u64);
+    state.stats.notified(audience, stored.len() as u64);
     let results: Vec<Value> = stored.iter().map(|(channel, id)| json!({ "channel": channel, "id": id })).collect();
     Ok(Json(if results.len() == 1 { results[0].clone() } else { json!({ "results": results }) }))
 }
@@ -262,7 +274,9 @@ pub(crate) async fn mark_read(
         (None, Some(true)) => Mark::All,
         _ => return Err(ApiError::bad_request("invalid_request", "send {\"ids\":[..]} or {\"all\":true}")),
     };
-    Ok(Json(json!({ "count": state.inbox.mark(&user, mark).await? })))
+    let count = state.inbox.mark(&user, mark).await?;
+    state.stats.read_mark();
+    Ok(Json(json!({ "count": count })))
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@ use axum::{
 use crate::edge::error::ApiError;
 
 /// (URL path, file contents, content type).
-const ASSETS: &[(&str, &str, &str)] = &[
+pub(crate) const ASSETS: &[(&str, &str, &str)] = &[
     ("/", include_str!("../../assets/index.html"), "text/html; charset=utf-8"),
     ("/chat", include_str!("../../assets/chat.html"), "text/html; charset=utf-8"),
     ("/bell", include_str!("../../assets/bell.html"), "text/html; charset=utf-8"),
@@ -24,12 +24,18 @@ const ASSETS: &[(&str, &str, &str)] = &[
 /// Serves an asset by path, or the JSON 404 every unknown route gets.
 pub(crate) async fn asset(method: Method, uri: axum::http::Uri) -> Response {
     match ASSETS.iter().find(|(path, _, _)| *path == uri.path()) {
-        Some(_) if method != Method::GET && method != Method::HEAD => ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on this route"),
-        )
-        .into_response(),
+        Some(_) if method != Method::GET && method != Method::HEAD => {
+            let mut res = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on this route"),
+            )
+            .into_response();
+            // RFC 9110, 15.5.6: a 405 says what is allowed (schemathesis
+            // found it missing on the pages).
+            res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET,HEAD"));
+            res
+        }
         Some((_, body, content_type)) => {
             let mut res = (*body).into_response();
             res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

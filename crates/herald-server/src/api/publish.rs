@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 
 use crate::{
+    api::stats::Source,
     auth::forbidden,
     edge::error::ApiError,
     edge::query::Query,
@@ -64,6 +65,7 @@ pub(crate) async fn publish_body(
     let origin = Origin { api_key: matches!(who, Who::ApiKey(_)), transport: "http" };
     let key = idempotency_key(headers)?;
     let ids = append(&state, principal, origin, vec![channel], event, data, key).await?;
+    state.stats.published(Source::Http, 1);
     Ok(Json(ids.into_iter().next().expect("one channel, one id")))
 }
 
@@ -130,6 +132,7 @@ async fn envelope(
     let origin = Origin { api_key: matches!(who, Who::ApiKey(_)), transport: "http" };
     let key = idempotency_key(headers)?;
     let mut results = append(&state, &principal, origin, channels, event, data, key).await?;
+    state.stats.published(Source::Http, results.len() as u64);
     Ok(if single { results.remove(0) } else { json!({ "results": results }) })
 }
 

@@ -23,9 +23,10 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::stats::{ConnectionGuard, Transport},
+    api::stats::{CloseReason, ConnectionGuard, Transport},
     edge::coalesce::Coalescer,
     guard::Permit,
+    metrics::WriteLatency,
     state::SharedState,
     subscription::{Delivery, Subscription, SubscriptionError},
 };
@@ -87,7 +88,9 @@ struct Streamer<E> {
     timer: Pin<Box<Sleep>>,
     shutdown: CancellationToken,
     state: SharedState,
-    _connection: ConnectionGuard,
+    /// Counts the stream open; records why it ended (a stream dropped
+    /// without a reason set is one the client left).
+    connection: ConnectionGuard,
     _permit: Permit,
 }
 
@@ -114,7 +117,7 @@ pub(crate) fn respond<E: Encoder>(state: SharedState, sub: Subscription, encoder
         waiting: None,
         timer: Box::pin(tokio::time::sleep_until(now + settings.heartbeat)),
         shutdown: state.shutdown.clone(),
-        _connection: state.stats.connect(settings.transport),
+        connection: state.stats.connect(settings.transport),
         _permit: settings.permit,
         state,
     };
@@ -146,17 +149,23 @@ impl<E: Encoder> Streamer<E> {
             return Poll::Ready(Some(self.encoder.preamble()));
         }
         loop {
-            if self.closed || self.shutdown.is_cancelled() {
+            if self.shutdown.is_cancelled() {
+                self.connection.end(CloseReason::Shutdown);
+                return Poll::Ready(None);
+            }
+            if self.closed {
                 return Poll::Ready(None);
             }
             // Checked first, so a busy stream cannot outlive its token or its end.
             let now = Instant::now();
             if self.expires.is_some_and(|at| at <= now) {
                 self.closed = true;
+                self.connection.end(CloseReason::TokenExpired);
                 let close = self.encoder.close("token_expired", "the token expired; reconnect with a new one");
                 return Poll::Ready(Some(close));
             }
             if self.end_at.is_some_and(|at| at <= now) {
+                self.connection.end(CloseReason::Lifetime);
                 return Poll::Ready(None);
             }
             if self.held.is_none() {
@@ -204,15 +213,20 @@ impl<E: Encoder> Streamer<E> {
                 self.sub = Some(sub);
                 match result {
                     Ok(Some(d)) => return Poll::Ready(Some(d)),
-                    Ok(None) => continue,                  // caught up: wait on the mailbox alone
-                    Err(None) => return Poll::Ready(None), // shutdown
+                    Ok(None) => continue, // caught up: wait on the mailbox alone
+                    Err(None) => {
+                        self.connection.end(CloseReason::Shutdown);
+                        return Poll::Ready(None);
+                    }
                     Err(Some(e)) if e.is_lagging() => {
                         self.state.guards.stats.lagging_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.lagging = true;
+                        self.connection.end(CloseReason::SlowConsumer);
                         return Poll::Ready(None);
                     }
                     Err(Some(e)) => {
                         tracing::warn!(error = %e, "stream ended by a store error; the client will resume");
+                        self.connection.end(CloseReason::StoreError);
                         return Poll::Ready(None);
                     }
                 }
@@ -235,7 +249,11 @@ impl<E: Encoder> Streamer<E> {
             }
             match sub.poll_live(cx) {
                 Poll::Ready(true) => continue,
-                Poll::Ready(false) => return Poll::Ready(None),
+                Poll::Ready(false) => {
+                    // The hub closed: shutdown.
+                    self.connection.end(CloseReason::Shutdown);
+                    return Poll::Ready(None);
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -246,13 +264,19 @@ impl<E: Encoder> Streamer<E> {
         let sub = self.sub.as_mut().expect("a delivery is held only with the subscription back");
         let mut buf = BytesMut::new();
         let mut count = 0;
+        let mut latency = WriteLatency::new(self.connection.opened_ms());
         let mut item = self.held.take();
         while let Some(d) = item {
-            count += u64::from(matches!(d, Delivery::Message(_)));
+            if let Delivery::Message(m) = &d {
+                count += 1;
+                latency.note(m);
+            }
             self.encoder.encode(d, sub, &mut buf);
             item = if buf.len() < CHUNK { sub.try_next() } else { None };
         }
-        self.state.stats.delivered(count);
+        let transport = self.connection.transport();
+        self.state.stats.delivered(transport, count);
+        latency.record(&self.state.metrics, transport);
         self.coalesce.wrote();
         self.last_sent = Instant::now();
         buf.freeze()

@@ -567,7 +567,11 @@ impl Subscription {
             // Caught up: an idle connection keeps no room for more (heaptrack:
             // 116 bytes of every WebSocket that subscribed with a replay).
             self.backlog = VecDeque::new();
-            self.catching_up = false;
+            if std::mem::take(&mut self.catching_up)
+                && let Some(sub) = &self.live
+            {
+                sub.caught_up();
+            }
         }
         Ok(())
     }

@@ -56,7 +56,11 @@ pub(crate) async fn stream(
         transport: Transport::Iframe,
         content_type: "text/html; charset=utf-8",
         heartbeat: state.config.sse.heartbeat,
-        lifetime: Some(LIFETIME),
+        // `[sse] max_lifetime`, when set and shorter, ends these too.
+        lifetime: Some(match state.config.sse.max_lifetime {
+            d if !d.is_zero() => d.min(LIFETIME),
+            _ => LIFETIME,
+        }),
         expires_at,
         permit,
     };

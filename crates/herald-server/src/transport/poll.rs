@@ -15,12 +15,13 @@ use futures_util::{FutureExt, future::Either};
 use herald_core::{Channel, CursorToken, Gap, Principal, Since, Target, cursor};
 
 use crate::{
-    api::stats::Transport,
+    api::stats::{CloseReason, Transport},
     edge::coalesce::Coalescer,
     edge::error::ApiError,
     edge::query::Query,
     edge::stream,
     guard::{Client, Permit, Who},
+    metrics::WriteLatency,
     state::SharedState,
     subscription::Delivery,
 };
@@ -97,13 +98,23 @@ pub(crate) fn messages(
         }
         let waiting = params.wait.is_some_and(|w| !w.is_zero());
 
-        let _connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
+        // A waiting long poll counts as a connection; a short poll does not.
+        let mut connection = waiting.then(|| state.stats.connect(Transport::LongPoll));
+        let opened_ms = connection.as_ref().map(|c| c.opened_ms());
+        let mut end = |reason| {
+            if let Some(c) = connection.as_mut() {
+                c.end(reason)
+            }
+        };
         let targets = vec![Target::Channel(channel.clone())];
         // The set-up and read futures are boxed: they are big and short-lived, and
         // inline they would size the future a long poll holds while it waits.
         let mut sub =
             Box::pin(state.subscribe(principal, targets, params.since, &CursorToken::default(), waiting)).await?;
         let mut answer = Answer::default();
+        if let Some(opened_ms) = opened_ms {
+            answer.latency = WriteLatency::new(opened_ms);
+        }
         while answer.messages.len() < params.limit as usize {
             match Box::pin(sub.next_ready()).await? {
                 Some(d) => answer.push(d),
@@ -113,9 +124,15 @@ pub(crate) fn messages(
         let news = answer.has_news(Some(params.known_unread).filter(|n| *n != NOT_GIVEN));
         if !news && let Some(wait) = params.wait.filter(|_| waiting) {
             tokio::select! {
-                d = sub.next() => answer.push(d?),
-                _ = tokio::time::sleep(wait) => return Ok(not_modified()),
-                _ = state.shutdown.cancelled() => return Ok(not_modified()),
+                d = sub.next() => answer.push(d.inspect_err(|_| end(CloseReason::StoreError))?),
+                _ = tokio::time::sleep(wait) => {
+                    end(CloseReason::NotModified);
+                    return Ok(not_modified());
+                }
+                _ = state.shutdown.cancelled() => {
+                    end(CloseReason::Shutdown);
+                    return Ok(not_modified());
+                }
             }
         }
         if waiting && answer.messages.len() < params.limit as usize {
@@ -137,7 +154,10 @@ pub(crate) fn messages(
             // it raises has been pushed to watchers.
             answer.unread = Some(Box::pin(state.inbox.count(owner)).await?);
         }
-        state.stats.delivered(answer.messages.len() as u64);
+        end(CloseReason::Answered);
+        let transport = if waiting { Transport::LongPoll } else { Transport::Poll };
+        state.stats.delivered(transport, answer.messages.len() as u64);
+        std::mem::take(&mut answer.latency).record(&state.metrics, transport);
         let next = sub.cursors().get(&channel).unwrap_or(0);
         Ok(answer.into_response(&channel, next))
     }
@@ -192,7 +212,10 @@ pub(crate) fn direct(
 }
 
 fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    s.parse::<f64>().ok().filter(|w| w.is_finite() && *w >= 0.0).map(Duration::from_secs_f64).ok_or_else(|| {
+    // Any finite wait is capped by `[longpoll] max_wait` later; one past what a
+    // Duration holds panicked here (found by schemathesis: `wait=8e307`).
+    let secs = s.parse::<f64>().ok().filter(|w| w.is_finite() && *w >= 0.0);
+    secs.map(|w| Duration::try_from_secs_f64(w).unwrap_or(Duration::MAX)).ok_or_else(|| {
         ApiError::bad_request("invalid_parameter", format!("'wait' must be a number of seconds, got '{s}'"))
     })
 }
@@ -209,12 +232,17 @@ struct Answer {
     missed: Option<Gap>,
     /// The inbox owner's unread count, on inbox channels.
     unread: Option<u64>,
+    /// A long poll's: its oldest message committed while it waited.
+    latency: WriteLatency,
 }
 
 impl Answer {
     fn push(&mut self, d: Delivery) {
         match d {
-            Delivery::Message(m) => self.messages.push(m.json()),
+            Delivery::Message(m) => {
+                self.latency.note(&m);
+                self.messages.push(m.json())
+            }
             // Two gaps in one answer (history trimmed between pages) merge.
             Delivery::Gap(g) => match &mut self.missed {
                 Some(prev) => prev.to = g.to,

@@ -54,10 +54,12 @@ pub(crate) async fn single_channel(
     client: Client,
     who: Who,
 ) -> Result<Response, ApiError> {
-    let resume = last_event_id(headers, query);
-    let since = match resume {
+    // `since` is checked even when `Last-Event-ID` overrides it: a malformed
+    // parameter is an error wherever it is.
+    let since = query.get("since").map(Since::parse).transpose()?;
+    let since = match last_event_id(headers, query)? {
         Some(id) => Since::After(cursor::parse_id(id)?),
-        None => query.get("since").map(Since::parse).transpose()?.unwrap_or(Since::After(0)),
+        None => since.unwrap_or(Since::After(0)),
     };
     let permit = match state.admit(client, who, true) {
         Ok(p) => p,
@@ -88,7 +90,7 @@ pub(crate) async fn multi_channel(
     if targets.len() > MAX_TARGETS {
         return Err(ApiError::bad_request("invalid_request", format!("at most {MAX_TARGETS} channels per stream")));
     }
-    let token = match last_event_id(&headers, &query) {
+    let token = match last_event_id(&headers, &query)? {
         Some(t) => CursorToken::decode(t)?,
         None => CursorToken::default(),
     };
@@ -126,12 +128,17 @@ pub(crate) fn refusal(e: ApiError) -> Response {
 
 /// The resume cursor: the `Last-Event-ID` header (what a reconnecting browser
 /// sends) wins over `?lastEventId=` (what a first request can carry).
-fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a Query) -> Option<&'a str> {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .or_else(|| query.get("lastEventId").filter(|v| !v.is_empty()))
+/// The cursor to resume from: the `Last-Event-ID` header, else
+/// `?lastEventId=`; empty is absent. A header that is not visible ASCII is
+/// refused rather than ignored (found by schemathesis: the stream started
+/// over from `since` as if none had come).
+fn last_event_id<'a>(headers: &'a HeaderMap, query: &'a Query) -> Result<Option<&'a str>, ApiError> {
+    let header = match headers.get("last-event-id").map(|v| v.to_str()) {
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => return Err(ApiError::bad_request("invalid_cursor", "Last-Event-ID is not visible ASCII")),
+        None => None,
+    };
+    Ok(header.filter(|v| !v.is_empty()).or_else(|| query.get("lastEventId").filter(|v| !v.is_empty())))
 }
 
 fn stream(state: SharedState, sub: Subscription, ids: Ids, expires_at: Option<i64>, permit: Permit) -> Response {

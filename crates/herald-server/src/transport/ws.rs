@@ -30,7 +30,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 
 use crate::{
     api::publish,
-    api::stats::Transport,
+    api::stats::{CloseReason, ConnectionGuard, Transport},
     auth::forbidden,
     edge::coalesce::Coalescer,
     edge::error::ApiError,
@@ -38,6 +38,7 @@ use crate::{
     edge::stream,
     edge::websocket::{Handshake, Incoming, Refusal, WebSocket, WsError, switching_protocols},
     guard::{Client, ConnGuard, Who},
+    metrics::WriteLatency,
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -80,8 +81,8 @@ pub(crate) struct Opening {
 /// task keeps only the pointer's room for its life.
 pub(crate) async fn serve(opening: Box<Opening>) {
     let Some(mut s) = Box::pin(open(opening)).await else { return };
-    let _connection = s.state.stats.connect(Transport::Ws);
     let end = s.run().await;
+    s.connection.end(end.reason());
     Box::pin(close(s, end)).await;
 }
 
@@ -124,6 +125,7 @@ async fn open(opening: Box<Opening>) -> Option<Session> {
     tcp.write_all(&switching_protocols(&accept, None)).await.ok()?;
     let limit = state.config.limits.max_payload + FRAME_OVERHEAD;
     Some(Session {
+        connection: state.stats.connect(Transport::Ws),
         state,
         principal,
         socket: WebSocket::new(tcp, &early, limit),
@@ -195,6 +197,22 @@ enum End {
     Reply(u16),
 }
 
+impl End {
+    /// The reason counted and logged for the connection's end.
+    fn reason(&self) -> CloseReason {
+        match self {
+            End::Gone | End::Reply(_) => CloseReason::Client,
+            End::Close(1012, _) => CloseReason::Shutdown,
+            End::Close(4001, _) => CloseReason::TokenExpired,
+            End::Close(1011, _) => CloseReason::StoreError,
+            End::Close(1001, _) => CloseReason::Timeout,
+            End::Close(1008 | 4029, _) => CloseReason::Limit,
+            End::Close(4008, _) => CloseReason::SlowConsumer,
+            End::Close(..) => CloseReason::ProtocolError,
+        }
+    }
+}
+
 /// How long a server-initiated close waits for the client's close frame
 /// (and, from a client that stopped reading, for room to send ours).
 const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
@@ -204,6 +222,8 @@ const SLOW_CONSUMER: u16 = 4008;
 const FLOOD: u16 = 4029;
 
 struct Session {
+    /// Counts the connection open until the session ends (after the close).
+    connection: ConnectionGuard,
     state: SharedState,
     principal: Arc<Principal>,
     socket: WebSocket,
@@ -342,11 +362,13 @@ impl Session {
         // A busy connection gathers what comes within the window into one write.
         self.coalesce.ready().await;
         let mut count = 0;
+        let mut latency = WriteLatency::new(self.connection.opened_ms());
         let mut item = Some(first);
         while let Some(d) = item {
             let frame = match d {
                 Delivery::Message(m) => {
                     count += 1;
+                    latency.note(&m);
                     m.encoded(Wire::WsFrame, ws_frame)
                 }
                 Delivery::Gap(g) => {
@@ -359,9 +381,11 @@ impl Session {
             self.socket.feed_text(&frame);
             item = if count < 256 { self.sub.try_next() } else { None };
         }
-        self.state.stats.delivered(count);
+        self.state.stats.delivered(Transport::Ws, count);
         self.coalesce.wrote();
-        self.flush().await
+        let flushed = self.flush().await;
+        latency.record(&self.state.metrics, Transport::Ws);
+        flushed
     }
 
     async fn send_json(&mut self, v: Value) -> Option<End> {
@@ -509,6 +533,7 @@ impl Session {
         let api_key = self.principal.is_admin() && !self.state.auth.is_open();
         let origin = publish::Origin { api_key, transport: "ws" };
         let result = publish::append(&self.state, &self.principal, origin, vec![channel], event, data, None).await?;
+        self.state.stats.published(crate::api::stats::Source::Ws, 1);
         let mut v = result.into_iter().next().expect("one channel, one id");
         v["type"] = "published".into();
         Ok(v)

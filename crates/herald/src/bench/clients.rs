@@ -20,6 +20,7 @@ use super::{
     Target, Transport,
     http1::{Http1, split_url},
     peer::{Peer, http_date},
+    progress,
     tally::{Recorder, Tally, now_us, parse_payload, payload},
 };
 
@@ -36,10 +37,12 @@ impl Sub {
     fn record(&self, text: &str) {
         if let Some((seq, t)) = parse_payload(text) {
             self.tally.lock().unwrap_or_else(|e| e.into_inner()).record(seq, t, &self.rec);
+            progress::received();
         }
     }
 
     async fn ready(&self) -> anyhow::Result<()> {
+        progress::connected();
         self.ready.send(Ok(())).await.context("nobody waits for subscribers")
     }
 }
@@ -381,6 +384,7 @@ pub(super) async fn post_json(http: &mut Http1, url: &str, body: &str) -> anyhow
     if !(200..300).contains(&res.status) {
         bail!("{}: {}", res.status, String::from_utf8_lossy(&res.body));
     }
+    progress::sent();
     Ok(())
 }
 
@@ -406,6 +410,7 @@ async fn publish_mqtt(addr: &str, channel: &str, messages: usize, rate: u32) -> 
                 let packet = v3::Packet::decode(&buf[..len]).ok().flatten();
                 buf.drain(..len);
                 if matches!(packet, Some(v3::Packet::Puback(p)) if p == pid) {
+                    progress::sent();
                     break 'acked;
                 }
             }

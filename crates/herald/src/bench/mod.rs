@@ -18,12 +18,14 @@
 //! `--publisher none`, and one more with `--subscribers 0` publishes
 //! (bench/compare.sh does this). Raise the soft limit first (`ulimit -n 20000`).
 //!
-//! Every report ends with one `summary key=value ...` line for scripts.
+//! Every report ends with one `summary key=value ...` line for scripts. On a
+//! terminal a progress line (stderr) shows the run as it goes.
 
 mod clients;
 mod http1;
 mod peer;
 mod proc_stat;
+mod progress;
 mod report;
 mod tally;
 
@@ -263,9 +265,14 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let channel = a.channel.clone().unwrap_or_else(|| format!("bench/fanout/{}", now_us()));
     let rec = Arc::new(Recorder::new());
     let tallies = tallies(a.subscribers, a.messages);
+    let via = a.publisher.via(&a.transport);
+    let progress = progress::Progress::start(progress::Expect {
+        connections: a.subscribers as u64,
+        sent: if via.is_some() { a.messages as u64 } else { 0 },
+        received: (a.messages * a.subscribers) as u64,
+    });
     let (ready, connect_time) = connect(&a.transport, &a.target, &channel, &tallies, &rec).await?;
 
-    let via = a.publisher.via(&a.transport);
     let server_before = a.target.pid.map(ProcStat::read).transpose()?;
     let tool_before = ProcStat::read_self()?;
     let start = Instant::now();
@@ -279,6 +286,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let elapsed = start.elapsed();
     let server_after = a.target.pid.map(ProcStat::read).transpose()?;
     let tool_cpu = ProcStat::read_self()?.cpu_us - tool_before.cpu_us;
+    drop(progress);
 
     let counts = Counts::sum(&tallies);
     // From the first message sent to the last received: exact, and known
@@ -365,7 +373,10 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let before = a.target.pid.map(ProcStat::read).transpose()?;
     let rec = Arc::new(Recorder::new());
     let tallies = tallies(a.connections, 0);
+    let progress =
+        progress::Progress::start(progress::Expect { connections: a.connections as u64, ..Default::default() });
     let (n, connect_time) = connect(&a.transport, &a.target, &channel, &tallies, &rec).await?;
+    drop(progress);
     let rate = n as f64 / connect_time.as_secs_f64();
     println!("peer             {}", a.target.peer.name());
     println!("transport        {}", names(&a.transport));
@@ -399,6 +410,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")));
     let server_before = a.target.pid.map(ProcStat::read).transpose()?;
     let tool_before = ProcStat::read_self()?;
+    let progress = progress::Progress::start(progress::Expect { sent: a.messages as u64, ..Default::default() });
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.publishers.max(1) {
@@ -423,6 +435,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<()> {
         t.await??;
     }
     let elapsed = start.elapsed();
+    drop(progress);
     let server_after = a.target.pid.map(ProcStat::read).transpose()?;
     let hist = hist.lock().unwrap_or_else(|e| e.into_inner());
     let per_s = a.messages as f64 / elapsed.as_secs_f64();

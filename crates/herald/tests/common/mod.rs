@@ -21,8 +21,12 @@ pub struct Server {
     /// The MQTT listener, `127.0.0.1:PORT`.
     pub mqtt: String,
     pub data: PathBuf,
+    /// `http://ADDR/metrics` when `HERALD_METRICS_LISTEN` was set.
+    pub metrics_url: Option<String>,
     env: Vec<(String, String)>,
-    /// Where stderr goes when captured ([`Server::start_opts`]).
+    /// Extra arguments after `serve` (e.g. `--log-format json`).
+    args: Vec<String>,
+    /// Where stderr (the logs) goes, when kept ([`Server::start_opts`]).
     log: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -34,6 +38,8 @@ pub struct Opts<'a> {
     pub config: Option<&'a str>,
     /// Keep stderr (the log) in a file, read by [`Server::log`].
     pub capture_log: bool,
+    /// Extra arguments after `serve` (e.g. `--log-format json`).
+    pub args: &'a [&'a str],
 }
 
 impl Server {
@@ -45,6 +51,12 @@ impl Server {
     /// A server with `HERALD_*` settings, e.g. `("HERALD_SSE_HEARTBEAT", "200ms")`.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
         Self::start_opts(env, Opts::default())
+    }
+
+    /// A server whose logs (stderr) are kept in a file, read with
+    /// [`Server::log`]; `args` go after `serve`.
+    pub fn start_logged(env: &[(&str, &str)], args: &[&str]) -> Server {
+        Self::start_opts(env, Opts { args, capture_log: true, ..Opts::default() })
     }
 
     /// A server with settings, a configuration file and/or its log kept.
@@ -64,7 +76,9 @@ impl Server {
             addr: String::new(),
             mqtt: "127.0.0.1:0".into(),
             data,
+            metrics_url: None,
             env,
+            args: opts.args.iter().map(|a| a.to_string()).collect(),
             log,
             _dir: Some(dir),
         };
@@ -72,7 +86,7 @@ impl Server {
         s
     }
 
-    /// What the server has logged so far (started with `capture_log`).
+    /// Everything the server logged so far (started with `capture_log`).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.as_ref().expect("started with capture_log")).unwrap_or_default()
     }
@@ -81,12 +95,14 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.args(["serve", "--http", http, "--mqtt", &self.mqtt, "--data"])
             .arg(&self.data)
+            .args(&self.args)
             .env("HERALD_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(match &self.log {
-                Some(path) => Stdio::from(std::fs::File::create(path).expect("the log file")),
-                None => Stdio::inherit(),
-            });
+            .stderr(Stdio::inherit());
+        if let Some(path) = &self.log {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("log file");
+            cmd.stderr(file);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -106,6 +122,12 @@ impl Server {
         if let Some(addr) = line.trim().strip_prefix("herald mqtt listening on ") {
             // A restart keeps the port.
             self.mqtt = addr.to_string();
+        }
+        if self.env.iter().any(|(k, v)| k == "HERALD_METRICS_LISTEN" && !v.is_empty()) {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read the metrics line");
+            let url = line.trim().strip_prefix("herald metrics listening on ");
+            self.metrics_url = Some(url.unwrap_or_else(|| panic!("unexpected metrics line {line:?}")).to_string());
         }
         self.child = Some(child);
     }

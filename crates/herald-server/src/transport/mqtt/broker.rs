@@ -169,6 +169,18 @@ impl Default for SessionIds {
     }
 }
 
+/// What [`Broker::counts`] reports.
+#[derive(Debug, Clone, Copy)]
+pub struct MqttCounts {
+    /// Sessions with a connection.
+    pub live: usize,
+    /// Persistent sessions waiting for their client.
+    pub parked: usize,
+    pub retained: usize,
+    /// Outbound QoS 1, outbound QoS 2, inbound QoS 2 awaiting PUBREL.
+    pub inflight: [i64; 3],
+}
+
 /// What a connection gets when it claims its client id.
 pub(crate) enum Claim {
     /// A parked session, ready to resume.
@@ -406,6 +418,24 @@ impl Broker {
                 Err(e) => tracing::warn!(error = %e, "could not read retained messages back after a feed resync"),
             }
         });
+    }
+
+    /// Sessions, retained messages and messages in flight right now, for
+    /// `/metrics` and `/api/stats` (read when asked: a lock or two per scrape,
+    /// nothing on any MQTT path).
+    pub fn counts(&self) -> MqttCounts {
+        let (live, mut parked) = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .values()
+                .fold((0, 0), |(l, p), s| (l + usize::from(s.live.is_some()), p + usize::from(s.parked.is_some())))
+        };
+        // Sessions of an earlier run wait for their client, parked too.
+        parked += self.stored.lock().unwrap_or_else(|e| e.into_inner()).len();
+        // A deleted one stays as a tombstone (its version) when shared.
+        let retained =
+            self.retained.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|(_, m)| m.is_some()).count();
+        MqttCounts { live, parked, retained, inflight: super::session::in_flight() }
     }
 
     /// The stored session of `client_id` from an earlier run; taken, as the

@@ -45,9 +45,10 @@ use super::{
 use herald_store::{StoreError, now_ms};
 
 use crate::{
-    api::stats::Transport,
+    api::stats::{CloseReason, Source, Transport},
     edge::coalesce::Coalescer,
     guard::{Client, ConnGuard, Refused as Admission, moderation::Refused as Moderated},
+    metrics::WriteLatency,
     state::SharedState,
     subscription::{Delivery, Subscription},
 };
@@ -90,6 +91,28 @@ enum End {
     Flood,
 }
 
+impl End {
+    /// The reason counted and logged for the connection's end.
+    fn reason(&self) -> CloseReason {
+        match self {
+            End::Clean { .. } | End::Lost => CloseReason::Client,
+            End::TakenOver => CloseReason::Takeover,
+            End::TokenExpired => CloseReason::TokenExpired,
+            End::SlowConsumer => CloseReason::SlowConsumer,
+            End::Flood => CloseReason::Limit,
+            End::Close(DisconnectReasonCode::ServerShuttingDown) => CloseReason::Shutdown,
+            End::Close(DisconnectReasonCode::KeepAliveTimeout) => CloseReason::Timeout,
+            End::Close(DisconnectReasonCode::UnspecifiedError) => CloseReason::StoreError,
+            End::Close(
+                DisconnectReasonCode::MessageRateTooHigh
+                | DisconnectReasonCode::QuotaExceeded
+                | DisconnectReasonCode::ReceiveMaximumExceeded,
+            ) => CloseReason::Limit,
+            End::Close(_) => CloseReason::ProtocolError,
+        }
+    }
+}
+
 /// A block, not an `async fn`, with the handshake's future made before it:
 /// an async fn's arguments keep their room in its future after moving on,
 /// and this future is every MQTT connection's task.
@@ -98,15 +121,19 @@ pub(crate) fn serve<S>(state: SharedState, stream: S, client: Client) -> impl Fu
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let connection = state.stats.connect(Transport::Mqtt);
+    let mut connection = state.stats.connect(Transport::Mqtt);
     // Boxed, as are `handle` and `finish`: big futures that live only for a
     // moment would otherwise size the task every idle connection keeps
     // (the handshake's CONNECT and refusal were laid out beside the
     // connection for its whole life: 1.9 KB a task, -Zprint-type-sizes).
-    let handshake = Box::pin(handshake(state, stream, client));
+    let handshake = Box::pin(handshake(state, stream, client, connection.opened_ms()));
     async move {
-        let Some((mut conn, mut framer)) = handshake.await else { return };
+        let Some((mut conn, mut framer)) = handshake.await else {
+            connection.end(CloseReason::Refused);
+            return;
+        };
         let end = conn.run(&mut framer).await;
+        connection.end(end.reason());
         let closing = matches!(end, End::Close(_) | End::TokenExpired | End::SlowConsumer | End::Flood);
         Box::pin(conn.finish(end)).await;
         if closing {
@@ -142,7 +169,7 @@ struct Aliases {
 }
 
 /// Reads the CONNECT and opens the connection, or refuses it.
-async fn handshake<S>(state: SharedState, stream: S, client: Client) -> Option<Halves<S>>
+async fn handshake<S>(state: SharedState, stream: S, client: Client, opened_ms: i64) -> Option<Halves<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -171,7 +198,7 @@ where
         Ok(v5::Packet::Connect(c)) if codec::supported(c.protocol) => c,
         _ => return None,
     };
-    let conn = Box::pin(Connection::open(state, version, connect, wr, client)).await?;
+    let conn = Box::pin(Connection::open(state, version, connect, wr, client, opened_ms)).await?;
     Some((conn, framer))
 }
 
@@ -200,6 +227,9 @@ struct Connection<W> {
     /// The kick has come (or can no longer come): `kick` must not be polled again.
     kicked: bool,
     coalesce: Coalescer,
+    /// When the connection opened (wall clock, ms): messages committed
+    /// since are live, for the delivery latency.
+    opened_ms: i64,
     /// Its place in the connection counts, its publishes' rate, and what
     /// pacing them takes: one pointer, `None` for an exempt client.
     guard: ConnGuard<Paced>,
@@ -227,6 +257,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
         c: v5::Connect,
         mut wr: Outbox<W>,
         client: Client,
+        opened_ms: i64,
     ) -> Option<Self> {
         // Refusals are answered with a CONNACK and nothing else (MQTT 5: with
         // a reason string when there is more to say than the code).
@@ -430,6 +461,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             kicked: false,
             coalesce: Coalescer::default(),
             guard: state.guards.connection_guard(permit, client, who),
+            opened_ms,
         };
         conn.send(&connack);
         // A resumed session first repeats what was in flight.
@@ -703,17 +735,30 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             self.coalesce.wrote();
         }
         let window = self.window;
-        let s = self.session();
+        let mut latency = WriteLatency::new(self.opened_ms);
+        let s = self.session.as_mut().expect("session");
+        if let Delivery::Message(m) = &d {
+            latency.note(m);
+        }
         s.queue_delivery(d, now_ms());
         while s.queue.len() < window.max(64) {
             // Every kind: an unread count that changes while messages are
             // drained here must go out too (dropping it lost the red dot's
             // update when a notification and its count came together).
             match s.herald.try_next() {
-                Some(d) => s.queue_delivery(d, now_ms()),
+                Some(d) => {
+                    if let Delivery::Message(m) = &d {
+                        latency.note(m);
+                    }
+                    s.queue_delivery(d, now_ms())
+                }
                 None => break,
             }
         }
+        // Queued for the loop's next flush, which follows at once: that
+        // is when the write goes (a client's full in-flight window holds
+        // QoS 1/2 messages back, which counts as delivered later).
+        latency.record(&self.state.metrics, Transport::Mqtt);
     }
 
     /// Decodes and handles one framed packet; `Some` ends the connection.
@@ -773,7 +818,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             }
             self.alias(&mut p);
             self.send_with_ids(&p, o.sub_ids.get(1..).unwrap_or_default());
-            self.state.stats.delivered(1);
+            self.state.stats.delivered(Transport::Mqtt, 1);
         }
     }
 
@@ -871,7 +916,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
                 }
             }
             v5::Packet::Pubrel(a) => {
-                let known = self.session().awaiting_rel.remove(&a.pid.value()).is_some();
+                let known = self.session().awaiting_rel.remove(&a.pid.value());
                 if known {
                     self.unacked = self.unacked.saturating_sub(1);
                 }
@@ -1026,7 +1071,7 @@ impl<W: AsyncWrite + Unpin + Send> Connection<W> {
             _ => {
                 let ack = match outcome {
                     Ok(()) => {
-                        self.session().awaiting_rel.insert(pid.value(), ());
+                        self.session().awaiting_rel.insert(pid.value());
                         codec::pubrec(pid, PubrecReasonCode::Success)
                     }
                     Err(r) => {
@@ -1433,6 +1478,8 @@ async fn publish(
         }
         Err(_) => return Err(Refused::NotAuthorized),
     }
+    // Channel topics stored, other topics routed among MQTT sessions: both count.
+    state.stats.published(Source::Mqtt, 1);
     if meta.retain {
         state.mqtt.retain(&Routed { topic: topic.into(), payload, meta, shared: None }).await.map_err(|e| {
             tracing::error!(error = %e, "storing a retained message failed");

@@ -13,7 +13,7 @@ mod persist;
 mod session;
 pub(crate) mod topic;
 
-pub use broker::Broker;
+pub use broker::{Broker, MqttCounts};
 
 use axum::response::{IntoResponse, Response};
 use tokio::{io::AsyncWriteExt, net::TcpListener};

@@ -7,7 +7,10 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -51,12 +54,12 @@ pub(crate) struct Session {
     /// Messages the broker routes here (bounded by the offline queue length).
     pub(crate) routed: Arc<Queue<Routed>>,
     /// Sent, not yet acknowledged, by packet id.
-    pub(crate) inflight: BTreeMap<u16, Outgoing>,
+    pub(crate) inflight: InFlight,
     /// Ready to send when the in-flight window allows.
     pub(crate) queue: VecDeque<Outgoing>,
     /// Inbound QoS 2 packet ids we answered with PUBREC, awaiting PUBREL
     /// (a sorted vector: at most our receive maximum, 24 bytes empty).
-    pub(crate) awaiting_rel: VecMap<u16, ()>,
+    pub(crate) awaiting_rel: AwaitingRelease,
     next_pid: u16,
     /// Seconds the session outlives its connection (0: not at all).
     pub(crate) expiry: u32,
@@ -73,9 +76,9 @@ impl Session {
             subs: VecMap::default(),
             herald,
             routed: Arc::new(Queue::new(queue_len)),
-            inflight: BTreeMap::new(),
+            inflight: InFlight::default(),
             queue: VecDeque::new(),
-            awaiting_rel: VecMap::default(),
+            awaiting_rel: AwaitingRelease::default(),
             next_pid: 0,
             expiry: 0,
             principal,
@@ -178,5 +181,102 @@ impl Session {
             }
             Delivery::Gap(_) => {}
         }
+    }
+}
+
+/// Messages in flight over every MQTT session of this process, for
+/// `/metrics` and `/api/stats`: outbound QoS 1, outbound QoS 2, inbound QoS 2
+/// awaiting PUBREL. Kept by [`InFlight`] and [`AwaitingRelease`] as entries
+/// come and go (a session's are subtracted when it is dropped), so reading
+/// them never walks the sessions, and a session holds nothing more for it.
+static IN_FLIGHT: [AtomicI64; 3] = [const { AtomicI64::new(0) }; 3];
+
+/// The gauges above: (outbound QoS 1, outbound QoS 2, inbound QoS 2).
+pub(crate) fn in_flight() -> [i64; 3] {
+    IN_FLIGHT.each_ref().map(|g| g.load(Ordering::Relaxed))
+}
+
+fn in_flight_gauge(qos: u8) -> &'static AtomicI64 {
+    &IN_FLIGHT[usize::from(qos >= 2)]
+}
+
+/// A session's outbound messages awaiting acknowledgement, by packet id,
+/// counted in the process-wide gauges.
+#[derive(Default)]
+pub(crate) struct InFlight(BTreeMap<u16, Outgoing>);
+
+impl InFlight {
+    pub(crate) fn insert(&mut self, pid: u16, o: Outgoing) {
+        in_flight_gauge(o.qos).fetch_add(1, Ordering::Relaxed);
+        if let Some(old) = self.0.insert(pid, o) {
+            in_flight_gauge(old.qos).fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, pid: &u16) -> Option<Outgoing> {
+        let o = self.0.remove(pid)?;
+        in_flight_gauge(o.qos).fetch_sub(1, Ordering::Relaxed);
+        Some(o)
+    }
+
+    pub(crate) fn get_mut(&mut self, pid: &u16) -> Option<&mut Outgoing> {
+        self.0.get_mut(pid)
+    }
+
+    pub(crate) fn contains_key(&self, pid: &u16) -> bool {
+        self.0.contains_key(pid)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&u16, &Outgoing)> {
+        self.0.iter()
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Outgoing> {
+        self.0.values()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for o in self.0.values() {
+            in_flight_gauge(o.qos).fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Inbound QoS 2 packet ids answered with PUBREC, awaiting PUBREL (a sorted
+/// vector: at most our receive maximum, 24 bytes empty), counted in the
+/// process-wide gauge.
+#[derive(Default)]
+pub(crate) struct AwaitingRelease(VecMap<u16, ()>);
+
+impl AwaitingRelease {
+    pub(crate) fn insert(&mut self, pid: u16) {
+        if self.0.insert(pid, ()).is_none() {
+            IN_FLIGHT[2].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `pid` was awaited.
+    pub(crate) fn remove(&mut self, pid: &u16) -> bool {
+        let known = self.0.remove(pid).is_some();
+        if known {
+            IN_FLIGHT[2].fetch_sub(1, Ordering::Relaxed);
+        }
+        known
+    }
+
+    pub(crate) fn contains_key(&self, pid: &u16) -> bool {
+        self.0.contains_key(pid)
+    }
+}
+
+impl Drop for AwaitingRelease {
+    fn drop(&mut self) {
+        IN_FLIGHT[2].fetch_sub(self.0.len() as i64, Ordering::Relaxed);
     }
 }
