@@ -65,6 +65,9 @@ impl Server {
         let addr = config.server.http;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
         let node = node_name(&config, listener.local_addr()?.port());
+        // For the log lines (the binary's formatter adds it to each); the
+        // first server of a process names it.
+        let _ = NODE.set(node.clone());
         let store_config = StoreConfig { retention: config.retention()?, clock: system_clock(), sink: sink.clone() };
         let metrics_listener = match config.metrics.address()? {
             Some(addr) => Some(listen(addr).map_err(|source| ServerError::Bind { addr, source })?),
@@ -220,6 +223,10 @@ impl Server {
 }
 
 /// This node's name: `[server] node`, else the host name and HTTP port.
+/// This process's node name once its server is bound: what every log line
+/// after that names (see the binary's log formatter).
+pub static NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn node_name(config: &Config, port: u16) -> String {
     if !config.server.node.is_empty() {
         return config.server.node.clone();

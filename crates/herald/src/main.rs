@@ -2,6 +2,7 @@
 //! or to one of the small client commands.
 
 mod bench;
+mod logging;
 mod malloc;
 mod publish;
 mod subscribe;
@@ -10,6 +11,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use herald_server::{Config, Overrides, Server};
+use logging::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -24,12 +26,6 @@ struct Cli {
     /// Log lines as text, or as JSON (one object a line, for log shippers).
     #[arg(long, global = true, value_enum, env = "HERALD_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -118,7 +114,7 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Serve { .. }) {
         malloc::one_arena();
     }
-    init_logging(cli.log_format);
+    logging::init(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
@@ -142,23 +138,6 @@ fn main() -> ExitCode {
             eprintln!("herald: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs go to stderr (`HERALD_LOG` filters them, e.g. `debug` or
-/// `herald_server=debug`); stdout carries only the lines that name the
-/// listening addresses, which scripts read.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A closed stderr must not take the server down: write errors are dropped
-    // rather than reported (reporting them panics on a broken pipe).
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        // One object a line: {"timestamp","level","target","message",..fields}.
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
     }
 }
 

@@ -47,7 +47,8 @@ async fn log_until(s: &Server, done: impl Fn(&str) -> bool) -> String {
 
 #[tokio::test]
 async fn json_logs_are_one_object_a_line_and_name_each_connection_end() {
-    let mut s = Server::start_logged(&[("HERALD_LOG", "debug")], &["--log-format", "json"]);
+    let mut s =
+        Server::start_logged(&[("HERALD_LOG", "debug"), ("HERALD_SERVER_NODE", "node-7")], &["--log-format", "json"]);
     // An SSE stream the client leaves, a WebSocket it closes, a long poll
     // that times out, an MQTT client that disconnects.
     let events = sse(&s, "/api/channels/j/events?since=now", &[]).await;
@@ -77,6 +78,7 @@ async fn json_logs_are_one_object_a_line_and_name_each_connection_end() {
         assert_eq!(e["level"], "DEBUG", "{e}");
         assert!(e["duration_s"].as_f64().is_some_and(|d| d >= 0.0), "{e}");
         assert!(e["timestamp"].is_string(), "{e}");
+        assert_eq!(e["node"], "node-7", "every line names its node: {e}");
     }
     let lp = find("longpoll")["duration_s"].as_f64().unwrap();
     assert!(lp >= 0.9, "the long poll waited its second: {lp}");
@@ -92,6 +94,10 @@ async fn text_logs_stay_the_default() {
     let s = Server::start_logged(&[("HERALD_LOG", "info")], &[]);
     let log = log_until(&s, |l| l.contains("serving")).await;
     assert!(log.lines().all(|l| !l.starts_with('{')), "{log}");
+    // The node (by default host and port) leads every line once bound.
+    let serving = log.lines().find(|l| l.contains("serving")).unwrap();
+    let port = s.addr.rsplit(':').next().unwrap();
+    assert!(serving.starts_with("node=") && serving.split(' ').next().unwrap().ends_with(&format!(":{port}")), "{serving}");
 }
 
 /// Every way a credential travels (headers, `?token=`, the MQTT password;
@@ -137,8 +143,10 @@ async fn no_token_key_or_secret_is_ever_logged() {
             .status();
     }
     // Everything above has ended (and been logged) once its ends are in.
-    // Two SSE streams, two WebSockets, three MQTT connections (one refused).
-    let log = log_until(&s, |l| l.matches("\"connection ended\"").count() >= 7).await;
+    // One SSE stream (the user's token; an API key in a query string is
+    // refused before a stream opens), two WebSockets, three MQTT
+    // connections (one refused).
+    let log = log_until(&s, |l| l.matches("\"connection ended\"").count() >= 6).await;
     assert!(log.contains("\"level\":\"DEBUG\""), "debug logging was on:\n{log}");
     let signature = user.rsplit('.').next().unwrap();
     for (what, secret) in [
