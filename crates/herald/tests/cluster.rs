@@ -42,6 +42,17 @@ fn node(redis: &[&RedisServer]) -> Server {
     ])
 }
 
+/// A node like [`node`], named.
+fn named_node(redis: &RedisServer, name: &str) -> Server {
+    let url = redis.url();
+    Server::start_with(&[
+        ("HERALD_REDIS_URL", &url),
+        ("HERALD_REDIS_PARTITIONS", "8"),
+        ("HERALD_REDIS_CHECK_EVERY", "200ms"),
+        ("HERALD_SERVER_NODE", name),
+    ])
+}
+
 /// What one subscriber received, in order: `(id, payload)` (id 0 where the
 /// transport has none: MQTT), and the gaps it was told of.
 #[derive(Default)]
@@ -849,4 +860,44 @@ async fn nodes_on_a_redis_cluster() {
     }
     let (_, stats) = get_json(&b, "/api/stats").await;
     assert!(stats["redis"]["shards"][0]["feed_received"].as_u64().unwrap() > 0, "{stats}");
+}
+
+/// Node liveness: every node lists the deployment's nodes in `/api/stats`;
+/// one that stops cleanly leaves the list, one that dies stays in it, shown
+/// as not alive.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_node_sees_which_nodes_are_alive() {
+    let redis = RedisServer::start(&[]);
+    let a = named_node(&redis, "a");
+    let mut b = named_node(&redis, "b");
+    let mut c = named_node(&redis, "c");
+    // The nodes as `a` sees them: name -> alive.
+    let nodes = || async {
+        let (_, stats) = get_json(&a, "/api/stats").await;
+        stats["redis"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["node"].as_str().unwrap().to_owned(), n["alive"].as_bool().unwrap()))
+            .collect::<HashMap<String, bool>>()
+    };
+    let until = |want: HashMap<String, bool>| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let now = nodes().await;
+            if now == want {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "nodes {now:?}, never {want:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let map = |v: &[(&str, bool)]| v.iter().map(|(n, a)| (n.to_string(), *a)).collect::<HashMap<_, _>>();
+    until(map(&[("a", true), ("b", true), ("c", true)])).await;
+    assert!(c.stop().success());
+    until(map(&[("a", true), ("b", true)])).await;
+    b.kill9();
+    until(map(&[("a", true), ("b", false)])).await;
+    let metrics = client().get(format!("{}/metrics", a.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("herald_redis_nodes_alive 1\n"), "{metrics}");
 }

@@ -18,6 +18,15 @@ pub(super) fn collect(status: &StoreStatus, out: &Scrape) {
     let sum = |key: &str| shards.iter().filter_map(|s| s[key].as_u64()).sum::<u64>();
     let up = |key: &str| shards.iter().filter(|s| s[key].as_bool() == Some(true)).count() as f64;
     out.gauge("herald_redis_shards", "Redis shards configured", &[], shards.len() as f64);
+    let nodes = d["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let alive = nodes.iter().filter(|n| n["alive"].as_bool() == Some(true)).count();
+    out.gauge("herald_redis_nodes", "Nodes of this deployment with a liveness stamp in Redis", &[], nodes.len() as f64);
+    out.gauge(
+        "herald_redis_nodes_alive",
+        "Nodes of this deployment seen in Redis within three check periods",
+        &[],
+        alive as f64,
+    );
     out.gauge("herald_redis_shards_available", "Redis shards answering", &[], up("available"));
     out.gauge(
         "herald_redis_feeds_connected",

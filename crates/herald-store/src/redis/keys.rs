@@ -49,6 +49,11 @@ impl Keys {
         format!("{}:meta", self.prefix)
     }
 
+    /// Node name -> its last liveness stamp (ms), outside any partition.
+    pub(crate) fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
     /// The partition's record: feed sequence `q`, id `floor`, the Redis
     /// `run` id it was last written under, the last message time `t`.
     pub(crate) fn part(&self, p: u32) -> String {

@@ -24,6 +24,7 @@ mod feed;
 mod inbox;
 mod jobs;
 mod keys;
+mod nodes;
 mod scripts;
 mod shard;
 mod wire;
@@ -113,6 +114,8 @@ struct Inner {
     feed_lag_ms: AtomicI64,
     /// Times the log no longer reached and channels were re-read instead.
     resyncs: AtomicU64,
+    /// The deployment's nodes as this node last read their stamps.
+    nodes: std::sync::Mutex<nodes::Seen>,
     closed: AtomicBool,
     stop: watch::Sender<bool>,
 }
@@ -149,6 +152,7 @@ impl RedisStore {
             heads: HeadCache::default(),
             feed_lag_ms: AtomicI64::new(0),
             resyncs: AtomicU64::new(0),
+            nodes: Default::default(),
             closed: AtomicBool::new(false),
             config,
             options,
@@ -162,6 +166,7 @@ impl RedisStore {
             // is missed; later reconnections happen in the background.
             let _ = tokio::time::timeout(inner.options.connect_timeout * 2, ready).await;
         }
+        tokio::spawn(nodes::run(inner.clone()));
         Ok(RedisStore { inner })
     }
 }
@@ -553,6 +558,7 @@ impl Store for RedisStore {
                 "partitions": inner.keys.partitions(),
                 "feed_lag_ms": inner.feed_lag_ms.load(Ordering::Relaxed),
                 "resyncs": inner.resyncs.load(Ordering::Relaxed),
+                "nodes": nodes::json(&inner.nodes.lock().unwrap_or_else(|e| e.into_inner()), inner.options.check_every),
                 "shards": shards,
             })),
         }
@@ -562,6 +568,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             self.inner.closed.store(true, Ordering::Release);
             let _ = self.inner.stop.send(true);
+            nodes::leave(&self.inner).await;
         })
     }
 }
