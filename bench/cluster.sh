@@ -10,7 +10,8 @@
 #   4. Redis killed (kill -9) and restarted (AOF, appendfsync always) while a
 #      publisher on one node sends at a steady rate to subscribers on another,
 #      retrying refused publishes: what each system lost, delivered twice or
-#      out of order. Herald's publisher sends an Idempotency-Key; Nchan has none.
+#      out of order. Herald's publisher sends an Idempotency-Key; Nchan has none;
+#   5. what two idle nodes cost: CPU of Redis and of a node with no traffic.
 # Writes a markdown report (default bench/cluster-results.md) and the raw
 # outputs beside it.
 #
@@ -209,6 +210,18 @@ start_redis
 start_nchan
 chaos chaos/nchan-redis http://127.0.0.1:$NCHAN_B http://127.0.0.1:$NCHAN_A nchan
 
+# --- 5. what two idle nodes cost Redis and themselves (sequence checks, liveness) ---
+IDLE_S=${IDLE_S:-10}
+start_redis
+start_nodes
+sleep 1
+read -r r0 a0 <<<"$(ticks "$redis_pid" "$a_pid")"
+sleep "$IDLE_S"
+read -r r1 a1 <<<"$(ticks "$redis_pid" "$a_pid")"
+IDLE_REDIS=$(awk -v b="$r0" -v a="$r1" -v s="$IDLE_S" -v hz="$HZ" 'BEGIN { printf "%.2f", (a - b) * 100 / hz / s }')
+IDLE_NODE=$(awk -v b="$a0" -v a="$a1" -v s="$IDLE_S" -v hz="$HZ" 'BEGIN { printf "%.2f", (a - b) * 100 / hz / s }')
+stop "$a_pid"; stop "$b_pid"
+
 # --- report ----------------------------------------------------------------------------
 {
   echo "## Scale-out over Redis ($(date -u +%F), $(nproc) cores, redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), commit $(git rev-parse --short HEAD))"
@@ -241,6 +254,8 @@ chaos chaos/nchan-redis http://127.0.0.1:$NCHAN_B http://127.0.0.1:$NCHAN_A ncha
     l=chaos/$s
     echo "| $s | $(get $l deliveries) | $(get $l expected) | $(get $l lost) | $(get $l dup) | $(get $l ooo) | $(get $l/pub retries) |"
   done
+  echo
+  echo "Idle, two nodes on one Redis, $IDLE_S s (16 partitions checked every second per node, liveness stamps): Redis ${IDLE_REDIS}% of a core, a node ${IDLE_NODE}%."
   echo
   echo "Commands:"
   echo

@@ -364,9 +364,17 @@ pub(super) async fn publish(
             _ => &[("content-type", "application/json")],
         };
         let (_, path) = split_url(&url)?;
+        // Made once: a retry is the same request. (Made anew, its timestamp
+        // differed, and a retry of a publish Redis had applied before it
+        // died was rightly refused as an idempotency conflict, for ever.)
+        let body = payload(seq);
         loop {
-            match http.request("POST", path, headers, payload(seq).as_bytes()).await {
+            match http.request("POST", path, headers, body.as_bytes()).await {
                 Ok(res) if (200..300).contains(&res.status) => break,
+                // Refused for what it is: sending it again will not help.
+                Ok(res) if (400..500).contains(&res.status) && res.status != 429 => {
+                    bail!("publish {seq}: {} {}", res.status, String::from_utf8_lossy(&res.body))
+                }
                 _ => {
                     retries += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
