@@ -4,7 +4,7 @@
 //! kept as text, `channel=id` pairs in order (channel names never contain `=`
 //! or `,`).
 
-use herald_core::{Channel, NewMessage, cursor::parse_id};
+use herald_core::{Channel, CursorToken, NewMessage, cursor::parse_id};
 
 use crate::Receipt;
 
@@ -40,17 +40,9 @@ impl Fnv {
     }
 }
 
+/// The receipt as cursor tokens write their pairs (order and repeats kept).
 pub(crate) fn encode_receipt(receipt: &Receipt) -> String {
-    let mut out = String::new();
-    for (i, (ch, id)) in receipt.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(ch.as_str());
-        out.push('=');
-        out.push_str(&id.to_string());
-    }
-    out
+    CursorToken::encode_cursors(receipt.iter().map(|(ch, id)| (ch, *id)))
 }
 
 pub(crate) fn decode_receipt(s: &str) -> Option<Receipt> {
