@@ -482,10 +482,20 @@ pub struct WebhookStats {
     pub failed_closed: AtomicU64,
 }
 
-/// The checks a rejection or a mask is counted under.
+/// The checks a rejection or a mask is counted under (the webhook masks
+/// nothing: it modifies).
 const RULES: [&str; 5] = ["words", "pattern", "links", "length", "webhook"];
 
 impl GuardStats {
+    /// Per moderation check: its name, publishes it rejected, and those it
+    /// masked (`None` for the webhook).
+    pub fn per_rule(&self) -> impl Iterator<Item = (&'static str, u64, Option<u64>)> + '_ {
+        RULES.iter().enumerate().map(|(i, rule)| {
+            let masked = (*rule != "webhook").then(|| self.masked[i].load(Ordering::Relaxed));
+            (*rule, self.rejected[i].load(Ordering::Relaxed), masked)
+        })
+    }
+
     fn rejected(&self, rule: &str) {
         if let Some(i) = RULES.iter().position(|r| *r == rule) {
             self.rejected[i].fetch_add(1, Ordering::Relaxed);
@@ -500,9 +510,10 @@ impl GuardStats {
 
     fn json(&self) -> Value {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let per_rule = |counts: &[AtomicU64], rules: &[&str]| -> Value {
-            rules.iter().zip(counts).map(|(r, c)| ((*r).to_owned(), json!(n(c)))).collect()
-        };
+        let rejected: serde_json::Map<String, Value> =
+            self.per_rule().map(|(rule, count, _)| (rule.to_owned(), json!(count))).collect();
+        let masked: serde_json::Map<String, Value> =
+            self.per_rule().filter_map(|(rule, _, count)| Some((rule.to_owned(), json!(count?)))).collect();
         let w = &self.webhook;
         json!({
             "requests_limited": n(&self.requests_limited),
@@ -520,8 +531,8 @@ impl GuardStats {
             "slow_consumers_closed": n(&self.slow_consumers),
             "lagging_closed": n(&self.lagging_closed),
             "moderation": {
-                "rejected": per_rule(&self.rejected, &RULES),
-                "masked": per_rule(&self.masked[..4], &RULES[..4]),
+                "rejected": rejected,
+                "masked": masked,
                 "webhook": {
                     "accepted": n(&w.accepted),
                     "rejected": n(&w.rejected),

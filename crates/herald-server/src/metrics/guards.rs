@@ -1,74 +1,86 @@
 //! The guards' series (`guard/`): what the limits refused, the connections
-//! they closed, and what moderation did. Read from the same figures
-//! `/api/stats` shows in its `guards` section, at scrape time.
+//! they closed, and what moderation did. Copied from the guards' own
+//! counters (`GuardStats`, which `/api/stats` shows too) at scrape time.
 
-use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Scrape;
+use crate::guard::GuardStats;
 
-/// The moderation checks, as labels (the keys of the stats' `rejected`).
-const RULES: [&str; 5] = ["words", "pattern", "links", "length", "webhook"];
-
-pub(super) fn collect(guards: &Value, out: &Scrape) {
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
+pub(super) fn collect(g: &GuardStats, out: &Scrape) {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     out.counter(
         "herald_guard_requests_limited_total",
         "HTTP requests answered 429 for the client's request rate",
         &[],
-        n(&guards["requests_limited"]),
+        n(&g.requests_limited),
     );
-    for reason in ["busy", "rate", "per_ip", "per_user"] {
+    for (reason, count) in [
+        ("busy", &g.refused_busy),
+        ("rate", &g.refused_rate),
+        ("per_ip", &g.refused_per_ip),
+        ("per_user", &g.refused_per_user),
+    ] {
         out.counter(
             "herald_guard_connections_refused_total",
             "Connections refused by a limit: node full (busy), new connections per address (rate), open ones \
              per address or user",
             &[("reason", reason)],
-            n(&guards["connections_refused"][reason]),
+            n(count),
         );
     }
-    for scope in ["per_connection", "per_user"] {
+    for (scope, count) in
+        [("per_connection", &g.publishes_limited_connection), ("per_user", &g.publishes_limited_user)]
+    {
         out.counter(
             "herald_guard_publishes_limited_total",
             "Client publishes refused (or, MQTT 3.1.1, held) for their rate",
             &[("scope", scope)],
-            n(&guards["publishes_limited"][scope]),
+            n(count),
         );
     }
-    for (reason, key) in
-        [("flood", "floods_closed"), ("slow_consumer", "slow_consumers_closed"), ("max_lag", "lagging_closed")]
+    for (reason, count) in
+        [("flood", &g.floods_closed), ("slow_consumer", &g.slow_consumers), ("max_lag", &g.lagging_closed)]
     {
         out.counter(
             "herald_guard_connections_closed_total",
             "Connections and subscriptions the guards closed: a sustained publish flood, a client that stopped \
              reading ([limits] write_timeout), one past [limits] max_lag",
             &[("reason", reason)],
-            n(&guards[key]),
+            n(count),
         );
     }
-    let moderation = &guards["moderation"];
-    for rule in RULES {
+    for (rule, rejected, masked) in g.per_rule() {
         out.counter(
             "herald_moderation_rejected_total",
             "Client publishes moderation rejected, by the check that did",
             &[("rule", rule)],
-            n(&moderation["rejected"][rule]),
+            rejected,
         );
+        if let Some(masked) = masked {
+            out.counter(
+                "herald_moderation_masked_total",
+                "Client publishes stored with what broke a rule masked",
+                &[("rule", rule)],
+                masked,
+            );
+        }
     }
-    for rule in &RULES[..4] {
-        out.counter(
-            "herald_moderation_masked_total",
-            "Client publishes stored with what broke a rule masked",
-            &[("rule", rule)],
-            n(&moderation["masked"][rule]),
-        );
-    }
-    for result in ["accepted", "rejected", "modified", "errors", "failed_open", "failed_closed"] {
+    let w = &g.webhook;
+    for (result, count) in [
+        ("accepted", &w.accepted),
+        ("rejected", &w.rejected),
+        ("modified", &w.modified),
+        ("errors", &w.errors),
+        ("failed_open", &w.failed_open),
+        ("failed_closed", &w.failed_closed),
+    ] {
         out.counter(
             "herald_moderation_webhook_total",
             "Answers of the moderation webhook; errors are timeouts, refused connections and bad answers, \
              then let through (failed_open) or refused (failed_closed) as [moderation.webhook] on_error says",
             &[("result", result)],
-            n(&moderation["webhook"][result]),
+            n(count),
         );
     }
 }

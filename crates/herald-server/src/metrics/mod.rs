@@ -166,7 +166,7 @@ fn collect_all(state: &AppState, outbound: &serde_json::Value, out: &Scrape) {
     herald::inbox(&state.stats, out);
     herald::mqtt(&state.mqtt.counts(), out);
     store::collect(&state.store.status(), out);
-    guards::collect(&state.guards.stats_json(), out);
+    guards::collect(&state.guards.stats, out);
     outbound::collect(outbound, out);
 }
 

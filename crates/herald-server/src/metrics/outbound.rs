@@ -25,7 +25,7 @@ pub(super) fn collect(outbound: &Value, out: &Scrape) {
         n(&outbound["oldest_due_late_ms"]) as f64 / 1000.0,
     );
     for via in ["webhook", "email"] {
-        for outcome in ["sent", "retried", "dead", "skipped"] {
+        for outcome in crate::outbound::OUTCOMES {
             out.counter(
                 "herald_outbound_sends_total",
                 "Outbound sends by this node, by channel and outcome",

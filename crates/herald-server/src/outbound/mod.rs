@@ -81,7 +81,7 @@ pub(crate) struct SendStats {
 }
 
 /// The outcomes counted per channel.
-const OUTCOMES: [&str; 4] = ["sent", "retried", "dead", "skipped"];
+pub(crate) const OUTCOMES: [&str; 4] = ["sent", "retried", "dead", "skipped"];
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Outcome {
