@@ -17,12 +17,13 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that may be set from the environment. Anything else with the
 /// `HERALD_` prefix (such as `HERALD_LOG`) is not configuration.
+#[rustfmt::skip] // grouped by concern, one line each
 const SECTIONS: &[&str] = &[
-    "server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt",  // the core
-    "redis", // several nodes
-    "fallback", "webhooks", "smtp", "jobs", // outbound delivery
-    "moderation", // the guards (`guard/`)
-    "metrics",    // operations
+    "server", "store", "history", "limits", "sse", "longpoll", "ws", "auth", "mqtt", // the core
+    "redis",                                                                         // several nodes
+    "fallback", "webhooks", "smtp", "jobs",                                          // outbound delivery
+    "moderation",                                                                    // the guards (`guard/`)
+    "metrics",                                                                       // operations
 ];
 
 /// Tables inside a section that the environment may set too, with their keys:

@@ -33,11 +33,15 @@ pub(crate) fn init(format: LogFormat) {
         }
         // One object a line: {"node","timestamp","level","target","message",..fields}.
         LogFormat::Json => {
-            let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_current_span(false);
-            builder.event_format(WithNode { inner: json.with_span_list(false), json: true }).fmt_fields(
-                tracing_subscriber::fmt::format::JsonFields::new(),
-            )
-            .init()
+            let json = tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false);
+            builder
+                .event_format(WithNode { inner: json, json: true })
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .init()
         }
     }
 }

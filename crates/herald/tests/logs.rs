@@ -97,7 +97,10 @@ async fn text_logs_stay_the_default() {
     // The node (by default host and port) leads every line once bound.
     let serving = log.lines().find(|l| l.contains("serving")).unwrap();
     let port = s.addr.rsplit(':').next().unwrap();
-    assert!(serving.starts_with("node=") && serving.split(' ').next().unwrap().ends_with(&format!(":{port}")), "{serving}");
+    assert!(
+        serving.starts_with("node=") && serving.split(' ').next().unwrap().ends_with(&format!(":{port}")),
+        "{serving}"
+    );
 }
 
 /// Every way a credential travels (headers, `?token=`, the MQTT password;

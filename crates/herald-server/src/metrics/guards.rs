@@ -29,8 +29,7 @@ pub(super) fn collect(g: &GuardStats, out: &Scrape) {
             n(count),
         );
     }
-    for (scope, count) in
-        [("per_connection", &g.publishes_limited_connection), ("per_user", &g.publishes_limited_user)]
+    for (scope, count) in [("per_connection", &g.publishes_limited_connection), ("per_user", &g.publishes_limited_user)]
     {
         out.counter(
             "herald_guard_publishes_limited_total",
